@@ -1,0 +1,459 @@
+"""The ``abflow`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from abflow.settings import Settings, SettingsError
+
+DEMO_CONFIG = "demo-experiment.yaml"
+
+
+def _settings(stack: bool = True) -> Settings:
+    try:
+        settings = Settings.from_env()
+        return settings.with_stack() if stack else settings
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _engine(settings: Settings):
+    from storage.db import make_engine
+
+    return make_engine(settings.require_database_url())
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="abflow")
+def main() -> None:
+    """abflow: A/B tests and bandits between ML model variants on a live event stream.
+
+    Kafka and PostgreSQL come from ABFLOW_KAFKA_BOOTSTRAP and ABFLOW_DATABASE_URL;
+    when those are unset, commands use the local stack that `abflow up` started.
+    """
+
+
+# -- the local stack ----------------------------------------------------------------
+
+
+@main.command()
+@click.option("--demo/--no-demo", default=True, show_default=True, help="Register the demo experiment and simulate traffic.")
+@click.option("--events", "invocations", default=20_000, show_default=True, help="Invocations the demo simulates.")
+@click.option("--rate", default=2_000.0, show_default=True, help="Invocations per second (0: as fast as possible).")
+@click.option("--seed", default=1, show_default=True, help="Seed of the simulated traffic.")
+@click.option("--exit-when-done", is_flag=True, help="Stop the stack once the demo's aggregates are complete.")
+def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: bool) -> None:
+    """Start the stack, run the stream worker and a demo experiment; Ctrl-C stops everything.
+
+    Without ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL it starts an embedded
+    Kafka-protocol broker and an embedded PostgreSQL whose data is kept in
+    $ABFLOW_HOME (default ./.abflow).
+    """
+    from abflow.localstack import read_stack_file
+
+    settings = _settings(stack=False)
+    if read_stack_file(settings.home) is not None:
+        raise click.ClickException(f"a stack is already running from {settings.home} (see `abflow env`; stop it with `abflow down`)")
+    stack = LocalRun(settings)
+    stopping = {"flag": False}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stopping["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        if demo:
+            stack.run_demo(invocations, rate, seed)
+        if not exit_when_done:
+            click.echo("\nThe stack is running. Ctrl-C stops it. In another shell:")
+            click.echo("  eval \"$(abflow env)\"   # or: abflow totals, abflow experiment list")
+            while True:
+                stack.check_alive()
+                time.sleep(1)
+    except KeyboardInterrupt:
+        click.echo("\nstopping…", err=True)
+    finally:
+        stack.stop()
+
+
+class LocalRun:
+    """What `abflow up` started, in start order, so it stops in reverse."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.broker = None
+        self.postgres = None
+        self.worker: subprocess.Popen | None = None
+        self.logs = settings.home / "logs"
+
+    def start(self) -> None:
+        from abflow.localstack import EmbeddedBroker, EmbeddedPostgres, write_stack_file
+        from producers.publisher import ensure_topics
+        from storage.db import upgrade
+
+        s = self.settings
+        pids = {"up": os.getpid()}
+        bootstrap, database_url = s.kafka_bootstrap, s.database_url
+        if not bootstrap:
+            click.echo("starting the embedded Kafka-protocol broker…", err=True)
+            self.broker = EmbeddedBroker(self.logs / "broker.log").start()
+            bootstrap = self.broker.bootstrap
+            pids["broker"] = self.broker.process.pid
+        if not database_url:
+            click.echo(f"starting the embedded PostgreSQL (data in {s.home / 'pgdata'})…", err=True)
+            self.postgres = EmbeddedPostgres(s.home / "pgdata", self.logs / "postgres.log").start()
+            database_url = self.postgres.url
+            pids["postgres"] = self.postgres.process.pid
+        self.settings = s = Settings(**{**s.__dict__, "kafka_bootstrap": bootstrap, "database_url": database_url})
+        click.echo("applying migrations…", err=True)
+        upgrade(database_url)
+        ensure_topics(bootstrap, s.topics, s.partitions)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "ABFLOW_KAFKA_BOOTSTRAP": bootstrap, "ABFLOW_DATABASE_URL": database_url}
+        click.echo(f"starting the stream worker (log: {self.logs / 'worker.log'})…", err=True)
+        with open(self.logs / "worker.log", "ab") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "abflow.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        pids["worker"] = self.worker.pid
+        write_stack_file(s.home, bootstrap, database_url, pids)
+        click.echo(f"Kafka:      {bootstrap}")
+        click.echo(f"PostgreSQL: {database_url}")
+
+    def check_alive(self) -> None:
+        if self.worker is not None and self.worker.poll() is not None:
+            raise click.ClickException(f"the stream worker exited with code {self.worker.returncode}; see {self.logs / 'worker.log'}")
+
+    def run_demo(self, invocations: int, rate: float, seed: int) -> None:
+        from producers.publisher import Publisher
+        from producers.simulator import Scenario, VariantProfile, default_rates, run
+        from storage.experiment_config import load_config_text
+        from storage.queries import events_applied, variant_totals
+        from storage.registry import ExperimentExists, create_experiment
+
+        config = load_config_text(resources.files("abflow.examples").joinpath(DEMO_CONFIG).read_text(), DEMO_CONFIG)
+        engine = _engine(self.settings)
+        try:
+            try:
+                create_experiment(engine, config)
+                click.echo(f"registered experiment {config.experiment_id!r}")
+            except ExperimentExists:
+                click.echo(f"experiment {config.experiment_id!r} is already registered")
+            rates = default_rates([v.name for v in config.variants])
+            scenario = Scenario(
+                experiment_id=config.experiment_id,
+                variants=tuple(VariantProfile(v.name, v.initial_weight, rates[v.name]) for v in config.variants),
+                seed=seed,
+            )
+            before = events_applied(engine)
+            with Publisher(self.settings.kafka_bootstrap, self.settings.topics) as publisher:
+                published = run(scenario, publisher, invocations, rate=rate, progress=True)
+            target = before + published.total
+            self._wait_for(engine, target, published.total)
+            rows = variant_totals(engine, config.experiment_id)
+            for row in rows:
+                row["conversion_rate"] = row["conversions"] / row["invocations"] if row["invocations"] else None
+            click.echo(f"\nvariant_totals for {config.experiment_id!r} (all runs so far):")
+            click.echo(format_table(rows, ["experiment_id", "variant", "invocations", "conversions", "conversion_rate", "reward_sum", "errors"]))
+            click.echo("\nthis run published: " + ", ".join(
+                f"{name}: {published.invocations[name]} invocations / {published.conversions[name]} conversions"
+                for name in sorted(published.invocations)))
+        finally:
+            engine.dispose()
+
+    def _wait_for(self, engine, target: int, published: int, timeout: float = 300) -> None:
+        from tqdm import tqdm
+
+        from storage.queries import events_applied
+
+        deadline = time.monotonic() + timeout
+        start = events_applied(engine)
+        with tqdm(total=published, initial=published - (target - start), unit="ev", desc="aggregated", mininterval=0.5) as bar:
+            while True:
+                applied = events_applied(engine)
+                bar.n = published - (target - applied)
+                bar.refresh()
+                if applied >= target:
+                    return
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"aggregates still {target - applied} events short after {timeout:.0f}s")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        from abflow.localstack import remove_stack_file
+
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGTERM)
+            try:
+                self.worker.wait(30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+        for part in (self.broker, self.postgres):
+            if part is not None:
+                part.stop()
+        remove_stack_file(self.settings.home)
+        click.echo("stopped.", err=True)
+
+
+@main.command()
+def down() -> None:
+    """Stop the stack that `abflow up` started."""
+    settings = _settings(stack=False)
+    path = settings.home / "stack.json"
+    try:
+        pids = json.loads(path.read_text()).get("pids", {})
+    except (OSError, ValueError):
+        raise click.ClickException(f"no stack recorded in {path}") from None
+    target = pids.get("up")
+    try:
+        os.kill(target, signal.SIGTERM)
+    except (TypeError, ProcessLookupError):
+        # `abflow up` is gone: stop what it left behind.
+        for name in ("worker", "broker", "postgres"):
+            if name in pids:
+                try:
+                    os.kill(pids[name], signal.SIGINT if name == "postgres" else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        path.unlink(missing_ok=True)
+    click.echo("stopping the stack…")
+
+
+@main.command()
+def env() -> None:
+    """Print the exports that point other shells and tools at the running stack."""
+    settings = _settings()
+    click.echo(f"export ABFLOW_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}")
+    click.echo(f"export ABFLOW_DATABASE_URL={settings.database_url}")
+
+
+# -- database -------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply the migrations (up to REVISION, default: the newest)."""
+    from storage.db import current_revision, upgrade
+
+    settings = _settings()
+    upgrade(settings.require_database_url(), revision)
+    click.echo(f"database at revision {current_revision(settings.require_database_url())}")
+
+
+# -- experiments ----------------------------------------------------------------------
+
+
+@main.group()
+def experiment() -> None:
+    """The experiment registry."""
+
+
+@experiment.command("create")
+@click.option("-f", "--file", "path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Experiment config, JSON or YAML.")
+def experiment_create(path: Path) -> None:
+    """Register an experiment from a config file."""
+    from storage.experiment_config import ConfigError, load_config_text
+    from storage.registry import ExperimentExists, create_experiment
+
+    try:
+        config = load_config_text(path.read_text(), path.name)
+    except ConfigError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    engine = _engine(_settings())
+    try:
+        create_experiment(engine, config)
+    except ExperimentExists as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    click.echo(f"created experiment {config.experiment_id!r} with variants "
+               + ", ".join(f"{v.name} ({v.role}, weight {w:.3g})" for v, w in zip(config.variants, config.normalised_weights.values())))
+
+
+@experiment.command("list")
+def experiment_list() -> None:
+    """List experiments."""
+    from storage.registry import list_experiments
+
+    engine = _engine(_settings())
+    try:
+        rows = [
+            {"experiment_id": e.experiment_id, "strategy": e.strategy, "status": e.status,
+             "variants": ", ".join(v.name for v in e.variants), "created_at": e.created_at.strftime("%Y-%m-%d %H:%M:%S")}
+            for e in list_experiments(engine)
+        ]
+    finally:
+        engine.dispose()
+    if not rows:
+        click.echo("no experiments yet; create one with `abflow experiment create -f FILE`")
+        return
+    click.echo(format_table(rows, ["experiment_id", "strategy", "status", "variants", "created_at"]))
+
+
+@experiment.command("show")
+@click.argument("experiment_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def experiment_show(experiment_id: str, as_json: bool) -> None:
+    """Show one experiment: config, variants and current totals."""
+    from storage.queries import variant_totals
+    from storage.registry import ExperimentNotFound, get_experiment
+
+    engine = _engine(_settings())
+    try:
+        try:
+            e = get_experiment(engine, experiment_id)
+        except ExperimentNotFound as exc:
+            raise click.ClickException(str(exc)) from None
+        totals = {row["variant"]: row for row in variant_totals(engine, experiment_id)}
+    finally:
+        engine.dispose()
+    variants = []
+    for v in e.variants:
+        t = totals.get(v.name, {})
+        variants.append({"variant": v.name, "role": v.role, "initial_weight": v.initial_weight,
+                         "model_version": v.model_version, "invocations": t.get("invocations", 0),
+                         "conversions": t.get("conversions", 0), "reward_sum": t.get("reward_sum", 0.0),
+                         "errors": t.get("errors", 0)})
+    if as_json:
+        click.echo(json.dumps({"experiment_id": e.experiment_id, "strategy": e.strategy, "epsilon": e.epsilon,
+                               "warmup": e.warmup, "unit": e.unit, "status": e.status,
+                               "created_at": e.created_at.isoformat(), "variants": variants}, indent=2))
+        return
+    click.echo(f"experiment {e.experiment_id}  strategy {e.strategy}  epsilon {e.epsilon}  warmup {e.warmup}  "
+               f"unit {e.unit}  status {e.status}")
+    click.echo(format_table(variants, ["variant", "role", "initial_weight", "model_version", "invocations",
+                                       "conversions", "reward_sum", "errors"]))
+
+
+@main.command()
+@click.option("-e", "--experiment", "experiment_id", help="Only this experiment.")
+def totals(experiment_id: str | None) -> None:
+    """Print variant_totals: exact per-variant sums over all windows."""
+    from storage.queries import variant_totals
+
+    engine = _engine(_settings())
+    try:
+        rows = variant_totals(engine, experiment_id)
+    finally:
+        engine.dispose()
+    for row in rows:
+        row["conversion_rate"] = row["conversions"] / row["invocations"] if row["invocations"] else None
+        row["mean_latency_ms"] = row["latency_ms_sum"] / row["latency_count"] if row["latency_count"] else None
+    click.echo(format_table(rows, ["experiment_id", "variant", "invocations", "conversions", "conversion_rate",
+                                   "reward_sum", "errors", "mean_latency_ms"]))
+
+
+@main.command("dead-letters")
+def dead_letters() -> None:
+    """Count dead letters per topic and reason."""
+    from storage.queries import dead_letter_totals
+
+    engine = _engine(_settings())
+    try:
+        rows = dead_letter_totals(engine)
+    finally:
+        engine.dispose()
+    if not rows:
+        click.echo("no dead letters")
+        return
+    click.echo(format_table(rows, ["topic", "reason", "count", "last_seen_at"]))
+
+
+# -- stream and traffic ---------------------------------------------------------------
+
+
+@main.command()
+@click.option("--loglevel", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def worker(loglevel: str) -> None:
+    """Run the stream worker (Faust): events from Kafka into window aggregates in PostgreSQL.
+
+    Start several to share the partitions; each batch is applied exactly once.
+    """
+    from stream_jobs.app import run_worker
+
+    run_worker(_settings(), loglevel)
+
+
+@main.command()
+@click.option("-e", "--experiment", "experiment_id", default="demo", show_default=True, help="A registered experiment.")
+@click.option("--events", "invocations", default=10_000, show_default=True, help="Invocations to publish.")
+@click.option("--rate", default=1_000.0, show_default=True, help="Invocations per second (0: as fast as possible).")
+@click.option("--users", default=10_000, show_default=True, help="Distinct users.")
+@click.option("--conversion-rate", "rates", multiple=True, metavar="VARIANT=P",
+              help="True conversion rate of a variant (repeatable); default 4.5 %, 5.2 %, … in variant order.")
+@click.option("--conversion-delay", default=5.0, show_default=True, help="Mean seconds from invocation to conversion.")
+@click.option("--seed", default=1, show_default=True)
+def simulate(experiment_id: str, invocations: int, rate: float, users: int, rates: tuple[str, ...],
+             conversion_delay: float, seed: int) -> None:
+    """Publish simulated traffic for a registered experiment."""
+    from producers.publisher import Publisher
+    from producers.simulator import Scenario, VariantProfile, default_rates, run
+    from storage.registry import ExperimentNotFound, get_experiment
+
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        e = get_experiment(engine, experiment_id)
+    except ExperimentNotFound as exc:
+        raise click.ClickException(f"{exc}; register it with `abflow experiment create -f FILE`") from None
+    finally:
+        engine.dispose()
+    true_rates = default_rates([v.name for v in e.variants])
+    for item in rates:
+        name, _, value = item.partition("=")
+        if name not in true_rates:
+            raise click.BadParameter(f"{name!r} is not a variant of {experiment_id!r}", param_hint="--conversion-rate")
+        try:
+            true_rates[name] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected VARIANT=P", param_hint="--conversion-rate") from None
+        if not 0 <= true_rates[name] <= 1:
+            raise click.BadParameter(f"{item!r}: P must be in [0, 1]", param_hint="--conversion-rate")
+    scenario = Scenario(
+        experiment_id=experiment_id,
+        variants=tuple(VariantProfile(v.name, v.initial_weight, true_rates[v.name]) for v in e.variants),
+        users=users, conversion_delay_mean_s=conversion_delay, seed=seed,
+    )
+    with Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
+        published = run(scenario, publisher, invocations, rate=rate)
+    rows = [{"variant": name, "invocations": published.invocations[name], "conversions": published.conversions[name],
+             "errors": published.errors[name]} for name in true_rates]
+    click.echo(format_table(rows, ["variant", "invocations", "conversions", "errors"]))
+
+
+if __name__ == "__main__":
+    main()

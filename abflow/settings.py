@@ -1,0 +1,147 @@
+"""Settings from the environment, with the defaults a laptop needs.
+
+Every setting is an ``ABFLOW_*`` environment variable. When
+``ABFLOW_KAFKA_BOOTSTRAP`` and ``ABFLOW_DATABASE_URL`` are unset, commands look
+for the stack that ``abflow up`` started (its addresses are recorded in
+``$ABFLOW_HOME/stack.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed."""
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Topics:
+    invocations: str = "abflow.invocations"
+    conversions: str = "abflow.conversions"
+    dead_letters: str = "abflow.dead-letters"
+    allocations: str = "abflow.allocations"
+
+    @classmethod
+    def from_env(cls) -> "Topics":
+        return cls(
+            invocations=os.environ.get("ABFLOW_TOPIC_INVOCATIONS", cls.invocations),
+            conversions=os.environ.get("ABFLOW_TOPIC_CONVERSIONS", cls.conversions),
+            dead_letters=os.environ.get("ABFLOW_TOPIC_DEAD_LETTERS", cls.dead_letters),
+            allocations=os.environ.get("ABFLOW_TOPIC_ALLOCATIONS", cls.allocations),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str | None
+    database_url: str | None
+    home: Path
+    topics: Topics
+    partitions: int = 4
+    # Stream processing
+    window_seconds: int = 60
+    dedup_horizon_seconds: int = 15 * 60
+    max_lateness_seconds: int = 7 * 24 * 3600
+    max_future_seconds: int = 5 * 60
+    max_event_bytes: int = 64 * 1024
+    batch_max_events: int = 10_000
+    batch_max_seconds: float = 0.2
+    consumer_group: str = "abflow-aggregator"
+    kafka_session_timeout_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            kafka_bootstrap=os.environ.get("ABFLOW_KAFKA_BOOTSTRAP") or None,
+            database_url=os.environ.get("ABFLOW_DATABASE_URL") or None,
+            home=Path(os.environ.get("ABFLOW_HOME") or ".abflow").absolute(),
+            topics=Topics.from_env(),
+            partitions=_env_int("ABFLOW_PARTITIONS", 4, minimum=1),
+            window_seconds=_env_int("ABFLOW_WINDOW_SECONDS", 60, minimum=1),
+            dedup_horizon_seconds=_env_int("ABFLOW_DEDUP_HORIZON_SECONDS", 15 * 60, minimum=15 * 60),
+            max_lateness_seconds=_env_int("ABFLOW_MAX_LATENESS_SECONDS", 7 * 24 * 3600, minimum=1),
+            max_future_seconds=_env_int("ABFLOW_MAX_FUTURE_SECONDS", 5 * 60, minimum=0),
+            max_event_bytes=_env_int("ABFLOW_MAX_EVENT_BYTES", 64 * 1024, minimum=256),
+            batch_max_events=_env_int("ABFLOW_BATCH_MAX_EVENTS", 10_000, minimum=1),
+            batch_max_seconds=_env_float("ABFLOW_BATCH_MAX_SECONDS", 0.2, minimum=0.001),
+            consumer_group=os.environ.get("ABFLOW_CONSUMER_GROUP") or "abflow-aggregator",
+            kafka_session_timeout_seconds=_env_float("ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS", 10.0, minimum=1.0),
+        )
+
+    def with_stack(self) -> "Settings":
+        """Fill in the addresses of the running local stack where the environment names none."""
+        if self.kafka_bootstrap and self.database_url:
+            return self
+        from abflow.localstack import read_stack_file
+
+        stack = read_stack_file(self.home)
+        if stack is None:
+            raise SettingsError(
+                "no Kafka/PostgreSQL configured: set ABFLOW_KAFKA_BOOTSTRAP and ABFLOW_DATABASE_URL, "
+                f"or start the local stack with `abflow up` (looked for {self.home / 'stack.json'})"
+            )
+        return dataclasses.replace(
+            self,
+            kafka_bootstrap=self.kafka_bootstrap or stack["kafka_bootstrap"],
+            database_url=self.database_url or stack["database_url"],
+        )
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return sqlalchemy_url(self.require_database_url())
+
+    @property
+    def libpq_url(self) -> str:
+        return libpq_url(self.require_database_url())
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise SettingsError("ABFLOW_DATABASE_URL is not set and no local stack is running")
+        return self.database_url
+
+    def require_kafka_bootstrap(self) -> str:
+        if not self.kafka_bootstrap:
+            raise SettingsError("ABFLOW_KAFKA_BOOTSTRAP is not set and no local stack is running")
+        return self.kafka_bootstrap
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The SQLAlchemy form of a PostgreSQL URL, always with the psycopg 3 driver."""
+    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    raise SettingsError(f"ABFLOW_DATABASE_URL must be a postgresql:// URL, got {url!r}")
+
+
+def libpq_url(url: str) -> str:
+    """The libpq form of a PostgreSQL URL (what psycopg.connect takes)."""
+    return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://"):]

@@ -1,0 +1,1 @@
+"""Allocation policies, the weight refresher, assignment and the HTTP API (next milestone)."""

@@ -1,0 +1,1 @@
+"""Event contracts, the Kafka publisher, the serving SDK and the traffic simulator."""

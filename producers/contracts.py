@@ -1,0 +1,252 @@
+"""The event contracts (topics ``abflow.invocations`` and ``abflow.conversions``) and their validation.
+
+Pure functions, no I/O. The stream job and the publisher both validate with
+``parse_event``; a failure is an ``InvalidEvent`` whose ``reason`` is one of
+``REASONS`` (a stable code operators count by) and whose ``detail`` names the
+field and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import orjson
+
+INVOCATION = "invocation"
+CONVERSION = "conversion"
+KINDS = (INVOCATION, CONVERSION)
+
+MAX_ID_LENGTH = 256
+
+# Stable reason codes of dead letters.
+REASONS = (
+    "oversize",
+    "malformed_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "invalid_value",
+    "non_finite",
+    "unknown_experiment",
+    "unknown_variant",
+    "timestamp_in_future",
+    "too_late",
+)
+
+
+class InvalidEvent(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    event_id: str
+    experiment_id: str
+    variant: str
+    user_id: str
+    timestamp: float  # epoch seconds
+    propensity: float | None = None
+    latency_ms: float | None = None
+    error: bool = False
+    model_version: str | None = None
+
+    kind = INVOCATION
+
+    def to_dict(self) -> dict:
+        data = {
+            "event_id": self.event_id,
+            "experiment_id": self.experiment_id,
+            "variant": self.variant,
+            "user_id": self.user_id,
+            "timestamp": self.timestamp,
+            "error": self.error,
+        }
+        if self.propensity is not None:
+            data["propensity"] = self.propensity
+        if self.latency_ms is not None:
+            data["latency_ms"] = self.latency_ms
+        if self.model_version is not None:
+            data["model_version"] = self.model_version
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    event_id: str
+    experiment_id: str
+    variant: str
+    user_id: str
+    timestamp: float  # epoch seconds
+    reward: float = 1.0
+    invocation_id: str | None = None
+
+    kind = CONVERSION
+
+    def to_dict(self) -> dict:
+        data = {
+            "event_id": self.event_id,
+            "experiment_id": self.experiment_id,
+            "variant": self.variant,
+            "user_id": self.user_id,
+            "timestamp": self.timestamp,
+            "reward": self.reward,
+        }
+        if self.invocation_id is not None:
+            data["invocation_id"] = self.invocation_id
+        return data
+
+
+Event = Invocation | Conversion
+
+
+def encode(event: Event) -> bytes:
+    return orjson.dumps(event.to_dict())
+
+
+def _identifier(data: dict, field: str, required: bool = True) -> str | None:
+    value = data.get(field)
+    if value is None:
+        if required:
+            raise InvalidEvent("missing_field", f"'{field}' is required")
+        return None
+    if type(value) is not str:
+        raise InvalidEvent("wrong_type", f"'{field}' must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise InvalidEvent("invalid_value", f"'{field}' must have 1 to {MAX_ID_LENGTH} characters")
+    if not value.isprintable():
+        raise InvalidEvent("invalid_value", f"'{field}' must not contain control characters")
+    return value
+
+
+def _number(data: dict, field: str) -> float | None:
+    value = data.get(field)
+    if value is None:
+        return None
+    if type(value) not in (int, float):  # bool is an int subclass, and not a number here
+        raise InvalidEvent("wrong_type", f"'{field}' must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidEvent("non_finite", f"'{field}' must be finite")
+    return value
+
+
+def parse_timestamp(value: object) -> float:
+    """Epoch seconds from an RFC 3339 string (with an offset) or a number of epoch seconds."""
+    if value is None:
+        raise InvalidEvent("missing_field", "'timestamp' is required")
+    if type(value) in (int, float):
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise InvalidEvent("non_finite", "'timestamp' must be finite")
+        if seconds < 0:
+            raise InvalidEvent("invalid_value", "'timestamp' must not be before 1970")
+        return seconds
+    if type(value) is str:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidEvent("invalid_value", f"'timestamp' is not RFC 3339: {value[:64]!r}") from None
+        if parsed.tzinfo is None:
+            raise InvalidEvent("invalid_value", "'timestamp' needs a UTC offset (e.g. 'Z' or '+00:00')")
+        return parsed.timestamp()
+    raise InvalidEvent("wrong_type", f"'timestamp' must be an RFC 3339 string or epoch seconds, got {type(value).__name__}")
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _reject_constant(name: str):
+    raise _NonFinite(name)
+
+
+def _has_non_finite_number(raw: bytes) -> bool:
+    """Whether JSON that orjson refused is only wrong for NaN/Infinity (which Python's json writes)."""
+    try:
+        json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonFinite:
+        return True
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+def _decode(raw: bytes, max_bytes: int) -> dict:
+    if len(raw) > max_bytes:
+        raise InvalidEvent("oversize", f"payload is {len(raw)} bytes, the limit is {max_bytes}")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if _has_non_finite_number(raw):
+            raise InvalidEvent("non_finite", "numbers must be finite (NaN, Infinity or an overflowing number found)") from None
+        raise InvalidEvent("malformed_json", str(exc)[:200]) from None
+    if type(data) is not dict:
+        raise InvalidEvent("not_an_object", f"the event must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def invocation_from_dict(data: dict) -> Invocation:
+    propensity = _number(data, "propensity")
+    if propensity is not None and not 0.0 < propensity <= 1.0:
+        raise InvalidEvent("invalid_value", f"'propensity' must be in (0, 1], got {propensity}")
+    latency_ms = _number(data, "latency_ms")
+    if latency_ms is not None and latency_ms < 0:
+        raise InvalidEvent("invalid_value", f"'latency_ms' must be >= 0, got {latency_ms}")
+    error = data.get("error", False)
+    if error is None:
+        error = False
+    if type(error) is not bool:
+        raise InvalidEvent("wrong_type", f"'error' must be true or false, got {type(error).__name__}")
+    return Invocation(
+        event_id=_identifier(data, "event_id"),
+        experiment_id=_identifier(data, "experiment_id"),
+        variant=_identifier(data, "variant"),
+        user_id=_identifier(data, "user_id"),
+        timestamp=parse_timestamp(data.get("timestamp")),
+        propensity=propensity,
+        latency_ms=latency_ms,
+        error=error,
+        model_version=_identifier(data, "model_version", required=False),
+    )
+
+
+def conversion_from_dict(data: dict) -> Conversion:
+    reward = _number(data, "reward")
+    return Conversion(
+        event_id=_identifier(data, "event_id"),
+        experiment_id=_identifier(data, "experiment_id"),
+        variant=_identifier(data, "variant"),
+        user_id=_identifier(data, "user_id"),
+        timestamp=parse_timestamp(data.get("timestamp")),
+        reward=1.0 if reward is None else reward,
+        invocation_id=_identifier(data, "invocation_id", required=False),
+    )
+
+
+_FROM_DICT = {INVOCATION: invocation_from_dict, CONVERSION: conversion_from_dict}
+
+
+def parse_event(kind: str, raw: bytes, max_bytes: int = 64 * 1024) -> Event:
+    """Decode and validate one event of ``kind``; raise ``InvalidEvent`` when it breaks the contract."""
+    return _FROM_DICT[kind](_decode(raw, max_bytes))
+
+
+def event_from_dict(kind: str, data: dict) -> Event:
+    return _FROM_DICT[kind](data)
+
+
+def rfc3339(epoch_seconds: float) -> str:
+    return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,169 @@
+"""A seeded traffic generator: users, variants with true conversion rates, delays, latencies, errors.
+
+``generate`` is pure (it only draws from its own random generator) and yields
+events in publication order; ``run`` publishes them at a target rate or as
+fast as possible and returns what it published, the ground truth that the
+aggregates must match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from producers.contracts import Conversion, Event, Invocation
+
+
+@dataclass(frozen=True)
+class VariantProfile:
+    name: str
+    weight: float  # share of users routed to it
+    conversion_rate: float
+    latency_median_ms: float = 40.0
+    latency_sigma: float = 0.5  # of log-latency
+    error_rate: float = 0.01
+    reward: float = 1.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    experiment_id: str
+    variants: tuple[VariantProfile, ...]
+    users: int = 10_000
+    conversion_delay_mean_s: float = 5.0
+    seed: int = 1
+
+    def variant_of(self, user_id: str) -> VariantProfile:
+        """Sticky: a user always lands on the same variant (salted hash of the user id)."""
+        digest = hashlib.blake2b(f"{self.experiment_id}:{user_id}".encode(), digest_size=8).digest()
+        point = int.from_bytes(digest, "big") / 2**64 * sum(v.weight for v in self.variants)
+        for variant in self.variants:
+            point -= variant.weight
+            if point < 0:
+                return variant
+        return self.variants[-1]
+
+
+@dataclass
+class Published:
+    """Ground truth: what was published, per variant."""
+
+    invocations: Counter = field(default_factory=Counter)
+    conversions: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    reward_sum: Counter = field(default_factory=Counter)
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, Invocation):
+            self.invocations[event.variant] += 1
+            self.errors[event.variant] += int(event.error)
+        else:
+            self.conversions[event.variant] += 1
+            self.reward_sum[event.variant] += event.reward
+
+    @property
+    def total(self) -> int:
+        return sum(self.invocations.values()) + sum(self.conversions.values())
+
+
+def generate(scenario: Scenario, invocations: int, clock):
+    """Yield ``invocations`` invocations and the conversions they cause, in publication order.
+
+    ``clock()`` gives the current epoch seconds. A conversion is yielded once
+    the clock has passed its time (so with a real clock it is published after
+    its delay); the ones still pending at the end are yielded last, each
+    stamped with its own time.
+    """
+    rng = random.Random(scenario.seed)
+    rand_uuid = lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))  # noqa: E731 - seeded uuid4
+    pending: list[tuple[float, int, Conversion]] = []
+    sequence = 0
+    for _ in range(invocations):
+        now = clock()
+        while pending and pending[0][0] <= now:
+            yield heapq.heappop(pending)[2]
+        user_id = f"user-{rng.randrange(scenario.users)}"
+        variant = scenario.variant_of(user_id)
+        total_weight = sum(v.weight for v in scenario.variants)
+        invocation = Invocation(
+            event_id=rand_uuid(),
+            experiment_id=scenario.experiment_id,
+            variant=variant.name,
+            user_id=user_id,
+            timestamp=now,
+            propensity=variant.weight / total_weight,
+            latency_ms=round(variant.latency_median_ms * math.exp(rng.gauss(0, variant.latency_sigma)), 3),
+            error=rng.random() < variant.error_rate,
+            model_version=variant.name,
+        )
+        yield invocation
+        if not invocation.error and rng.random() < variant.conversion_rate:
+            delay = rng.expovariate(1 / scenario.conversion_delay_mean_s) if scenario.conversion_delay_mean_s else 0
+            conversion = Conversion(
+                event_id=rand_uuid(),
+                experiment_id=scenario.experiment_id,
+                variant=variant.name,
+                user_id=user_id,
+                timestamp=now + delay,
+                reward=variant.reward,
+                invocation_id=invocation.event_id,
+            )
+            sequence += 1
+            heapq.heappush(pending, (conversion.timestamp, sequence, conversion))
+    while pending:
+        yield heapq.heappop(pending)[2]
+
+
+VIRTUAL_TICK_S = 0.001
+
+
+def virtual_clock(start: float, tick: float = VIRTUAL_TICK_S):
+    """A clock that advances ``tick`` seconds each time it is read."""
+    state = [start - tick]
+
+    def clock() -> float:
+        state[0] += tick
+        return state[0]
+
+    return clock
+
+
+def run(scenario: Scenario, publisher, invocations: int, rate: float = 0.0, progress: bool = True) -> Published:
+    """Publish the scenario's traffic: ``rate`` invocations per second, or as fast as possible when 0."""
+    from tqdm import tqdm
+
+    published = Published()
+    started = time.monotonic()
+    if rate > 0:
+        clock = time.time
+    else:
+        # As fast as possible: a virtual clock, 1 ms per invocation, that ends before
+        # the wall clock, so events spread over windows and none lies in the future.
+        clock = virtual_clock(time.time() - invocations * VIRTUAL_TICK_S - 10 * scenario.conversion_delay_mean_s)
+    bar = tqdm(total=invocations, unit="inv", desc=f"simulating {scenario.experiment_id}", disable=not progress,
+               mininterval=0.5)
+    sent_invocations = 0
+    for event in generate(scenario, invocations, clock):
+        publisher.publish(event)
+        published.add(event)
+        if isinstance(event, Invocation):
+            sent_invocations += 1
+            bar.update(1)
+            if rate > 0:
+                ahead = sent_invocations / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    publisher.flush()
+    bar.close()
+    return published
+
+
+def default_rates(names: list[str], base: float = 0.045, step: float = 0.007) -> dict[str, float]:
+    """True conversion rates for a demo: each later variant a little better (seed 001: 4.5 % vs 5.2 %)."""
+    return {name: round(base + step * index, 6) for index, name in enumerate(names)}

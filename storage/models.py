@@ -1,0 +1,119 @@
+"""SQLAlchemy models of abflow's tables. The migrations in ``migrations/`` create them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Experiment(Base):
+    __tablename__ = "experiments"
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    strategy: Mapped[str] = mapped_column(String(32))
+    epsilon: Mapped[float] = mapped_column(Float, default=0.1)
+    warmup: Mapped[int] = mapped_column(Integer, default=0)
+    unit: Mapped[str] = mapped_column(String(16), default="user")
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    config: Mapped[dict] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+    variants: Mapped[list["Variant"]] = relationship(
+        back_populates="experiment", cascade="all, delete-orphan", order_by="Variant.position"
+    )
+
+
+class Variant(Base):
+    __tablename__ = "variants"
+    __table_args__ = (
+        ForeignKeyConstraint(["experiment_id"], ["experiments.experiment_id"], ondelete="CASCADE"),
+        CheckConstraint("initial_weight >= 0", name="variants_initial_weight_nonnegative"),
+    )
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    initial_weight: Mapped[float] = mapped_column(Float)
+    model_version: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    role: Mapped[str] = mapped_column(String(16))
+
+    experiment: Mapped[Experiment] = relationship(back_populates="variants")
+
+
+class VariantWindow(Base):
+    """Additive aggregates of one variant over one tumbling event-time window."""
+
+    __tablename__ = "variant_windows"
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    conversions: Mapped[int] = mapped_column(BigInteger, default=0)
+    reward_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    reward_sq_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    # Counts per bucket of stream_jobs.windowing.LATENCY_BUCKET_EDGES_MS.
+    latency_hist: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class SinkOffset(Base):
+    """The next offset of each partition not yet applied to the aggregates."""
+
+    __tablename__ = "sink_offsets"
+
+    topic: Mapped[str] = mapped_column(String(255), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The topic's id: a recreated topic (a broker that lost its logs) starts again at 0.
+    topic_id: Mapped[str] = mapped_column(String(64))
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DedupBatch(Base):
+    """The event ids counted in one sink batch of one partition, kept for the dedup horizon."""
+
+    __tablename__ = "dedup_batches"
+    __table_args__ = (Index("dedup_batches_partition_time", "topic", "partition", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(255))
+    partition: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Newline-separated; event ids cannot contain control characters.
+    event_ids: Mapped[str] = mapped_column(Text)
+
+
+class DeadLetterCount(Base):
+    __tablename__ = "dead_letter_counts"
+
+    topic: Mapped[str] = mapped_column(String(255), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,0 +1,77 @@
+"""The experiment registry in PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from storage.experiment_config import ExperimentConfig
+from storage.models import Experiment, Variant
+
+
+class ExperimentExists(ValueError):
+    pass
+
+
+class ExperimentNotFound(LookupError):
+    pass
+
+
+def create_experiment(engine: Engine, config: ExperimentConfig) -> Experiment:
+    experiment = Experiment(
+        experiment_id=config.experiment_id,
+        strategy=config.strategy,
+        epsilon=config.epsilon,
+        warmup=config.warmup,
+        unit=config.unit,
+        status="running",
+        config=config.to_dict(),
+        variants=[
+            Variant(
+                name=v.name,
+                position=i,
+                initial_weight=v.initial_weight,
+                model_version=v.model_version,
+                role=v.role,
+            )
+            for i, v in enumerate(config.variants)
+        ],
+    )
+    with Session(engine, expire_on_commit=False) as session:
+        session.add(experiment)
+        try:
+            session.commit()
+        except IntegrityError:
+            raise ExperimentExists(f"experiment {config.experiment_id!r} already exists") from None
+        session.refresh(experiment, ["variants"])
+    return experiment
+
+
+def list_experiments(engine: Engine) -> list[Experiment]:
+    with Session(engine) as session:
+        query = select(Experiment).options(selectinload(Experiment.variants)).order_by(Experiment.created_at)
+        return list(session.scalars(query))
+
+
+def get_experiment(engine: Engine, experiment_id: str) -> Experiment:
+    with Session(engine) as session:
+        query = (
+            select(Experiment)
+            .options(selectinload(Experiment.variants))
+            .where(Experiment.experiment_id == experiment_id)
+        )
+        experiment = session.scalars(query).first()
+    if experiment is None:
+        raise ExperimentNotFound(f"no experiment {experiment_id!r}")
+    return experiment
+
+
+def known_variants(engine: Engine) -> dict[str, frozenset[str]]:
+    """experiment_id -> its variant names: what the stream job accepts."""
+    with Session(engine) as session:
+        rows = session.execute(select(Variant.experiment_id, Variant.name)).all()
+    known: dict[str, set[str]] = {}
+    for experiment_id, name in rows:
+        known.setdefault(experiment_id, set()).add(name)
+    return {k: frozenset(v) for k, v in known.items()}

@@ -1,0 +1,181 @@
+"""Real components for the tests.
+
+In order of preference: the Kafka and PostgreSQL named by
+ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL; containers (testcontainers) when
+a Docker daemon answers; otherwise the embedded broker and PostgreSQL that
+`abflow up` uses. Each test gets its own topics, consumer group and
+experiment ids, so tests share one stack without seeing each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from abflow.localstack import EmbeddedBroker, EmbeddedPostgres
+
+
+@dataclass
+class Stack:
+    kafka_bootstrap: str
+    database_url: str
+    kind: str  # "external", "containers" or "embedded"
+    postgres: EmbeddedPostgres | None = None  # only when embedded: tests may stop and start it
+    broker: EmbeddedBroker | None = None
+    _closers: list = field(default_factory=list)
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    bootstrap = os.environ.get("ABFLOW_KAFKA_BOOTSTRAP")
+    database_url = os.environ.get("ABFLOW_DATABASE_URL")
+    if bootstrap and database_url:
+        stack = Stack(bootstrap, database_url, "external")
+    elif _docker_answers():
+        from testcontainers.kafka import KafkaContainer
+        from testcontainers.postgres import PostgresContainer
+
+        kafka = KafkaContainer("apache/kafka:3.8.0").with_kraft()
+        postgres = PostgresContainer("postgres:17", driver=None)
+        kafka.start()
+        postgres.start()
+        stack = Stack(kafka.get_bootstrap_server(), postgres.get_connection_url(), "containers")
+        stack._closers += [kafka.stop, postgres.stop]
+    else:
+        home = tmp_path_factory.mktemp("stack")
+        broker = EmbeddedBroker(home / "broker.log").start()
+        postgres = EmbeddedPostgres(home / "pgdata", home / "postgres.log", durable=False).start()
+        stack = Stack(broker.bootstrap, postgres.url, "embedded", postgres=postgres, broker=broker)
+        stack._closers += [broker.stop, postgres.stop]
+    from storage.db import upgrade
+
+    upgrade(stack.database_url)
+    yield stack
+    for close in reversed(stack._closers):
+        close()
+
+
+@pytest.fixture
+def run_env(stack, tmp_path) -> dict[str, str]:
+    """Environment for abflow processes of one test: its own topics, group and home."""
+    tag = uuid.uuid4().hex[:8]
+    return {
+        **os.environ,
+        "ABFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "ABFLOW_DATABASE_URL": stack.database_url,
+        "ABFLOW_HOME": str(tmp_path / "home"),
+        "ABFLOW_TOPIC_INVOCATIONS": f"t{tag}.invocations",
+        "ABFLOW_TOPIC_CONVERSIONS": f"t{tag}.conversions",
+        "ABFLOW_TOPIC_DEAD_LETTERS": f"t{tag}.dead-letters",
+        "ABFLOW_TOPIC_ALLOCATIONS": f"t{tag}.allocations",
+        "ABFLOW_CONSUMER_GROUP": f"abflow-test-{tag}",
+        "ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS": "3",
+        "ABFLOW_PARTITIONS": "4",
+        "ABFLOW_BATCH_MAX_SECONDS": "0.1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def settings(run_env, monkeypatch):
+    from abflow.settings import Settings
+
+    for key, value in run_env.items():
+        if key.startswith("ABFLOW_"):
+            monkeypatch.setenv(key, value)
+    return Settings.from_env()
+
+
+@pytest.fixture
+def engine(stack):
+    from storage.db import make_engine
+
+    engine = make_engine(stack.database_url)
+    yield engine
+    engine.dispose()
+
+
+class WorkerProcess:
+    """`abflow worker` as a child process, to be stopped or killed like a real one."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "abflow.cli", "worker"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> int | None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def workers(run_env, tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start(name: str = "worker") -> WorkerProcess:
+        worker = WorkerProcess(run_env, tmp_path / f"{name}-{len(started)}.log").start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition", workers=()):
+    """Poll ``predicate`` until it is truthy; fail early with its log when a worker died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for worker in workers:
+            assert worker.alive(), f"worker exited with {worker.process.returncode}:\n{worker.log()[-4000:]}"
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
+        time.sleep(interval)

@@ -1,0 +1,147 @@
+"""Test helpers: experiments, publishing, and expected aggregates computed the plain way."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime
+
+import orjson
+from sqlalchemy import text
+
+from producers.publisher import Publisher
+from storage.experiment_config import parse_config
+from storage.registry import create_experiment
+
+WINDOW = 60
+
+
+def make_experiment(engine, variants=("Champion", "Challenger"), prefix="exp") -> str:
+    experiment_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    create_experiment(engine, parse_config({
+        "experiment_id": experiment_id,
+        "strategy": "ThompsonSampling",
+        "variants": [{"name": name, "initial_weight": 1.0} for name in variants],
+    }))
+    return experiment_id
+
+
+def invocation(experiment_id, variant, ts, user=None, latency_ms=None, error=False, event_id=None) -> dict:
+    event = {
+        "event_id": event_id or str(uuid.uuid4()),
+        "experiment_id": experiment_id,
+        "variant": variant,
+        "user_id": user or f"u{random.randrange(10_000)}",
+        "timestamp": ts,
+        "error": error,
+    }
+    if latency_ms is not None:
+        event["latency_ms"] = latency_ms
+    return event
+
+
+def conversion(experiment_id, variant, ts, user=None, reward=1.0, event_id=None) -> dict:
+    return {
+        "event_id": event_id or str(uuid.uuid4()),
+        "experiment_id": experiment_id,
+        "variant": variant,
+        "user_id": user or f"u{random.randrange(10_000)}",
+        "timestamp": ts,
+        "reward": reward,
+    }
+
+
+def publish(publisher: Publisher, kind: str, event: dict | bytes, key: str | None = None) -> None:
+    topic = publisher.topics.invocations if kind == "invocation" else publisher.topics.conversions
+    value = event if isinstance(event, bytes) else orjson.dumps(event)
+    if key is None and isinstance(event, dict):
+        key = event.get("user_id")
+    publisher.produce(topic, value, key=key)
+
+
+class Expected:
+    """Aggregates computed the plain way from the unique valid events a test published."""
+
+    def __init__(self) -> None:
+        self.windows = defaultdict(lambda: defaultdict(float))
+        self._seen: set[tuple[str, str]] = set()
+
+    def add(self, kind: str, event: dict) -> None:
+        if (kind, event["event_id"]) in self._seen:
+            return
+        self._seen.add((kind, event["event_id"]))
+        ts = event["timestamp"]
+        if isinstance(ts, str):
+            ts = datetime.fromisoformat(ts).timestamp()
+        start = int(ts // WINDOW) * WINDOW
+        row = self.windows[(event["experiment_id"], event["variant"], start)]
+        if kind == "invocation":
+            row["invocations"] += 1
+            row["errors"] += int(event.get("error", False))
+            if event.get("latency_ms") is not None:
+                row["latency_count"] += 1
+                row["latency_ms_sum"] += event["latency_ms"]
+        else:
+            reward = event.get("reward", 1.0)
+            row["conversions"] += 1
+            row["reward_sum"] += reward
+            row["reward_sq_sum"] += reward * reward
+
+    def totals(self) -> dict[tuple[str, str], dict[str, float]]:
+        out = defaultdict(lambda: defaultdict(float))
+        for (experiment_id, variant, _), row in self.windows.items():
+            for column, value in row.items():
+                out[(experiment_id, variant)][column] += value
+        return out
+
+    @property
+    def events(self) -> int:
+        return len(self._seen)
+
+
+COLUMNS = ["invocations", "conversions", "reward_sum", "reward_sq_sum", "errors", "latency_count", "latency_ms_sum"]
+
+
+def read_windows(engine, experiment_ids) -> dict:
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT experiment_id, variant, extract(epoch FROM window_start)::bigint AS start, "
+            + ", ".join(COLUMNS) + " FROM variant_windows WHERE experiment_id = ANY(:ids)"
+        ), {"ids": list(experiment_ids)})
+        return {(r.experiment_id, r.variant, r.start): {c: getattr(r, c) for c in COLUMNS} for r in rows}
+
+
+def read_totals(engine, experiment_ids) -> dict:
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT experiment_id, variant, invocations, conversions, reward_sum, reward_sq_sum, errors "
+            "FROM variant_totals WHERE experiment_id = ANY(:ids)"
+        ), {"ids": list(experiment_ids)})
+        return {(r.experiment_id, r.variant): dict(r._mapping) for r in rows}
+
+
+def counted_events(engine, experiment_ids) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT coalesce(sum(invocations + conversions), 0) FROM variant_windows WHERE experiment_id = ANY(:ids)"
+        ), {"ids": list(experiment_ids)}).scalar_one())
+
+
+def assert_windows_match(engine, expected: Expected) -> None:
+    experiment_ids = {key[0] for key in expected.windows}
+    actual = read_windows(engine, experiment_ids)
+    assert set(actual) == set(expected.windows), "windows differ"
+    for key, row in expected.windows.items():
+        for column in COLUMNS:
+            want = row.get(column, 0)
+            got = actual[key][column]
+            if isinstance(got, float):
+                assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (key, column, got, want)
+            else:
+                assert got == want, (key, column, got, want)
+
+
+def now() -> float:
+    return time.time()

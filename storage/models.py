@@ -117,3 +117,15 @@ class DeadLetterCount(Base):
     reason: Mapped[str] = mapped_column(String(64), primary_key=True)
     count: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class StreamCounter(Base):
+    """Per source topic: events counted, duplicates dropped, dead letters; exact like the aggregates."""
+
+    __tablename__ = "stream_counters"
+
+    topic: Mapped[str] = mapped_column(String(255), primary_key=True)
+    counted: Mapped[int] = mapped_column(BigInteger, default=0)
+    duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
+    dead_letters: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

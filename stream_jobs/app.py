@@ -41,7 +41,8 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=session_timeout,
         broker_heartbeat_interval=max(0.3, session_timeout / 10),
         broker_rebalance_timeout=max(session_timeout * 2, 5.0),
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.kafka_commit_interval_seconds,
+        broker_commit_every=settings.kafka_commit_every,
         topic_partitions=settings.partitions,
         stream_buffer_maxsize=max(4096, settings.batch_max_events * 2),
         broker_max_poll_records=max(500, settings.batch_max_events),
@@ -77,6 +78,9 @@ def create_app(settings: Settings) -> faust.App:
                 for m in (event.message for event in events)
             ]
             result = await apply(records)
+            if result.replayed:
+                log.info("skipped %d records already applied (a replay after a restart or a rebalance)",
+                         result.replayed)
             for event in events:
                 await stream.ack(event)
             totals.counted += result.counted

@@ -59,6 +59,14 @@ ON CONFLICT (topic, reason) DO UPDATE SET count = d.count + excluded.count, last
 """
 
 
+UPSERT_COUNTERS = """
+INSERT INTO stream_counters AS c (topic, counted, duplicates, dead_letters, updated_at) VALUES (%s, %s, %s, %s, now())
+ON CONFLICT (topic) DO UPDATE SET counted = c.counted + excluded.counted,
+    duplicates = c.duplicates + excluded.duplicates, dead_letters = c.dead_letters + excluded.dead_letters,
+    updated_at = now()
+"""
+
+
 @dataclass
 class BatchResult:
     counted: int = 0
@@ -225,6 +233,7 @@ class PostgresSink:
                 self._reload_dedup(conn, tp, now)
 
         result = BatchResult()
+        per_topic = {t: [0, 0, 0] for t in topics}  # counted, duplicates, dead letters
         counted = []
         new_ids: dict[TopicPartition, list[str]] = {tp: [] for tp in partitions}
         batch_seen: dict[TopicPartition, set[str]] = {tp: set() for tp in partitions}
@@ -238,14 +247,17 @@ class PostgresSink:
             applied_to[tp] = max(applied_to[tp], record.offset + 1)
             if isinstance(outcome, InvalidEvent):
                 rejected.append((record, outcome))
+                per_topic[record.topic][2] += 1
                 continue
             event_id = outcome.event_id
             if event_id in self._dedup[tp].seen or event_id in batch_seen[tp]:
                 result.duplicates += 1
+                per_topic[record.topic][1] += 1
                 continue
             batch_seen[tp].add(event_id)
             new_ids[tp].append(event_id)
             counted.append(outcome)
+            per_topic[record.topic][0] += 1
         result.counted = len(counted)
         result.dead_letters = len(rejected)
 
@@ -271,6 +283,7 @@ class PostgresSink:
                 for record, error in rejected:
                     counts[(record.topic, error.reason)] = counts.get((record.topic, error.reason), 0) + 1
                 cur.executemany(UPSERT_DEAD_LETTERS, [(t, r, n) for (t, r), n in sorted(counts.items())])
+            cur.executemany(UPSERT_COUNTERS, [(t, *n) for t, n in sorted(per_topic.items()) if any(n)])
             cur.executemany(
                 "UPDATE sink_offsets SET next_offset = %s, topic_id = %s, updated_at = now() "
                 "WHERE topic = %s AND partition = %s",

@@ -145,3 +145,13 @@ def assert_windows_match(engine, expected: Expected) -> None:
 
 def now() -> float:
     return time.time()
+
+
+def stream_counters(engine, topics) -> dict[str, int]:
+    """counted, duplicates and dead_letters summed over ``topics``."""
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT coalesce(sum(counted), 0), coalesce(sum(duplicates), 0), coalesce(sum(dead_letters), 0) "
+            "FROM stream_counters WHERE topic = ANY(:topics)"
+        ), {"topics": list(topics)}).one()
+    return {"counted": int(row[0]), "duplicates": int(row[1]), "dead_letters": int(row[2])}

@@ -23,6 +23,7 @@ from tests.helpers import (
     now,
     publish,
     read_totals,
+    stream_counters,
 )
 
 
@@ -124,6 +125,8 @@ def test_exact_aggregates_with_duplicates_late_and_bad_events(settings, engine, 
     topics = [settings.topics.invocations, settings.topics.conversions]
     wait_until(lambda: dead_letter_counts(engine, topics) == want_dead, 30, message="dead-letter counts")
     assert counted_events(engine, [exp_a, exp_b]) == expected.events
+    assert stream_counters(engine, topics) == {"counted": expected.events, "duplicates": 300 + 200 + 20,
+                                               "dead_letters": len(bad)}
     assert_windows_match(engine, expected)
     totals = read_totals(engine, [exp_a, exp_b])
     for key, row in expected.totals().items():

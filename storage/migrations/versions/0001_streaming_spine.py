@@ -79,6 +79,14 @@ def upgrade() -> None:
         sa.Column("count", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("last_seen_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     )
+    op.create_table(
+        "stream_counters",
+        sa.Column("topic", sa.String(255), primary_key=True),
+        sa.Column("counted", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("duplicates", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("dead_letters", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    )
     # Element-wise sum of two histograms, for the additive upsert of latency_hist.
     op.execute(
         """
@@ -126,5 +134,5 @@ def downgrade() -> None:
     op.execute("DROP VIEW variant_totals")
     op.execute("DROP AGGREGATE abflow_sum_counts(bigint[])")
     op.execute("DROP FUNCTION abflow_add_counts(bigint[], bigint[])")
-    for table in ["dead_letter_counts", "dedup_batches", "sink_offsets", "variant_windows", "variants", "experiments"]:
+    for table in ["stream_counters", "dead_letter_counts", "dedup_batches", "sink_offsets", "variant_windows", "variants", "experiments"]:
         op.drop_table(table)

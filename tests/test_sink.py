@@ -1,0 +1,118 @@
+"""The PostgreSQL sink on its own, against the real PostgreSQL and broker: replays, races, recreated topics."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from producers.contracts import CONVERSION, INVOCATION
+from producers.publisher import Publisher, ensure_topics
+from stream_jobs.aggregate import Record
+from stream_jobs.sink import PartitionDedup, PostgresSink, TopicIds
+from tests.helpers import conversion, counted_events, invocation, make_experiment, now
+
+
+@pytest.fixture
+def new_sink(settings):
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    made = []
+
+    def make() -> PostgresSink:
+        sink = PostgresSink(settings, Publisher(settings.kafka_bootstrap, settings.topics), TopicIds(settings.kafka_bootstrap))
+        made.append(sink)
+        return sink
+
+    yield make
+    for sink in made:
+        sink.close()
+
+
+def records(topic: str, experiment_id: str, offsets, partition: int = 0, event_ids=None) -> list[Record]:
+    ts = now() - 120
+    out = []
+    for offset in offsets:
+        event_id = event_ids(offset) if event_ids else f"{topic}-{partition}-{offset}"
+        event = invocation(experiment_id, "Champion", ts, f"user-{offset}", event_id=event_id)
+        out.append(Record(topic, partition, offset, INVOCATION, event["user_id"].encode(), orjson.dumps(event)))
+    return out
+
+
+def test_replayed_offsets_are_skipped(settings, engine, new_sink):
+    experiment_id = make_experiment(engine)
+    topic = settings.topics.invocations
+    sink = new_sink()
+    assert sink.process(records(topic, experiment_id, range(0, 100))).counted == 100
+    result = sink.process(records(topic, experiment_id, range(50, 150)))
+    assert (result.replayed, result.counted) == (50, 50)
+    assert counted_events(engine, [experiment_id]) == 150
+
+
+def test_two_sinks_on_one_partition_never_double_count(settings, engine, new_sink):
+    """A rebalance race: the old owner's in-flight batch lands after the new owner's."""
+    experiment_id = make_experiment(engine)
+    topic = settings.topics.invocations
+    old_owner, new_owner = new_sink(), new_sink()
+    assert old_owner.process(records(topic, experiment_id, range(0, 100))).counted == 100
+    # The new owner resumes from an older Kafka commit (offset 0) and reads further.
+    result = new_owner.process(records(topic, experiment_id, range(0, 200)))
+    assert (result.replayed, result.counted) == (100, 100)
+    # The old owner's stale batch overlaps both; plus a re-sent copy of event 10 at a new offset.
+    stale = records(topic, experiment_id, range(150, 250))
+    stale += records(topic, experiment_id, [250], event_ids=lambda _: f"{topic}-0-10")
+    result = old_owner.process(stale)
+    assert (result.replayed, result.counted, result.duplicates) == (50, 50, 1)
+    assert counted_events(engine, [experiment_id]) == 250
+
+
+def test_dedup_ids_survive_a_new_sink(settings, engine, new_sink):
+    experiment_id = make_experiment(engine)
+    topic = settings.topics.conversions
+    first = new_sink()
+    ts = now() - 60
+    events = [conversion(experiment_id, "Challenger", ts, f"u{i}", reward=2.0) for i in range(20)]
+    batch = [Record(topic, 1, i, CONVERSION, None, orjson.dumps(e)) for i, e in enumerate(events)]
+    assert first.process(batch).counted == 20
+    first.close()
+    # A restarted worker gets the same events again at new offsets (an upstream re-send).
+    again = [Record(topic, 1, 100 + i, CONVERSION, None, orjson.dumps(e)) for i, e in enumerate(events)]
+    result = new_sink().process(again)
+    assert (result.counted, result.duplicates) == (0, 20)
+    assert counted_events(engine, [experiment_id]) == 20
+
+
+def test_recreated_topic_starts_again_at_offset_zero(settings, engine, new_sink):
+    """A broker that lost its logs (the embedded one keeps them in memory) hands out offsets from 0 again."""
+    experiment_id = make_experiment(engine)
+    topic = settings.topics.invocations
+    sink = new_sink()
+    assert sink.process(records(topic, experiment_id, range(0, 100))).counted == 100
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    for future in admin.delete_topics([topic], operation_timeout=10).values():
+        future.result()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            for future in admin.create_topics([NewTopic(topic, settings.partitions, 1)]).values():
+                future.result()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    new_events = records(topic, experiment_id, range(0, 30), event_ids=lambda offset: f"after-recreate-{offset}")
+    result = sink.process(new_events)
+    assert (result.replayed, result.counted) == (0, 30)
+    assert counted_events(engine, [experiment_id]) == 130
+
+
+def test_partition_dedup_forgets_after_the_horizon():
+    dedup = PartitionDedup()
+    dedup.add(1000.0, ["a", "b"])
+    dedup.add(1500.0, ["c"])
+    dedup.expire(older_than=1200.0)
+    assert dedup.seen == {"c"}
+    dedup.expire(older_than=2000.0)
+    assert dedup.seen == set()

@@ -78,7 +78,6 @@ class Settings:
     consumer_group: str = "abflow-aggregator"
     kafka_session_timeout_seconds: float = 10.0
     kafka_commit_interval_seconds: float = 1.0
-    kafka_commit_every: int = 10_000  # records; Kafka commits say where to resume, not what counted
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -98,7 +97,6 @@ class Settings:
             consumer_group=os.environ.get("ABFLOW_CONSUMER_GROUP") or "abflow-aggregator",
             kafka_session_timeout_seconds=_env_float("ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS", 10.0, minimum=1.0),
             kafka_commit_interval_seconds=_env_float("ABFLOW_KAFKA_COMMIT_INTERVAL_SECONDS", 1.0, minimum=0.1),
-            kafka_commit_every=_env_int("ABFLOW_KAFKA_COMMIT_EVERY", 10_000, minimum=1),
         )
 
     def with_stack(self) -> "Settings":

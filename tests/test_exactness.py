@@ -87,7 +87,6 @@ def test_worker_killed_mid_stream_twice_stays_exact(settings, engine, workers, r
     # Kafka offsets committed rarely: each restart re-reads what was already applied,
     # so only the offsets stored with the aggregates stand between it and a double count.
     run_env["ABFLOW_KAFKA_COMMIT_INTERVAL_SECONDS"] = "600"
-    run_env["ABFLOW_KAFKA_COMMIT_EVERY"] = "10000000"
     ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
     experiment_id = make_experiment(engine)
     events = make_events(experiment_id, 60_000, seed=11)

@@ -398,11 +398,18 @@ def dead_letters() -> None:
 
 @main.command()
 @click.option("--loglevel", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def worker(loglevel: str) -> None:
+@click.option("--healthcheck", is_flag=True, help="Exit 0 if a worker with this ABFLOW_HOME polled Kafka in the last 30 s, else 1.")
+def worker(loglevel: str, healthcheck: bool) -> None:
     """Run the stream worker (Faust): events from Kafka into window aggregates in PostgreSQL.
 
     Start several to share the partitions; each batch is applied exactly once.
     """
+    if healthcheck:
+        from stream_jobs.app import healthy
+
+        ok = healthy(Settings.from_env())
+        click.echo("healthy" if ok else "unhealthy: no heartbeat in the last 30 s")
+        raise SystemExit(0 if ok else 1)
     from stream_jobs.app import run_worker
 
     run_worker(_settings(), loglevel)

@@ -37,6 +37,19 @@ log = logging.getLogger("abflow.worker")
 
 RETRYABLE = (psycopg.Error, KafkaException, PublishError, OSError)
 IN_FLIGHT_BATCHES = 2  # one being applied, one read ahead
+HEARTBEAT_EVERY_S = 2.0
+
+
+def heartbeat_path(settings: Settings):
+    return settings.home / "worker.heartbeat"
+
+
+def healthy(settings: Settings, max_age_s: float = 30.0) -> bool:
+    """Whether a worker using this home read from Kafka within ``max_age_s``."""
+    try:
+        return time.time() - heartbeat_path(settings).stat().st_mtime <= max_age_s
+    except FileNotFoundError:
+        return False
 
 
 class BatchSource(threading.Thread):
@@ -50,6 +63,7 @@ class BatchSource(threading.Thread):
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
         self._slots = threading.Semaphore(IN_FLIGHT_BATCHES)
+        self._last_beat = 0.0
         self._done: collections.deque[dict[tuple[str, int], int]] = collections.deque()
         session_ms = int(settings.kafka_session_timeout_seconds * 1000)
         self.consumer = Consumer({
@@ -70,6 +84,7 @@ class BatchSource(threading.Thread):
         try:
             self.consumer.subscribe(list(self.kinds), on_assign=self._on_assign, on_revoke=self._on_revoke)
             while not self.stopping.is_set():
+                self._beat()
                 self._store_done_offsets()
                 messages = self.consumer.consume(self.settings.batch_max_events, self.settings.batch_max_seconds)
                 records = self._records(messages)
@@ -88,6 +103,13 @@ class BatchSource(threading.Thread):
                 self.consumer.close()  # commits the stored offsets and leaves the group
             except (KafkaException, RuntimeError):
                 pass
+
+    def _beat(self) -> None:
+        """Touch the heartbeat file that `abflow worker --healthcheck` reads."""
+        now = time.monotonic()
+        if now - self._last_beat >= HEARTBEAT_EVERY_S:
+            self._last_beat = now
+            heartbeat_path(self.settings).touch()
 
     def _records(self, messages) -> list[Record]:
         kinds = self.kinds

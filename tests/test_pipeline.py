@@ -8,9 +8,11 @@ from datetime import datetime, timezone
 
 import orjson
 import pytest
+from click.testing import CliRunner
 from confluent_kafka import Consumer
 from sqlalchemy import text
 
+from abflow.cli import main
 from producers.publisher import Publisher, ensure_topics
 from tests.conftest import wait_until
 from tests.helpers import (
@@ -134,6 +136,15 @@ def test_exact_aggregates_with_duplicates_late_and_bad_events(settings, engine, 
         assert totals[key]["conversions"] == row["conversions"]
         assert totals[key]["reward_sum"] == pytest.approx(row["reward_sum"])
         assert totals[key]["errors"] == row["errors"]
+
+    # Operators read the same counts, per topic and reason, with `abflow dead-letters`.
+    per_topic: dict[tuple[str, str], int] = {}
+    for kind, _, reason in bad:
+        topic = settings.topics.invocations if kind == "invocation" else settings.topics.conversions
+        per_topic[(topic, reason)] = per_topic.get((topic, reason), 0) + 1
+    listed = {tuple(line.split()[:3]) for line in CliRunner().invoke(main, ["dead-letters"]).output.splitlines()}
+    for (topic, reason), count in per_topic.items():
+        assert (topic, reason, str(count)) in listed, (topic, reason, count)
 
     # The dead-letter topic holds each bad record once, with its reason and the original bytes.
     records = read_topic(settings.kafka_bootstrap, settings.topics.dead_letters, len(bad))

@@ -44,7 +44,7 @@ class InvalidEvent(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Invocation:
     event_id: str
     experiment_id: str
@@ -76,7 +76,7 @@ class Invocation:
         return data
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Conversion:
     event_id: str
     experiment_id: str
@@ -198,7 +198,8 @@ def _decode(raw: bytes, max_bytes: int) -> dict:
     return data
 
 
-def invocation_from_dict(data: dict) -> Invocation:
+def _checked_invocation(data: dict) -> Invocation:
+    """The full rules, field by field, with an error that names the field."""
     propensity = _number(data, "propensity")
     if propensity is not None and not 0.0 < propensity <= 1.0:
         raise InvalidEvent("invalid_value", f"'propensity' must be in (0, 1], got {propensity}")
@@ -223,7 +224,7 @@ def invocation_from_dict(data: dict) -> Invocation:
     )
 
 
-def conversion_from_dict(data: dict) -> Conversion:
+def _checked_conversion(data: dict) -> Conversion:
     reward = _number(data, "reward")
     return Conversion(
         event_id=_identifier(data, "event_id"),
@@ -234,6 +235,52 @@ def conversion_from_dict(data: dict) -> Conversion:
         reward=1.0 if reward is None else reward,
         invocation_id=_identifier(data, "invocation_id", required=False),
     )
+
+
+# The stream validates every event, so the common case takes a fast path: one
+# expression that accepts only what the full rules accept, with the same result;
+# anything else (ISO timestamps, optional oddities, errors) goes through the full
+# rules, which explain what is wrong. tests/test_contracts.py checks they agree.
+_NUMBER = (int, float)
+_INF = math.inf
+
+
+def _is_id(value) -> bool:
+    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable()
+
+
+def invocation_from_dict(data: dict) -> Invocation:
+    get = data.get
+    event_id, experiment_id, variant, user_id = get("event_id"), get("experiment_id"), get("variant"), get("user_id")
+    timestamp, propensity, latency_ms = get("timestamp"), get("propensity"), get("latency_ms")
+    error, model_version = get("error", False), get("model_version")
+    if (
+        _is_id(event_id) and _is_id(experiment_id) and _is_id(variant) and _is_id(user_id)
+        and type(timestamp) in _NUMBER and 0 <= timestamp < _INF
+        and (propensity is None or (type(propensity) in _NUMBER and 0 < propensity <= 1))
+        and (latency_ms is None or (type(latency_ms) in _NUMBER and 0 <= latency_ms < _INF))
+        and type(error) is bool
+        and (model_version is None or _is_id(model_version))
+    ):
+        return Invocation(event_id, experiment_id, variant, user_id, float(timestamp),
+                          None if propensity is None else float(propensity),
+                          None if latency_ms is None else float(latency_ms), error, model_version)
+    return _checked_invocation(data)
+
+
+def conversion_from_dict(data: dict) -> Conversion:
+    get = data.get
+    event_id, experiment_id, variant, user_id = get("event_id"), get("experiment_id"), get("variant"), get("user_id")
+    timestamp, reward, invocation_id = get("timestamp"), get("reward"), get("invocation_id")
+    if (
+        _is_id(event_id) and _is_id(experiment_id) and _is_id(variant) and _is_id(user_id)
+        and type(timestamp) in _NUMBER and 0 <= timestamp < _INF
+        and (reward is None or (type(reward) in _NUMBER and -_INF < reward < _INF))
+        and (invocation_id is None or _is_id(invocation_id))
+    ):
+        return Conversion(event_id, experiment_id, variant, user_id, float(timestamp),
+                          1.0 if reward is None else float(reward), invocation_id)
+    return _checked_conversion(data)
 
 
 _FROM_DICT = {INVOCATION: invocation_from_dict, CONVERSION: conversion_from_dict}

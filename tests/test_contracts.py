@@ -153,3 +153,39 @@ def test_config_accepts_the_seed_shape_and_names_bad_fields():
             parse_config(bad)
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config_text("{", "bad.json")
+
+
+def test_fast_path_agrees_with_the_full_rules():
+    """The stream's fast path must accept exactly what the field-by-field rules accept, with the same event."""
+    import random
+
+    from producers.contracts import (
+        _checked_conversion,
+        _checked_invocation,
+        conversion_from_dict,
+        invocation_from_dict,
+    )
+
+    rng = random.Random(0)
+    ids = ["a", "user-1", "", "x" * 256, "x" * 257, "tab\there", 7, None, True]
+    numbers = [0, 1, 0.5, -1, 1.5, 1e308, math.inf, -math.inf, math.nan, True, "1", None, 1_700_000_000]
+    stamps = numbers + ["2026-01-01T00:00:00Z", "2026-01-01T00:00:00", "nope"]
+    fields = {"event_id": ids, "experiment_id": ids, "variant": ids, "user_id": ids, "timestamp": stamps,
+              "propensity": numbers, "latency_ms": numbers, "error": [True, False, None, 0, "no"],
+              "model_version": ids, "reward": numbers, "invocation_id": ids}
+    checks = 0
+    for _ in range(20_000):
+        data = {name: rng.choice(values) for name, values in fields.items() if rng.random() < 0.9}
+        if rng.random() < 0.5:  # mostly-valid events exercise the fast path
+            data.update(event_id="e", experiment_id="x", variant="A", user_id="u", timestamp=rng.choice([1, 2.5]))
+        for fast, full in ((invocation_from_dict, _checked_invocation), (conversion_from_dict, _checked_conversion)):
+            try:
+                expected = full(data)
+            except InvalidEvent as exc:
+                with pytest.raises(InvalidEvent) as info:
+                    fast(data)
+                assert info.value.reason == exc.reason
+            else:
+                assert fast(data) == expected, data
+                checks += 1
+    assert checks > 2_000  # enough accepted events to mean something

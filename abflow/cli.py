@@ -72,11 +72,14 @@ def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: boo
     Kafka-protocol broker and an embedded PostgreSQL whose data is kept in
     $ABFLOW_HOME (default ./.abflow).
     """
-    from abflow.localstack import read_stack_file
+    from abflow.localstack import read_stack_file, stop_recorded_stack
 
     settings = _settings(stack=False)
     if read_stack_file(settings.home) is not None:
         raise click.ClickException(f"a stack is already running from {settings.home} (see `abflow env`; stop it with `abflow down`)")
+    leftovers = stop_recorded_stack(settings.home)  # of an `abflow up` that was killed
+    if leftovers:
+        click.echo(f"stopped leftovers of an earlier run: {', '.join(leftovers)}", err=True)
     stack = LocalRun(settings)
     stopping = {"flag": False}
 
@@ -225,25 +228,13 @@ class LocalRun:
 @main.command()
 def down() -> None:
     """Stop the stack that `abflow up` started."""
+    from abflow.localstack import stop_recorded_stack
+
     settings = _settings(stack=False)
-    path = settings.home / "stack.json"
-    try:
-        pids = json.loads(path.read_text()).get("pids", {})
-    except (OSError, ValueError):
-        raise click.ClickException(f"no stack recorded in {path}") from None
-    target = pids.get("up")
-    try:
-        os.kill(target, signal.SIGTERM)
-    except (TypeError, ProcessLookupError):
-        # `abflow up` is gone: stop what it left behind.
-        for name in ("worker", "broker", "postgres"):
-            if name in pids:
-                try:
-                    os.kill(pids[name], signal.SIGINT if name == "postgres" else signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        path.unlink(missing_ok=True)
-    click.echo("stopping the stack…")
+    if not (settings.home / "stack.json").exists():
+        raise click.ClickException(f"no stack recorded in {settings.home / 'stack.json'}")
+    stopped = stop_recorded_stack(settings.home)
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
 @main.command()

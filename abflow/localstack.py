@@ -245,3 +245,30 @@ def read_stack_file(home: Path) -> dict | None:
 
 def remove_stack_file(home: Path) -> None:
     (home / STACK_FILE).unlink(missing_ok=True)
+
+
+def stop_recorded_stack(home: Path, timeout: float = 60.0) -> list[str]:
+    """Stop what stack.json records: `abflow up` if alive (it stops the rest in order), else the leftovers.
+
+    Returns the names of the processes that were still running.
+    """
+    path = home / STACK_FILE
+    try:
+        pids: dict[str, int] = json.loads(path.read_text()).get("pids", {})
+    except (OSError, ValueError):
+        return []
+    alive = {name: pid for name, pid in pids.items() if _pid_alive(pid)}
+    if "up" in alive:
+        targets = {"up": alive["up"]}
+    else:  # `abflow up` died without cleaning up: stop what it left behind
+        targets = alive
+    for name, pid in targets.items():
+        try:
+            os.kill(pid, signal.SIGINT if name == "postgres" else signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(_pid_alive(pid) for pid in alive.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    path.unlink(missing_ok=True)
+    return sorted(alive)

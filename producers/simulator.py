@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import math
 import random
 import time
@@ -81,7 +82,11 @@ def generate(scenario: Scenario, invocations: int, clock):
     stamped with its own time.
     """
     rng = random.Random(scenario.seed)
-    rand_uuid = lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))  # noqa: E731 - seeded uuid4
+    # The seed fixes the traffic (users, variants, outcomes), not the event ids: a second
+    # run with the same seed publishes new events, not duplicates of the first run's.
+    run_id = uuid.uuid4().hex[:12]
+    sequence_of = itertools.count()
+    new_event_id = lambda: f"sim-{run_id}-{next(sequence_of)}"  # noqa: E731
     pending: list[tuple[float, int, Conversion]] = []
     sequence = 0
     for _ in range(invocations):
@@ -92,7 +97,7 @@ def generate(scenario: Scenario, invocations: int, clock):
         variant = scenario.variant_of(user_id)
         total_weight = sum(v.weight for v in scenario.variants)
         invocation = Invocation(
-            event_id=rand_uuid(),
+            event_id=new_event_id(),
             experiment_id=scenario.experiment_id,
             variant=variant.name,
             user_id=user_id,
@@ -106,7 +111,7 @@ def generate(scenario: Scenario, invocations: int, clock):
         if not invocation.error and rng.random() < variant.conversion_rate:
             delay = rng.expovariate(1 / scenario.conversion_delay_mean_s) if scenario.conversion_delay_mean_s else 0
             conversion = Conversion(
-                event_id=rand_uuid(),
+                event_id=new_event_id(),
                 experiment_id=scenario.experiment_id,
                 variant=variant.name,
                 user_id=user_id,

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import uuid
+
+import pytest
 
 from click.testing import CliRunner
 
 from abflow.cli import main
+from tests.conftest import wait_until
 
 
 def invoke(*args: str):
@@ -94,7 +100,6 @@ def test_worker_healthcheck_without_a_worker_fails(tmp_path, monkeypatch):
 
 
 def test_simulate_worker_totals_and_dead_letters(settings, run_env, workers, engine, tmp_path):
-    from tests.conftest import wait_until
     from tests.helpers import counted_events
 
     experiment_id = f"cli-{uuid.uuid4().hex[:6]}"
@@ -118,24 +123,63 @@ def test_simulate_worker_totals_and_dead_letters(settings, run_env, workers, eng
     assert bad.exit_code == 2 and "'Nope' is not a variant" in bad.output
 
 
-def test_up_runs_the_demo_on_the_embedded_stack(tmp_path):
-    """The README's main command, end to end, on its own embedded broker and PostgreSQL."""
+def published_and_totals(out: str) -> tuple[dict, dict]:
+    published = {name: (int(inv), int(conv))
+                 for name, inv, conv in re.findall(r"(\w+): (\d+) invocations / (\d+) conversions", out)}
+    totals = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:1] == ["demo"] and len(parts) > 3:
+            totals[parts[1]] = (int(parts[2]), int(parts[3]))
+    return published, totals
+
+
+def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
+    """The README's main command, end to end, on its own embedded broker and PostgreSQL.
+
+    The second run restarts the in-memory broker (its topics come back empty, with
+    new ids) against the PostgreSQL that kept the first run's offsets and dedup ids:
+    its events must all count, on top of the first run's.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABFLOW_")}
-    env["ABFLOW_HOME"] = str(tmp_path / "home")
-    result = subprocess.run(
-        [sys.executable, "-m", "abflow.cli", "up", "--events", "3000", "--rate", "0", "--exit-when-done"],
-        env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert "registered experiment 'demo'" in out
-    published = dict(
-        (name, (int(inv), int(conv)))
-        for name, inv, conv in __import__("re").findall(r"(\w+): (\d+) invocations / (\d+) conversions", out)
-    )
+    home = tmp_path / "home"
+    env["ABFLOW_HOME"] = str(home)
+    command = [sys.executable, "-m", "abflow.cli", "up", "--events", "3000", "--rate", "0"]
+    first = subprocess.run([*command, "--exit-when-done"], env=env, capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "registered experiment 'demo'" in first.stdout
+    published, totals = published_and_totals(first.stdout)
     assert sum(inv for inv, _ in published.values()) == 3000
-    for name, (inv, conv) in published.items():
-        line = next(line for line in out.splitlines() if line.startswith("demo ") and f" {name} " in line)
-        assert line.split()[2:4] == [str(inv), str(conv)], line
-    assert not (tmp_path / "home" / "stack.json").exists()  # stopped and cleaned up
-    assert "stopped." in result.stderr
+    assert totals == published
+    assert not (home / "stack.json").exists()  # stopped and cleaned up
+    assert "stopped." in first.stderr
+
+    second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(second.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any("The stack is running" in line for line in lines) or second.poll() is not None,
+                   300, message="the second demo")
+        assert second.poll() is None, "".join(lines)
+        out = "".join(lines)
+        assert "experiment 'demo' is already registered" in out
+        again, totals = published_and_totals(out)
+        assert totals == {name: (published[name][0] + again[name][0], published[name][1] + again[name][1])
+                          for name in published}
+        # Other commands find the running stack by themselves.
+        stack = json.loads((home / "stack.json").read_text())
+        shown = subprocess.run([sys.executable, "-m", "abflow.cli", "env"], env=env, capture_output=True, text=True)
+        assert f"export ABFLOW_DATABASE_URL={stack['database_url']}" in shown.stdout
+        second.send_signal(signal.SIGINT)  # Ctrl-C
+        assert second.wait(60) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+    reader.join(5)
+    for name, pid in stack["pids"].items():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # every process `abflow up` started is gone
+    assert not (home / "stack.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -81,10 +82,8 @@ def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: boo
     if leftovers:
         click.echo(f"stopped leftovers of an earlier run: {', '.join(leftovers)}", err=True)
     stack = LocalRun(settings)
-    stopping = {"flag": False}
 
-    def on_signal(signum, frame):  # noqa: ARG001
-        stopping["flag"] = True
+    def on_signal(signum, frame):  # noqa: ARG001 - SIGTERM (`abflow down`) stops like Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -132,7 +131,7 @@ class LocalRun:
             self.postgres = EmbeddedPostgres(s.home / "pgdata", self.logs / "postgres.log").start()
             database_url = self.postgres.url
             pids["postgres"] = self.postgres.process.pid
-        self.settings = s = Settings(**{**s.__dict__, "kafka_bootstrap": bootstrap, "database_url": database_url})
+        self.settings = s = dataclasses.replace(s, kafka_bootstrap=bootstrap, database_url=database_url)
         click.echo("applying migrations…", err=True)
         upgrade(database_url)
         ensure_topics(bootstrap, s.topics, s.partitions)

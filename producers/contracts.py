@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 
 import orjson
@@ -59,21 +59,7 @@ class Invocation:
     kind = INVOCATION
 
     def to_dict(self) -> dict:
-        data = {
-            "event_id": self.event_id,
-            "experiment_id": self.experiment_id,
-            "variant": self.variant,
-            "user_id": self.user_id,
-            "timestamp": self.timestamp,
-            "error": self.error,
-        }
-        if self.propensity is not None:
-            data["propensity"] = self.propensity
-        if self.latency_ms is not None:
-            data["latency_ms"] = self.latency_ms
-        if self.model_version is not None:
-            data["model_version"] = self.model_version
-        return data
+        return _to_dict(self)
 
 
 @dataclass(slots=True)
@@ -89,20 +75,16 @@ class Conversion:
     kind = CONVERSION
 
     def to_dict(self) -> dict:
-        data = {
-            "event_id": self.event_id,
-            "experiment_id": self.experiment_id,
-            "variant": self.variant,
-            "user_id": self.user_id,
-            "timestamp": self.timestamp,
-            "reward": self.reward,
-        }
-        if self.invocation_id is not None:
-            data["invocation_id"] = self.invocation_id
-        return data
+        return _to_dict(self)
 
 
 Event = Invocation | Conversion
+_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in (Invocation, Conversion)}
+
+
+def _to_dict(event: Event) -> dict:
+    """The event's JSON object: its fields, leaving out optional ones that are unset."""
+    return {name: value for name in _FIELD_NAMES[type(event)] if (value := getattr(event, name)) is not None}
 
 
 def encode(event: Event) -> bytes:

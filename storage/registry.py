@@ -65,13 +65,3 @@ def get_experiment(engine: Engine, experiment_id: str) -> Experiment:
     if experiment is None:
         raise ExperimentNotFound(f"no experiment {experiment_id!r}")
     return experiment
-
-
-def known_variants(engine: Engine) -> dict[str, frozenset[str]]:
-    """experiment_id -> its variant names: what the stream job accepts."""
-    with Session(engine) as session:
-        rows = session.execute(select(Variant.experiment_id, Variant.name)).all()
-    known: dict[str, set[str]] = {}
-    for experiment_id, name in rows:
-        known.setdefault(experiment_id, set()).add(name)
-    return {k: frozenset(v) for k, v in known.items()}

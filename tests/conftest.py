@@ -50,10 +50,14 @@ def stack(tmp_path_factory) -> Stack:
     if bootstrap and database_url:
         stack = Stack(bootstrap, database_url, "external")
     elif _docker_answers():
-        from testcontainers.kafka import KafkaContainer
-        from testcontainers.postgres import PostgresContainer
+        try:
+            from testcontainers.community.kafka import KafkaContainer
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:  # testcontainers before 4.14 kept its modules at the top level
+            from testcontainers.kafka import KafkaContainer
+            from testcontainers.postgres import PostgresContainer
 
-        kafka = KafkaContainer("apache/kafka:3.8.0").with_kraft()
+        kafka = KafkaContainer().with_kraft()
         postgres = PostgresContainer("postgres:17", driver=None)
         kafka.start()
         postgres.start()

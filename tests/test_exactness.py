@@ -123,7 +123,7 @@ def test_worker_killed_mid_stream_twice_stays_exact(settings, engine, workers, r
 def test_two_workers_and_rebalances_stay_exact(settings, engine, workers):
     ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
     experiment_id = make_experiment(engine)
-    events = make_events(experiment_id, 50_000, seed=12)
+    events = make_events(experiment_id, 80_000, seed=12)
     expected = expected_of(events)
 
     first = workers("first")
@@ -131,12 +131,25 @@ def test_two_workers_and_rebalances_stay_exact(settings, engine, workers):
     publisher.start()
     wait_until(lambda: counted_events(engine, [experiment_id]) > 5_000, 90, message="progress", workers=[first])
     second = workers("second")  # joins: the partitions are split between the two
-    wait_until(lambda: "assigned" in second.log().lower() or counted_events(engine, [experiment_id]) > 25_000, 60,
-               message="the second worker to join", workers=[first, second])
-    time.sleep(2)
+    wait_until(lambda: 0 < assigned_count(second) < 8, 60, message="the partitions to be split", workers=[first, second])
+    progress = counted_events(engine, [experiment_id])
+    wait_until(lambda: counted_events(engine, [experiment_id]) > progress + 2_000, 60, message="progress while split",
+               workers=[first, second])
+    assert publisher.is_alive(), "the stream should still be flowing when the first worker leaves"
     assert first.stop() == 0  # leaves: its partitions move to the second worker mid-stream
+    wait_until(lambda: assigned_count(second) == 8, 60, message="the second worker to take every partition",
+               workers=[second])
     publisher.finish()
     assert_exact_and_stable(engine, expected, [second])
+
+
+def assigned_count(worker) -> int:
+    """How many partitions the worker's latest assignment holds (0 before its first)."""
+    lines = [line for line in worker.log().splitlines() if "assigned partitions: " in line]
+    if not lines:
+        return 0
+    listed = lines[-1].split("assigned partitions: ", 1)[1].strip()
+    return 0 if listed == "none" else len(listed.split(", "))
 
 
 def test_postgres_restart_under_load_stays_exact(stack, settings, engine, workers):

@@ -110,7 +110,7 @@ class LocalRun:
         self.settings = settings
         self.broker = None
         self.postgres = None
-        self.worker: subprocess.Popen | None = None
+        self.services: dict[str, subprocess.Popen] = {}  # worker, refresher
         self.logs = settings.home / "logs"
 
     def start(self) -> None:
@@ -137,20 +137,22 @@ class LocalRun:
         ensure_topics(bootstrap, s.topics, s.partitions)
         self.logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "ABFLOW_KAFKA_BOOTSTRAP": bootstrap, "ABFLOW_DATABASE_URL": database_url}
-        click.echo(f"starting the stream worker (log: {self.logs / 'worker.log'})…", err=True)
-        with open(self.logs / "worker.log", "ab") as log:
-            self.worker = subprocess.Popen(
-                [sys.executable, "-m", "abflow.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        pids["worker"] = self.worker.pid
+        for name, what in (("worker", "the stream worker"), ("refresher", "the weight refresher")):
+            click.echo(f"starting {what} (log: {self.logs / f'{name}.log'})…", err=True)
+            with open(self.logs / f"{name}.log", "ab") as log:
+                self.services[name] = subprocess.Popen(
+                    [sys.executable, "-m", "abflow.cli", name], env=env, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )
+            pids[name] = self.services[name].pid
         write_stack_file(s.home, bootstrap, database_url, pids)
         click.echo(f"Kafka:      {bootstrap}")
         click.echo(f"PostgreSQL: {database_url}")
 
     def check_alive(self) -> None:
-        if self.worker is not None and self.worker.poll() is not None:
-            raise click.ClickException(f"the stream worker exited with code {self.worker.returncode}; see {self.logs / 'worker.log'}")
+        for name, process in self.services.items():
+            if process.poll() is not None:
+                raise click.ClickException(f"abflow {name} exited with code {process.returncode}; see {self.logs / f'{name}.log'}")
 
     def run_demo(self, invocations: int, rate: float, seed: int) -> None:
         from producers.publisher import Publisher
@@ -183,11 +185,29 @@ class LocalRun:
                 row["conversion_rate"] = row["conversions"] / row["invocations"] if row["invocations"] else None
             click.echo(f"\nvariant_totals for {config.experiment_id!r} (all runs so far):")
             click.echo(format_table(rows, ["experiment_id", "variant", "invocations", "conversions", "conversion_rate", "reward_sum", "errors"]))
+            self._show_weights(engine, config.experiment_id, sum(row["invocations"] for row in rows))
             click.echo("\nthis run published: " + ", ".join(
                 f"{name}: {published.invocations[name]} invocations / {published.conversions[name]} conversions"
                 for name in sorted(published.invocations)))
         finally:
             engine.dispose()
+
+    def _show_weights(self, engine, experiment_id: str, invocations: int) -> None:
+        """How the weights moved, once the refresher has used every invocation (or 10 s passed)."""
+        from storage.queries import allocation_history
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = allocation_history(engine, experiment_id, 10)
+            used = sum(v["invocations"] for v in rows[0]["statistics"]["variants"].values()) if rows else 0
+            if used >= invocations:
+                break
+            time.sleep(0.2)
+        if rows:
+            names = list(rows[0]["weights"])
+            table = [{"version": r["version"], "phase": r["phase"], **r["weights"]} for r in reversed(rows)]
+            click.echo(f"\nallocation weights of {experiment_id!r} (last {len(rows)} versions, oldest first):")
+            click.echo(format_table(table, ["version", "phase", *names]))
 
     def _wait_for(self, engine, target: int, published: int, timeout: float = 300) -> None:
         from tqdm import tqdm
@@ -211,12 +231,13 @@ class LocalRun:
     def stop(self) -> None:
         from abflow.localstack import remove_stack_file
 
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.send_signal(signal.SIGTERM)
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
+        for process in reversed(self.services.values()):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         for part in (self.broker, self.postgres):
             if part is not None:
                 part.stop()
@@ -403,6 +424,51 @@ def worker(loglevel: str, healthcheck: bool) -> None:
     from stream_jobs.app import run_worker
 
     run_worker(_settings(), loglevel)
+
+
+@main.command()
+@click.option("--poll-seconds", default=5.0, show_default=True,
+              help="Recompute every running experiment this often, besides reacting to new aggregates.")
+def refresher(poll_seconds: float) -> None:
+    """Run the weight refresher: new aggregates in, allocation weights out.
+
+    Run several for availability: one leads (a PostgreSQL advisory lock), the
+    others stand by and take over when it stops.
+    """
+    import logging
+    import threading
+
+    from bandit_service.refresher import WeightRefresher
+    from producers.publisher import Publisher, ensure_topics
+
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    ensure_topics(settings.require_kafka_bootstrap(), settings.topics, settings.partitions)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
+        WeightRefresher(settings, publisher, poll_seconds=poll_seconds).run(stop)
+
+
+@main.command()
+@click.argument("experiment_id")
+@click.option("--history", default=10, show_default=True, help="How many versions to list, newest first.")
+def weights(experiment_id: str, history: int) -> None:
+    """Show an experiment's allocation weights and how they moved."""
+    from storage.queries import allocation_history
+
+    engine = _engine(_settings())
+    try:
+        rows = allocation_history(engine, experiment_id, history)
+    finally:
+        engine.dispose()
+    if not rows:
+        raise click.ClickException(f"no allocation weights for {experiment_id!r} yet (is `abflow refresher` running?)")
+    names = list(rows[0]["weights"])
+    table = [{"version": r["version"], "phase": r["phase"], "computed_at": r["computed_at"].strftime("%H:%M:%S.%f")[:-3],
+              **{n: r["weights"].get(n) for n in names}} for r in rows]
+    click.echo(format_table(table, ["version", "phase", "computed_at", *names]))
 
 
 @main.command()

@@ -14,7 +14,9 @@ ROLES = ("champion", "challenger")
 UNITS = ("user", "session")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
-_TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variants", "description"}
+_TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variants", "description", "min_weight",
+              "reward_model"}
+REWARD_MODELS = ("binary", "gaussian")
 _VARIANT = {"name", "initial_weight", "model_version", "role"}
 
 
@@ -38,6 +40,8 @@ class ExperimentConfig:
     epsilon: float = 0.1
     warmup: int = 0
     unit: str = "user"
+    min_weight: float = 0.0
+    reward_model: str = "binary"
     description: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -118,6 +122,12 @@ def parse_config(data) -> ExperimentConfig:
         raise ConfigError(f"exactly one variant must have role 'champion', found {len(champions)}")
     if sum(v.initial_weight for v in variants) <= 0:
         raise ConfigError("the initial weights must not all be zero")
+    min_weight = _number(data.get("min_weight", 0.0), "min_weight")
+    if not 0.0 <= min_weight * len(variants) <= 1.0:
+        raise ConfigError(f"min_weight must be in [0, 1/{len(variants)}] for {len(variants)} variants, got {min_weight}")
+    reward_model = data.get("reward_model", "binary")
+    if reward_model not in REWARD_MODELS:
+        raise ConfigError(f"reward_model must be one of {', '.join(REWARD_MODELS)}, got {reward_model!r}")
     description = data.get("description")
     return ExperimentConfig(
         experiment_id=experiment_id,
@@ -126,6 +136,8 @@ def parse_config(data) -> ExperimentConfig:
         epsilon=epsilon,
         warmup=warmup,
         unit=unit,
+        min_weight=min_weight,
+        reward_model=reward_model,
         description=None if description is None else str(description),
     )
 

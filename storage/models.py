@@ -33,6 +33,8 @@ class Experiment(Base):
     epsilon: Mapped[float] = mapped_column(Float, default=0.1)
     warmup: Mapped[int] = mapped_column(Integer, default=0)
     unit: Mapped[str] = mapped_column(String(16), default="user")
+    min_weight: Mapped[float] = mapped_column(Float, default=0.0)
+    reward_model: Mapped[str] = mapped_column(String(16), default="binary")
     status: Mapped[str] = mapped_column(String(16), default="running")
     config: Mapped[dict] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -129,3 +131,32 @@ class StreamCounter(Base):
     duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
     dead_letters: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AllocationVersion(Base):
+    """Every change of an experiment's weights, with the statistics that produced it."""
+
+    __tablename__ = "allocations"
+    __table_args__ = (ForeignKeyConstraint(["experiment_id"], ["experiments.experiment_id"], ondelete="CASCADE"),)
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    strategy: Mapped[str] = mapped_column(String(32))
+    phase: Mapped[str] = mapped_column(String(32))  # "warmup" or the strategy that decided
+    weights: Mapped[dict] = mapped_column(JSONB)
+    statistics: Mapped[dict] = mapped_column(JSONB)
+    computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Assignment(Base):
+    """The variant a unit (user or session) was first given, kept for the experiment's life."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (ForeignKeyConstraint(["experiment_id"], ["experiments.experiment_id"], ondelete="CASCADE"),)
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    unit_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128))
+    propensity: Mapped[float] = mapped_column(Float)
+    allocation_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

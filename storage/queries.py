@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, text
 
+# The sink notifies this channel, with the experiment id as payload, when it commits new aggregates.
+AGGREGATES_CHANNEL = "abflow_aggregates"
+
 
 def variant_totals(engine: Engine, experiment_id: str | None = None) -> list[dict]:
     query = (
@@ -34,3 +37,13 @@ def events_applied(engine: Engine) -> int:
             text("SELECT coalesce(sum(invocations + conversions), 0) FROM variant_windows")
         ).scalar_one()
     return int(value)
+
+
+def allocation_history(engine: Engine, experiment_id: str, limit: int = 10) -> list[dict]:
+    """The newest ``limit`` allocation versions of an experiment, newest first."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT version, strategy, phase, weights, statistics, computed_at FROM allocations "
+            "WHERE experiment_id = :experiment_id ORDER BY version DESC LIMIT :limit"
+        ), {"experiment_id": experiment_id, "limit": limit})
+        return [dict(row._mapping) for row in rows]

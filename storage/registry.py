@@ -25,6 +25,8 @@ def create_experiment(engine: Engine, config: ExperimentConfig) -> Experiment:
         epsilon=config.epsilon,
         warmup=config.warmup,
         unit=config.unit,
+        min_weight=config.min_weight,
+        reward_model=config.reward_model,
         status="running",
         config=config.to_dict(),
         variants=[

@@ -30,6 +30,7 @@ import psycopg
 
 from abflow.settings import Settings
 from producers.contracts import InvalidEvent
+from storage.queries import AGGREGATES_CHANNEL
 from stream_jobs.aggregate import Limits, Record, aggregate, validate
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,9 @@ class PostgresSink:
             ]
             if rows:
                 cur.executemany(UPSERT_WINDOW, rows)
+                # Delivered on commit: the weight refresher reacts without polling.
+                cur.executemany("SELECT pg_notify(%s, %s)",
+                                [(AGGREGATES_CHANNEL, e) for e in sorted({row[0] for row in rows})])
             dedup_rows = [(t, p, now, "\n".join(batch)) for (t, p), batch in new_ids.items() if batch]
             if dedup_rows:
                 cur.executemany(

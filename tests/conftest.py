@@ -117,20 +117,21 @@ def engine(stack):
     engine.dispose()
 
 
-class WorkerProcess:
-    """`abflow worker` as a child process, to be stopped or killed like a real one."""
+class ServiceProcess:
+    """An `abflow` service (`worker`, `refresher`) as a child process, to be stopped or killed like a real one."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, command: tuple[str, ...] = ("worker",)):
         self.env = env
         self.log_path = log_path
+        self.command = command
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> "ServiceProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "abflow.cli", "worker"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "abflow.cli", *self.command], env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         return self
 
@@ -158,17 +159,24 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def workers(run_env, tmp_path):
-    started: list[WorkerProcess] = []
+def services(run_env, tmp_path):
+    """Start `abflow` services for one test; all are stopped at its end."""
+    started: list[ServiceProcess] = []
 
-    def start(name: str = "worker") -> WorkerProcess:
-        worker = WorkerProcess(run_env, tmp_path / f"{name}-{len(started)}.log").start()
-        started.append(worker)
-        return worker
+    def start(*command: str, name: str | None = None) -> ServiceProcess:
+        label = name or command[0]
+        process = ServiceProcess(run_env, tmp_path / f"{label}-{len(started)}.log", command).start()
+        started.append(process)
+        return process
 
     yield start
-    for worker in started:
-        worker.stop()
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def workers(services):
+    return lambda name="worker": services("worker", name=name)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition", workers=()):

@@ -1,0 +1,167 @@
+"""The weight refresher: new aggregates in, allocation weights out, within a second.
+
+One replica leads at a time: it holds a PostgreSQL advisory lock on the same
+session it listens and writes on, so a leader that loses its connection loses
+the lock and can no longer write. The others wait for the lock; the one that
+gets it recomputes every running experiment at once, so a takeover loses no
+update. The leader wakes on the sink's NOTIFY (sent when a batch commits) and
+also recomputes everything every ``poll_seconds`` as a safety net.
+
+Each change of weights is a new row in ``allocations`` (version, strategy,
+phase, weights and the statistics used) and a record on the compacted topic
+``abflow.allocations`` keyed by experiment id. The record is published and
+flushed inside the transaction that inserts the row, so the history never
+holds a version the topic did not get; a crash between the two can repeat a
+version on the topic, never skip one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from datetime import datetime, timezone
+
+import orjson
+import psycopg
+from psycopg.types.json import Jsonb
+
+from abflow.settings import Settings
+from bandit_service.policies import ArmStats, PolicyConfig, PolicyInputError, allocate
+from producers.publisher import Publisher
+from storage.queries import AGGREGATES_CHANNEL
+
+log = logging.getLogger("abflow.refresher")
+
+LEADER_LOCK = 7401202  # pg advisory lock key of the refresher leader
+SAME_WEIGHTS_TOLERANCE = 1e-9
+
+
+def allocation_record(experiment_id: str, version: int, strategy: str, phase: str, weights: dict[str, float],
+                      computed_at: datetime) -> bytes:
+    """The value published on the allocations topic (key: experiment id)."""
+    return orjson.dumps({"experiment_id": experiment_id, "version": version, "strategy": strategy, "phase": phase,
+                         "weights": weights, "computed_at": computed_at.isoformat()})
+
+
+class WeightRefresher:
+    def __init__(self, settings: Settings, publisher: Publisher, poll_seconds: float = 5.0, seed: int = 0):
+        self.settings = settings
+        self.publisher = publisher
+        self.poll_seconds = poll_seconds
+        self.seed = seed
+        self.leading = threading.Event()
+
+    # -- leadership and the loop -------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Lead when the lock is free, refresh until ``stop`` is set; survive PostgreSQL restarts."""
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.settings.libpq_url, autocommit=True, connect_timeout=5) as conn:
+                    if self._wait_for_lock(conn, stop):
+                        self._lead(conn, stop)
+            except psycopg.OperationalError as exc:
+                log.warning("PostgreSQL unavailable (%s); retrying", str(exc).strip()[:200])
+            finally:
+                if self.leading.is_set():
+                    log.info("no longer leading")
+                self.leading.clear()
+            stop.wait(1.0)
+
+    def _wait_for_lock(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
+        announced = False
+        while not stop.is_set():
+            if conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()[0]:
+                return True
+            if not announced:
+                log.info("standing by: another refresher leads")
+                announced = True
+            stop.wait(0.5)
+        return False
+
+    def _lead(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+        conn.execute(f"LISTEN {AGGREGATES_CHANNEL}")
+        self.leading.set()
+        log.info("leading: refreshing allocation weights")
+        self.refresh_all(conn)
+        last_full = time.monotonic()
+        while not stop.is_set():
+            changed: set[str] = set()
+            for note in conn.notifies(timeout=0.5, stop_after=1):
+                changed.add(note.payload)
+            if changed:
+                # Gather what else arrives in the next few ms: one refresh per burst.
+                for note in conn.notifies(timeout=0.02):
+                    changed.add(note.payload)
+                for experiment_id in sorted(changed):
+                    self.refresh(conn, experiment_id)
+            if time.monotonic() - last_full >= self.poll_seconds:
+                self.refresh_all(conn)
+                last_full = time.monotonic()
+
+    # -- one experiment ------------------------------------------------------------------
+
+    def refresh_all(self, conn: psycopg.Connection) -> None:
+        for (experiment_id,) in conn.execute("SELECT experiment_id FROM experiments WHERE status = 'running'").fetchall():
+            self.refresh(conn, experiment_id)
+
+    def refresh(self, conn: psycopg.Connection, experiment_id: str) -> int | None:
+        """Recompute one experiment's weights; store and publish them if they changed. Returns the new version."""
+        experiment = conn.execute(
+            "SELECT strategy, epsilon, warmup, min_weight, reward_model, status FROM experiments "
+            "WHERE experiment_id = %s", (experiment_id,)).fetchone()
+        if experiment is None or experiment[5] != "running":
+            return None
+        strategy, epsilon, warmup, min_weight, reward_model, _ = experiment
+        rows = conn.execute(
+            "SELECT v.name, v.initial_weight, coalesce(t.invocations, 0), coalesce(t.reward_sum, 0), "
+            "coalesce(t.reward_sq_sum, 0) FROM variants v LEFT JOIN variant_totals t "
+            "ON t.experiment_id = v.experiment_id AND t.variant = v.name "
+            "WHERE v.experiment_id = %s ORDER BY v.position", (experiment_id,)).fetchall()
+        arms = [ArmStats(name, weight, int(n), float(r), float(r2)) for name, weight, n, r, r2 in rows]
+        config = PolicyConfig(strategy, epsilon, warmup, min_weight, reward_model, self.seed)
+        try:
+            allocation = allocate(arms, config)
+        except PolicyInputError as exc:
+            log.warning("experiment %s: weights not refreshed: %s", experiment_id, exc)
+            return None
+        latest = conn.execute(
+            "SELECT version, phase, weights FROM allocations WHERE experiment_id = %s ORDER BY version DESC LIMIT 1",
+            (experiment_id,)).fetchone()
+        if latest is not None and latest[1] == allocation.phase and _same(latest[2], allocation.weights):
+            return None
+        version = 1 if latest is None else latest[0] + 1
+        statistics = {
+            "variants": {a.name: {"invocations": a.invocations, "reward_sum": a.reward_sum,
+                                  "reward_sq_sum": a.reward_sq_sum} for a in arms},
+            "policy": _json_safe(allocation.detail),
+        }
+        computed_at = datetime.now(timezone.utc)
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO allocations (experiment_id, version, strategy, phase, weights, statistics, computed_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (experiment_id, version, strategy, allocation.phase, Jsonb(allocation.weights), Jsonb(statistics),
+                 computed_at))
+            self.publisher.produce(
+                self.settings.topics.allocations,
+                allocation_record(experiment_id, version, strategy, allocation.phase, allocation.weights, computed_at),
+                key=experiment_id)
+            self.publisher.flush(10)
+        log.info("experiment %s: version %d (%s) %s", experiment_id, version, allocation.phase,
+                 ", ".join(f"{k}={v:.3f}" for k, v in allocation.weights.items()))
+        return version
+
+
+def _same(old: dict, new: dict[str, float]) -> bool:
+    return old.keys() == new.keys() and all(abs(old[k] - new[k]) <= SAME_WEIGHTS_TOLERANCE for k in new)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

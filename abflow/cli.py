@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -110,7 +111,8 @@ class LocalRun:
         self.settings = settings
         self.broker = None
         self.postgres = None
-        self.services: dict[str, subprocess.Popen] = {}  # worker, refresher
+        self.services: dict[str, subprocess.Popen] = {}  # worker, serve (API + refresher)
+        self.api_url: str | None = None
         self.logs = settings.home / "logs"
 
     def start(self) -> None:
@@ -136,18 +138,28 @@ class LocalRun:
         upgrade(database_url)
         ensure_topics(bootstrap, s.topics, s.partitions)
         self.logs.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "ABFLOW_KAFKA_BOOTSTRAP": bootstrap, "ABFLOW_DATABASE_URL": database_url}
-        for name, what in (("worker", "the stream worker"), ("refresher", "the weight refresher")):
+        from abflow.localstack import free_port, wait_for_port
+
+        api_token = s.api_token or secrets.token_urlsafe(24)
+        api_port = free_port()
+        env = {**os.environ, "ABFLOW_KAFKA_BOOTSTRAP": bootstrap, "ABFLOW_DATABASE_URL": database_url,
+               "ABFLOW_API_TOKEN": api_token}
+        services = (("worker", "the stream worker", []),
+                    ("serve", "the API and weight refresher", ["--port", str(api_port)]))
+        for name, what, args in services:
             click.echo(f"starting {what} (log: {self.logs / f'{name}.log'})…", err=True)
             with open(self.logs / f"{name}.log", "ab") as log:
                 self.services[name] = subprocess.Popen(
-                    [sys.executable, "-m", "abflow.cli", name], env=env, stdout=log, stderr=subprocess.STDOUT,
+                    [sys.executable, "-m", "abflow.cli", name, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )
             pids[name] = self.services[name].pid
-        write_stack_file(s.home, bootstrap, database_url, pids)
+        wait_for_port(api_port, 60, self.services["serve"], "the API")
+        self.api_url = f"http://127.0.0.1:{api_port}"
+        write_stack_file(s.home, bootstrap, database_url, pids, api_url=self.api_url, api_token=api_token)
         click.echo(f"Kafka:      {bootstrap}")
         click.echo(f"PostgreSQL: {database_url}")
+        click.echo(f"API:        {self.api_url}  (OpenAPI: {self.api_url}/docs; token: `abflow env`)")
 
     def check_alive(self) -> None:
         for name, process in self.services.items():
@@ -260,9 +272,16 @@ def down() -> None:
 @main.command()
 def env() -> None:
     """Print the exports that point other shells and tools at the running stack."""
+    from abflow.localstack import read_stack_file
+
     settings = _settings()
     click.echo(f"export ABFLOW_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}")
     click.echo(f"export ABFLOW_DATABASE_URL={settings.database_url}")
+    stack = read_stack_file(settings.home) or {}
+    if stack.get("api_url"):
+        click.echo(f"export ABFLOW_API_URL={stack['api_url']}")
+    if settings.api_token:
+        click.echo(f"export ABFLOW_API_TOKEN={settings.api_token}")
 
 
 # -- database -------------------------------------------------------------------------
@@ -449,6 +468,49 @@ def refresher(poll_seconds: float) -> None:
         signal.signal(sig, lambda *_: stop.set())
     with Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
         WeightRefresher(settings, publisher, poll_seconds=poll_seconds).run(stop)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--refresher/--no-refresher", "with_refresher", default=True, show_default=True,
+              help="Also run a weight refresher replica in this process.")
+@click.option("--poll-seconds", default=5.0, show_default=True, help="The refresher's full-recompute interval.")
+def serve(host: str, port: int, with_refresher: bool, poll_seconds: float) -> None:
+    """Run the HTTP API (OpenAPI at /docs) and a weight refresher replica.
+
+    State-changing endpoints need `Authorization: Bearer $ABFLOW_API_TOKEN`.
+    """
+    import logging
+    import threading
+
+    import uvicorn
+
+    from bandit_service.api import create_app
+    from bandit_service.refresher import WeightRefresher
+    from producers.publisher import Publisher, ensure_topics
+
+    settings = _settings()
+    if not settings.api_token:
+        raise click.ClickException("set ABFLOW_API_TOKEN: the API's state-changing endpoints need a bearer token")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    ensure_topics(settings.require_kafka_bootstrap(), settings.topics, settings.partitions)
+    stop = threading.Event()
+    refresher_thread = None
+    publisher = Publisher(settings.require_kafka_bootstrap(), settings.topics)
+    if with_refresher:
+        refresher_publisher = Publisher(settings.require_kafka_bootstrap(), settings.topics)
+        refresher_thread = threading.Thread(
+            target=WeightRefresher(settings, refresher_publisher, poll_seconds=poll_seconds).run, args=(stop,),
+            name="abflow-refresher", daemon=True)
+        refresher_thread.start()
+    try:
+        uvicorn.run(create_app(settings, settings.api_token, publisher), host=host, port=port, log_level="warning")
+    finally:
+        stop.set()
+        if refresher_thread is not None:
+            refresher_thread.join(10)
+        publisher.close()
 
 
 @main.command()

@@ -219,13 +219,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def write_stack_file(home: Path, kafka_bootstrap: str, database_url: str, pids: dict[str, int]) -> Path:
+def write_stack_file(home: Path, kafka_bootstrap: str, database_url: str, pids: dict[str, int], **extra: str) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     path = home / STACK_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps({"kafka_bootstrap": kafka_bootstrap, "database_url": database_url, "pids": pids}, indent=2)
-    )
+    tmp.write_text(json.dumps(
+        {"kafka_bootstrap": kafka_bootstrap, "database_url": database_url, "pids": pids, **extra}, indent=2))
+    tmp.chmod(0o600)  # it may hold the API token
     tmp.replace(path)
     return path
 

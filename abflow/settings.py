@@ -78,6 +78,7 @@ class Settings:
     consumer_group: str = "abflow-aggregator"
     kafka_session_timeout_seconds: float = 10.0
     kafka_commit_interval_seconds: float = 1.0
+    api_token: str | None = None  # bearer token for the API's state-changing endpoints
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -97,6 +98,7 @@ class Settings:
             consumer_group=os.environ.get("ABFLOW_CONSUMER_GROUP") or "abflow-aggregator",
             kafka_session_timeout_seconds=_env_float("ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS", 10.0, minimum=1.0),
             kafka_commit_interval_seconds=_env_float("ABFLOW_KAFKA_COMMIT_INTERVAL_SECONDS", 1.0, minimum=0.1),
+            api_token=os.environ.get("ABFLOW_API_TOKEN") or None,
         )
 
     def with_stack(self) -> "Settings":
@@ -115,6 +117,7 @@ class Settings:
             self,
             kafka_bootstrap=self.kafka_bootstrap or stack["kafka_bootstrap"],
             database_url=self.database_url or stack["database_url"],
+            api_token=self.api_token or stack.get("api_token"),
         )
 
     @property

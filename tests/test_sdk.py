@@ -1,0 +1,74 @@
+"""The serving SDK end to end: cached weights from the allocations topic, assignment, event logging."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from sqlalchemy import text
+
+from producers.publisher import ensure_topics
+from producers.sdk import ServingClient, UnknownExperiment
+from tests.conftest import wait_until
+from tests.helpers import counted_events, make_experiment
+from tests.test_refresher import thompson_experiment
+
+
+def has_weights(client: ServingClient, experiment_id: str) -> bool:
+    try:
+        client.weights(experiment_id)
+        return True
+    except UnknownExperiment:
+        return False
+
+
+def test_sdk_routes_by_the_refreshed_weights_and_logs_propensities(settings, engine, services):
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = thompson_experiment(engine, warmup=20)
+    worker, refresher = services("worker"), services("refresher", "--poll-seconds", "600")
+    with ServingClient(settings.kafka_bootstrap, settings.topics) as client:
+        assert client.wait_ready(30)
+        wait_until(lambda: has_weights(client, experiment_id), 30, message="the first weights in the SDK",
+                   workers=[worker, refresher])
+        assert client.weights(experiment_id) == (1, {"Champion": 0.5, "Challenger": 0.5})
+        with pytest.raises(UnknownExperiment):
+            client.assign("no-such-experiment", "u")
+
+        rng = random.Random(1)
+        rates = {"Champion": 0.02, "Challenger": 0.3}
+        early = {}
+        for i in range(1500):
+            served = client.assign(experiment_id, f"user-{i}")
+            early[served.user_id] = served.variant
+            client.invocation(served, latency_ms=10.0)
+            if rng.random() < rates[served.variant]:
+                client.conversion(served, reward=1.0)
+        client.publisher.flush()
+        first_split = Counter(early.values())
+        assert abs(first_split["Challenger"] - 750) < 100  # 50/50 by hash while the weights were the initial ones
+
+        wait_until(lambda: client.weights(experiment_id)[1]["Challenger"] > 0.9, 60,
+                   message="the SDK to see the weights move", workers=[worker, refresher])
+        later = Counter(client.assign(experiment_id, f"new-user-{i}").variant for i in range(1000))
+        assert later["Challenger"] > 850
+        # Users this process already served stay where they were.
+        assert all(client.assign(experiment_id, user).variant == variant for user, variant in early.items())
+        served = client.assign(experiment_id, "user-1")
+        assert served.version == 1 and served.propensity == 0.5  # the propensity it was first served with
+
+    wait_until(lambda: counted_events(engine, [experiment_id]) >= 1500, 60, message="SDK events aggregated",
+               workers=[worker])
+    with engine.connect() as conn:
+        invocations = conn.execute(text("SELECT sum(invocations) FROM variant_windows WHERE experiment_id = :e"),
+                                   {"e": experiment_id}).scalar_one()
+    assert invocations == 1500
+
+
+def test_unknown_experiment_without_weights(settings, engine):
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = make_experiment(engine)
+    with ServingClient(settings.kafka_bootstrap, settings.topics) as client:
+        assert client.wait_ready(30)
+        with pytest.raises(UnknownExperiment, match=experiment_id):
+            client.weights(experiment_id)  # no refresher ran: nothing on the topic yet

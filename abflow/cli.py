@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -63,8 +64,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--demo/--no-demo", default=True, show_default=True, help="Register the demo experiment and simulate traffic.")
-@click.option("--events", "invocations", default=20_000, show_default=True, help="Invocations the demo simulates.")
-@click.option("--rate", default=2_000.0, show_default=True, help="Invocations per second (0: as fast as possible).")
+@click.option("--events", "invocations", default=30_000, show_default=True, help="Invocations the demo simulates.")
+@click.option("--rate", default=3_000.0, show_default=True, help="Invocations per second (0: as fast as possible).")
 @click.option("--seed", default=1, show_default=True, help="Seed of the simulated traffic.")
 @click.option("--exit-when-done", is_flag=True, help="Stop the stack once the demo's aggregates are complete.")
 def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: bool) -> None:
@@ -155,11 +156,23 @@ class LocalRun:
                 )
             pids[name] = self.services[name].pid
         wait_for_port(api_port, 60, self.services["serve"], "the API")
+        self._wait_for_worker()
         self.api_url = f"http://127.0.0.1:{api_port}"
         write_stack_file(s.home, bootstrap, database_url, pids, api_url=self.api_url, api_token=api_token)
         click.echo(f"Kafka:      {bootstrap}")
         click.echo(f"PostgreSQL: {database_url}")
         click.echo(f"API:        {self.api_url}  (OpenAPI: {self.api_url}/docs; token: `abflow env`)")
+
+    def _wait_for_worker(self, timeout: float = 60) -> None:
+        """Until the worker holds partitions (a consumer group join takes a few seconds)."""
+        from stream_jobs.app import assigned_partitions
+
+        deadline = time.monotonic() + timeout
+        while not assigned_partitions(self.settings):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"the worker got no partitions in {timeout:.0f}s; see {self.logs / 'worker.log'}")
+            time.sleep(0.1)
 
     def check_alive(self) -> None:
         for name, process in self.services.items():
@@ -167,7 +180,7 @@ class LocalRun:
                 raise click.ClickException(f"abflow {name} exited with code {process.returncode}; see {self.logs / f'{name}.log'}")
 
     def run_demo(self, invocations: int, rate: float, seed: int) -> None:
-        from producers.publisher import Publisher
+        from producers.sdk import ServingClient
         from producers.simulator import Scenario, VariantProfile, default_rates, run
         from storage.experiment_config import load_config_text
         from storage.queries import events_applied, variant_totals
@@ -188,8 +201,16 @@ class LocalRun:
                 seed=seed,
             )
             before = events_applied(engine)
-            with Publisher(self.settings.kafka_bootstrap, self.settings.topics) as publisher:
-                published = run(scenario, publisher, invocations, rate=rate, progress=True)
+            served: Counter = Counter()  # (weights version, variant) of each invocation
+            with ServingClient(self.settings.kafka_bootstrap, self.settings.topics) as client:
+                self._wait_for_weights(client, config.experiment_id)
+
+                def route(user_id: str) -> tuple[str, float]:
+                    choice = client.assign(config.experiment_id, user_id)
+                    served[(choice.version, choice.variant)] += 1
+                    return choice.variant, choice.propensity
+
+                published = run(scenario, client.publisher, invocations, rate=rate, progress=True, router=route)
             target = before + published.total
             self._wait_for(engine, target, published.total)
             rows = variant_totals(engine, config.experiment_id)
@@ -198,11 +219,43 @@ class LocalRun:
             click.echo(f"\nvariant_totals for {config.experiment_id!r} (all runs so far):")
             click.echo(format_table(rows, ["experiment_id", "variant", "invocations", "conversions", "conversion_rate", "reward_sum", "errors"]))
             self._show_weights(engine, config.experiment_id, sum(row["invocations"] for row in rows))
+            self._show_assignments(engine, config.experiment_id, served, [v.name for v in config.variants])
             click.echo("\nthis run published: " + ", ".join(
                 f"{name}: {published.invocations[name]} invocations / {published.conversions[name]} conversions"
                 for name in sorted(published.invocations)))
         finally:
             engine.dispose()
+
+    def _wait_for_weights(self, client, experiment_id: str, timeout: float = 30) -> None:
+        from producers.sdk import UnknownExperiment
+
+        client.wait_ready(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.weights(experiment_id)
+                return
+            except UnknownExperiment:
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"no weights for {experiment_id!r} after {timeout:.0f}s; "
+                                               f"see {self.logs / 'serve.log'}") from None
+                time.sleep(0.1)
+
+    def _show_assignments(self, engine, experiment_id: str, served: Counter, names: list[str]) -> None:
+        """This run's assignments by the phase of the weights that routed them, and by variant."""
+        from storage.queries import allocation_history
+
+        phases = {row["version"]: row["phase"] for row in allocation_history(engine, experiment_id, 1_000_000)}
+        by_phase: dict[str, Counter] = {}
+        for (version, variant), count in served.items():
+            by_phase.setdefault(phases.get(version, "?"), Counter())[variant] += count
+        rows = [{"phase": phase, **{n: counts[n] for n in names}, "total": sum(counts.values())}
+                for phase, counts in by_phase.items()]
+        rows.append({"phase": "all", **{n: sum(c[n] for c in by_phase.values()) for n in names},
+                     "total": sum(served.values())})
+        click.echo(f"\nthis run's assignments by the phase of the weights that routed them:")
+        click.echo(format_table(rows, ["phase", *names, "total"]))
 
     def _show_weights(self, engine, experiment_id: str, invocations: int) -> None:
         """How the weights moved, once the refresher has used every invocation (or 10 s passed)."""

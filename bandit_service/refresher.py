@@ -85,6 +85,7 @@ class WeightRefresher:
         conn.execute(f"LISTEN {AGGREGATES_CHANNEL}")
         self.leading.set()
         log.info("leading: refreshing allocation weights")
+        self.republish_latest(conn)
         self.refresh_all(conn)
         last_full = time.monotonic()
         while not stop.is_set():
@@ -102,6 +103,22 @@ class WeightRefresher:
                 last_full = time.monotonic()
 
     # -- one experiment ------------------------------------------------------------------
+
+    def republish_latest(self, conn: psycopg.Connection) -> None:
+        """Put each running experiment's newest version on the topic again.
+
+        The topic is a cache of the history: a broker that lost it (the embedded
+        one keeps topics in memory) gets it back when a leader starts.
+        """
+        rows = conn.execute(
+            "SELECT DISTINCT ON (a.experiment_id) a.experiment_id, a.version, a.strategy, a.phase, a.weights, "
+            "a.computed_at FROM allocations a JOIN experiments e USING (experiment_id) WHERE e.status = 'running' "
+            "ORDER BY a.experiment_id, a.version DESC").fetchall()
+        for experiment_id, version, strategy, phase, weights, computed_at in rows:
+            self.publisher.produce(self.settings.topics.allocations,
+                                   allocation_record(experiment_id, version, strategy, phase, weights, computed_at),
+                                   key=experiment_id)
+        self.publisher.flush(10)
 
     def refresh_all(self, conn: psycopg.Connection) -> None:
         for (experiment_id,) in conn.execute("SELECT experiment_id FROM experiments WHERE status = 'running'").fetchall():

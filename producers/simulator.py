@@ -73,10 +73,12 @@ class Published:
         return sum(self.invocations.values()) + sum(self.conversions.values())
 
 
-def generate(scenario: Scenario, invocations: int, clock):
+def generate(scenario: Scenario, invocations: int, clock, router=None):
     """Yield ``invocations`` invocations and the conversions they cause, in publication order.
 
-    ``clock()`` gives the current epoch seconds. A conversion is yielded once
+    ``router(user_id) -> (variant name, propensity)`` routes users (e.g. the serving
+    SDK on live bandit weights); without one, users are split by the scenario's
+    fixed weights. ``clock()`` gives the current epoch seconds. A conversion is yielded once
     the clock has passed its time (so with a real clock it is published after
     its delay); the ones still pending at the end are yielded last, each
     stamped with its own time.
@@ -87,6 +89,7 @@ def generate(scenario: Scenario, invocations: int, clock):
     run_id = uuid.uuid4().hex[:12]
     sequence_of = itertools.count()
     new_event_id = lambda: f"sim-{run_id}-{next(sequence_of)}"  # noqa: E731
+    profiles = {v.name: v for v in scenario.variants}
     pending: list[tuple[float, int, Conversion]] = []
     sequence = 0
     for _ in range(invocations):
@@ -94,15 +97,19 @@ def generate(scenario: Scenario, invocations: int, clock):
         while pending and pending[0][0] <= now:
             yield heapq.heappop(pending)[2]
         user_id = f"user-{rng.randrange(scenario.users)}"
-        variant = scenario.variant_of(user_id)
-        total_weight = sum(v.weight for v in scenario.variants)
+        if router is None:
+            variant = scenario.variant_of(user_id)
+            propensity = variant.weight / sum(v.weight for v in scenario.variants)
+        else:
+            name, propensity = router(user_id)
+            variant = profiles[name]
         invocation = Invocation(
             event_id=new_event_id(),
             experiment_id=scenario.experiment_id,
             variant=variant.name,
             user_id=user_id,
             timestamp=now,
-            propensity=variant.weight / total_weight,
+            propensity=propensity,
             latency_ms=round(variant.latency_median_ms * math.exp(rng.gauss(0, variant.latency_sigma)), 3),
             error=rng.random() < variant.error_rate,
             model_version=variant.name,
@@ -139,7 +146,8 @@ def virtual_clock(start: float, tick: float = VIRTUAL_TICK_S):
     return clock
 
 
-def run(scenario: Scenario, publisher, invocations: int, rate: float = 0.0, progress: bool = True) -> Published:
+def run(scenario: Scenario, publisher, invocations: int, rate: float = 0.0, progress: bool = True,
+        router=None) -> Published:
     """Publish the scenario's traffic: ``rate`` invocations per second, or as fast as possible when 0."""
     from tqdm import tqdm
 
@@ -154,7 +162,7 @@ def run(scenario: Scenario, publisher, invocations: int, rate: float = 0.0, prog
     bar = tqdm(total=invocations, unit="inv", desc=f"simulating {scenario.experiment_id}", disable=not progress,
                mininterval=0.5)
     sent_invocations = 0
-    for event in generate(scenario, invocations, clock):
+    for event in generate(scenario, invocations, clock, router):
         publisher.publish(event)
         published.add(event)
         if isinstance(event, Invocation):

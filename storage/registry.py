@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from storage.experiment_config import ExperimentConfig
 from storage.models import Experiment, Variant
+from storage.queries import AGGREGATES_CHANNEL
 
 
 class ExperimentExists(ValueError):
@@ -43,6 +44,8 @@ def create_experiment(engine: Engine, config: ExperimentConfig) -> Experiment:
     with Session(engine, expire_on_commit=False) as session:
         session.add(experiment)
         try:
+            # Tell the weight refresher (on commit), so the first weights exist right away.
+            session.execute(select(func.pg_notify(AGGREGATES_CHANNEL, config.experiment_id)))
             session.commit()
         except IntegrityError:
             raise ExperimentExists(f"experiment {config.experiment_id!r} already exists") from None

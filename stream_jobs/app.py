@@ -19,6 +19,8 @@ import asyncio
 import collections
 import concurrent.futures
 import gc
+import json
+import os
 import logging
 import threading
 import time
@@ -45,6 +47,14 @@ def heartbeat_path(settings: Settings):
     return settings.home / "worker.heartbeat"
 
 
+def assigned_partitions(settings: Settings) -> list[str]:
+    """The partitions the worker using this home last reported, [] before its first assignment."""
+    try:
+        return json.loads(heartbeat_path(settings).read_text()).get("assigned", [])
+    except (OSError, ValueError):
+        return []
+
+
 def healthy(settings: Settings, max_age_s: float = 30.0) -> bool:
     """Whether a worker using this home read from Kafka within ``max_age_s``."""
     try:
@@ -65,6 +75,7 @@ class BatchSource(threading.Thread):
         self.failure: BaseException | None = None
         self._slots = threading.Semaphore(IN_FLIGHT_BATCHES)
         self._last_beat = 0.0
+        self._assigned: list[str] = []
         self._done: collections.deque[dict[tuple[str, int], int]] = collections.deque()
         session_ms = int(settings.kafka_session_timeout_seconds * 1000)
         self.consumer = Consumer({
@@ -105,12 +116,15 @@ class BatchSource(threading.Thread):
             except (KafkaException, RuntimeError):
                 pass
 
-    def _beat(self) -> None:
-        """Touch the heartbeat file that `abflow worker --healthcheck` reads."""
+    def _beat(self, force: bool = False) -> None:
+        """Write the heartbeat file that `abflow worker --healthcheck` (and `abflow up`) read."""
         now = time.monotonic()
-        if now - self._last_beat >= HEARTBEAT_EVERY_S:
+        if force or now - self._last_beat >= HEARTBEAT_EVERY_S:
             self._last_beat = now
-            heartbeat_path(self.settings).touch()
+            path = heartbeat_path(self.settings)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "assigned": self._assigned}))
+            tmp.replace(path)
 
     def _records(self, messages) -> list[Record]:
         kinds = self.kinds
@@ -149,9 +163,12 @@ class BatchSource(threading.Thread):
                 log.info("offsets not stored (%s)", exc.args[0].str() if exc.args else exc)
 
     def _on_assign(self, consumer, partitions) -> None:
+        self._assigned = sorted(f"{p.topic}[{p.partition}]" for p in partitions)
+        self._beat(force=True)
         log.info("assigned partitions: %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "none")
 
     def _on_revoke(self, consumer, partitions) -> None:
+        self._assigned = []
         log.info("revoked partitions: %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "none")
 
 

@@ -139,7 +139,7 @@ class LocalRun:
         upgrade(database_url)
         ensure_topics(bootstrap, s.topics, s.partitions)
         self.logs.mkdir(parents=True, exist_ok=True)
-        from abflow.localstack import free_port, wait_for_port
+        from abflow.localstack import die_with_parent, free_port, wait_for_port
 
         api_token = s.api_token or secrets.token_urlsafe(24)
         api_port = free_port()
@@ -152,7 +152,7 @@ class LocalRun:
             with open(self.logs / f"{name}.log", "ab") as log:
                 self.services[name] = subprocess.Popen(
                     [sys.executable, "-m", "abflow.cli", name, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True,
+                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM),
                 )
             pids[name] = self.services[name].pid
         wait_for_port(api_port, 60, self.services["serve"], "the API")

@@ -48,6 +48,20 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
     raise StackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
+def die_with_parent(sig: int):
+    """A preexec_fn: the child gets ``sig`` when the process that started it dies (Linux), so a
+    killed `abflow up` or test run leaves no broker or database behind."""
+    def set_death_signal() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass  # not Linux: `abflow down` and stack.json still clean up
+
+    return set_death_signal
+
+
 def _stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
     if process.poll() is not None:
         return
@@ -84,6 +98,7 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches `abflow up`, which stops us in order
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
         wait_for_port(self.port, 20, self.process, "the Kafka broker")
         return self
@@ -159,6 +174,7 @@ class EmbeddedPostgres:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGINT),  # PostgreSQL's fast shutdown
             )
         self._wait_ready()
         with psycopg.connect(self.admin_url, autocommit=True) as conn:

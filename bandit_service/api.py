@@ -135,6 +135,11 @@ def create_app(settings: Settings, token: str, publisher: Publisher | None = Non
                 "variants": [{"name": v.name, "role": v.role, "initial_weight": v.initial_weight,
                               "model_version": v.model_version} for v in e.variants]}
 
+    @app.get("/ping")
+    def ping() -> dict:
+        """No I/O at all: the floor any endpoint's latency is measured against."""
+        return {}
+
     @app.get("/healthz")
     def healthz() -> dict:
         with state["pool"].connection() as conn:

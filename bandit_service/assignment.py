@@ -65,15 +65,15 @@ class ExperimentUnavailable(LookupError):
 
 def current_weights(conn: psycopg.Connection, experiment_id: str) -> tuple[dict[str, float], int | None]:
     """The newest allocation weights, or the normalised initial weights before the first one."""
-    row = conn.execute("SELECT weights, version FROM allocations WHERE experiment_id = %s ORDER BY version DESC LIMIT 1",
-                       (experiment_id,)).fetchone()
-    variants = conn.execute("SELECT name, initial_weight FROM variants WHERE experiment_id = %s ORDER BY position",
-                            (experiment_id,)).fetchall()
-    if row is not None:
-        weights, version = row
-        return {name: float(weights.get(name, 0.0)) for name, _ in variants}, version
-    total = sum(w for _, w in variants)
-    return {name: w / total for name, w in variants}, None
+    rows = conn.execute(
+        "SELECT v.name, v.initial_weight, a.weights, a.version FROM variants v LEFT JOIN LATERAL ("
+        "SELECT weights, version FROM allocations WHERE experiment_id = v.experiment_id ORDER BY version DESC LIMIT 1"
+        ") a ON true WHERE v.experiment_id = %s ORDER BY v.position", (experiment_id,)).fetchall()
+    version = rows[0][3] if rows else None
+    if version is not None:
+        return {name: float(weights.get(name, 0.0)) for name, _, weights, _ in rows}, version
+    total = sum(w for _, w, _, _ in rows)
+    return {name: w / total for name, w, _, _ in rows}, None
 
 
 def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str = DEFAULT_SALT) -> Assignment:
@@ -83,26 +83,26 @@ def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str
     """
     if not conn.autocommit:
         raise ValueError("assign() needs an autocommit connection")
-    experiment = conn.execute("SELECT status FROM experiments WHERE experiment_id = %s", (experiment_id,)).fetchone()
-    if experiment is None:
+    # One round trip for what a returning unit needs: status, champion, its stored row.
+    row = conn.execute(
+        "SELECT e.status, (SELECT name FROM variants c WHERE c.experiment_id = e.experiment_id AND c.role = 'champion'), "
+        "a.variant, a.propensity, a.allocation_version, v.name IS NOT NULL FROM experiments e "
+        "LEFT JOIN assignments a ON a.experiment_id = e.experiment_id AND a.unit_id = %s "
+        "LEFT JOIN variants v ON v.experiment_id = a.experiment_id AND v.name = a.variant "
+        "WHERE e.experiment_id = %s", (unit_id, experiment_id)).fetchone()
+    if row is None:
         raise ExperimentUnavailable(f"no experiment {experiment_id!r}")
-    status = experiment[0]
-    champion = conn.execute("SELECT name FROM variants WHERE experiment_id = %s AND role = 'champion'",
-                            (experiment_id,)).fetchone()[0]
+    status, champion, stored_variant, stored_propensity, stored_version, variant_exists = row
     if status == "stopped":
         return Assignment(experiment_id, unit_id, champion, 1.0, None, new=False, stored=False)
-    stored = conn.execute(
-        "SELECT a.variant, a.propensity, a.allocation_version, v.name IS NOT NULL FROM assignments a "
-        "LEFT JOIN variants v ON v.experiment_id = a.experiment_id AND v.name = a.variant "
-        "WHERE a.experiment_id = %s AND a.unit_id = %s", (experiment_id, unit_id)).fetchone()
-    if stored is not None and stored[3]:
-        return Assignment(experiment_id, unit_id, stored[0], stored[1], stored[2], new=False)
+    if stored_variant is not None and variant_exists:
+        return Assignment(experiment_id, unit_id, stored_variant, stored_propensity, stored_version, new=False)
     if status == "paused":
         return Assignment(experiment_id, unit_id, champion, 1.0, None, new=False, stored=False)
     weights, version = current_weights(conn, experiment_id)
     variant = choose(weights, hash_point(experiment_id, unit_id, salt))
     propensity = weights[variant] / sum(weights.values())
-    if stored is not None:  # its variant was removed: assign again
+    if stored_variant is not None:  # its variant was removed: assign again
         conn.execute("UPDATE assignments SET variant = %s, propensity = %s, allocation_version = %s, assigned_at = now() "
                      "WHERE experiment_id = %s AND unit_id = %s", (variant, propensity, version, experiment_id, unit_id))
         return Assignment(experiment_id, unit_id, variant, propensity, version, new=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from abflow.localstack import EmbeddedBroker, EmbeddedPostgres
+from abflow.localstack import EmbeddedBroker, EmbeddedPostgres, die_with_parent
 
 
 @dataclass
@@ -131,7 +131,7 @@ class ServiceProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "abflow.cli", *self.command], env=self.env, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(signal.SIGTERM),
             )
         return self
 

@@ -9,6 +9,7 @@ import pytest
 from scipy import integrate, stats
 
 from bandit_service.policies import ArmStats, PolicyConfig, PolicyInputError, allocate, apply_floor
+from bandit_service.simulation import simulate_regret
 
 
 def arms(*specs) -> list[ArmStats]:
@@ -127,30 +128,10 @@ def test_defined_results_for_degenerate_inputs():
     assert revenue.weights["A"] > 0.9
 
 
-def simulate(strategy: str, rates: list[float], users: int, seed: int, refresh_every: int = 1_000) -> float:
-    """Expected regret against always serving the best arm, with weights refreshed in batches as in production."""
-    rng = np.random.default_rng(seed)
-    k = len(rates)
-    n = np.zeros(k)
-    r = np.zeros(k)
-    regret = 0.0
-    best = max(rates)
-    config = PolicyConfig(strategy, epsilon=0.1, warmup=100, seed=seed)
-    for start in range(0, users, refresh_every):
-        data = [ArmStats(str(i), 1.0, int(n[i]), float(r[i]), float(r[i])) for i in range(k)]
-        weights = np.array(list(allocate(data, config).weights.values()))
-        chosen = rng.choice(k, size=refresh_every, p=weights / weights.sum())
-        counts = np.bincount(chosen, minlength=k)
-        wins = rng.binomial(counts, rates)
-        n += counts
-        r += wins
-        regret += float(np.dot(counts, best - np.array(rates)))
-    return regret
-
-
 @pytest.mark.parametrize("strategy", ["EpsilonGreedy", "UCB1", "ThompsonSampling"])
 def test_bandits_beat_a_uniform_split_by_simulation(strategy):
     rates = [0.03, 0.05, 0.08]
-    uniform = simulate("WeightedSampling", rates, 60_000, seed=0)
-    regrets = [simulate(strategy, rates, 60_000, seed=s) for s in range(3)]
+    uniform = simulate_regret(PolicyConfig("WeightedSampling"), rates, 60_000, seed=0)
+    regrets = [simulate_regret(PolicyConfig(strategy, epsilon=0.1, warmup=100, seed=s), rates, 60_000, seed=s)
+               for s in range(3)]
     assert np.mean(regrets) < 0.5 * uniform, (strategy, regrets, uniform)

@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--sdk-calls", type=int, default=200_000)
     parser.add_argument("--requests", type=int, default=5_000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rate", type=float, default=5_000)
     parser.add_argument("--seconds", type=float, default=30)
     args = parser.parse_args()

@@ -63,17 +63,39 @@ class ExperimentUnavailable(LookupError):
     pass
 
 
+# Variants in declared order with their initial weights, and the newest allocation if any.
+_WEIGHTS_SQL = (
+    "(SELECT json_agg(json_build_array(name, initial_weight) ORDER BY position) FROM variants "
+    " WHERE experiment_id = e.experiment_id), a.weights, a.version"
+)
+_LATEST_ALLOCATION = (
+    "LEFT JOIN LATERAL (SELECT weights, version FROM allocations WHERE experiment_id = e.experiment_id "
+    "ORDER BY version DESC LIMIT 1) a ON true"
+)
+ASSIGN_CONTEXT = (
+    "SELECT e.status, (SELECT name FROM variants c WHERE c.experiment_id = e.experiment_id AND c.role = 'champion'), "
+    "s.variant, s.propensity, s.allocation_version, v.name IS NOT NULL, " + _WEIGHTS_SQL + " FROM experiments e "
+    "LEFT JOIN assignments s ON s.experiment_id = e.experiment_id AND s.unit_id = %s "
+    "LEFT JOIN variants v ON v.experiment_id = s.experiment_id AND v.name = s.variant "
+    + _LATEST_ALLOCATION + " WHERE e.experiment_id = %s"
+)
+
+
+def _weights_of(variants: list, latest: dict | None) -> dict[str, float]:
+    if latest is not None:
+        return {name: float(latest.get(name, 0.0)) for name, _ in variants}
+    total = sum(w for _, w in variants)
+    return {name: w / total for name, w in variants}
+
+
 def current_weights(conn: psycopg.Connection, experiment_id: str) -> tuple[dict[str, float], int | None]:
     """The newest allocation weights, or the normalised initial weights before the first one."""
-    rows = conn.execute(
-        "SELECT v.name, v.initial_weight, a.weights, a.version FROM variants v LEFT JOIN LATERAL ("
-        "SELECT weights, version FROM allocations WHERE experiment_id = v.experiment_id ORDER BY version DESC LIMIT 1"
-        ") a ON true WHERE v.experiment_id = %s ORDER BY v.position", (experiment_id,)).fetchall()
-    version = rows[0][3] if rows else None
-    if version is not None:
-        return {name: float(weights.get(name, 0.0)) for name, _, weights, _ in rows}, version
-    total = sum(w for _, w, _, _ in rows)
-    return {name: w / total for name, w, _, _ in rows}, None
+    row = conn.execute("SELECT " + _WEIGHTS_SQL + " FROM experiments e " + _LATEST_ALLOCATION
+                       + " WHERE e.experiment_id = %s", (experiment_id,)).fetchone()
+    if row is None:
+        raise ExperimentUnavailable(f"no experiment {experiment_id!r}")
+    variants, latest, version = row
+    return _weights_of(variants, latest), version
 
 
 def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str = DEFAULT_SALT) -> Assignment:
@@ -83,23 +105,20 @@ def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str
     """
     if not conn.autocommit:
         raise ValueError("assign() needs an autocommit connection")
-    # One round trip for what a returning unit needs: status, champion, its stored row.
-    row = conn.execute(
-        "SELECT e.status, (SELECT name FROM variants c WHERE c.experiment_id = e.experiment_id AND c.role = 'champion'), "
-        "a.variant, a.propensity, a.allocation_version, v.name IS NOT NULL FROM experiments e "
-        "LEFT JOIN assignments a ON a.experiment_id = e.experiment_id AND a.unit_id = %s "
-        "LEFT JOIN variants v ON v.experiment_id = a.experiment_id AND v.name = a.variant "
-        "WHERE e.experiment_id = %s", (unit_id, experiment_id)).fetchone()
+    # One round trip for everything but the insert: status, champion, the unit's stored row,
+    # and the current weights (the newest allocation, or the initial weights).
+    row = conn.execute(ASSIGN_CONTEXT, (unit_id, experiment_id)).fetchone()
     if row is None:
         raise ExperimentUnavailable(f"no experiment {experiment_id!r}")
-    status, champion, stored_variant, stored_propensity, stored_version, variant_exists = row
+    (status, champion, stored_variant, stored_propensity, stored_version, variant_exists,
+     variants, latest_weights, version) = row
     if status == "stopped":
         return Assignment(experiment_id, unit_id, champion, 1.0, None, new=False, stored=False)
     if stored_variant is not None and variant_exists:
         return Assignment(experiment_id, unit_id, stored_variant, stored_propensity, stored_version, new=False)
     if status == "paused":
         return Assignment(experiment_id, unit_id, champion, 1.0, None, new=False, stored=False)
-    weights, version = current_weights(conn, experiment_id)
+    weights = _weights_of(variants, latest_weights)
     variant = choose(weights, hash_point(experiment_id, unit_id, salt))
     propensity = weights[variant] / sum(weights.values())
     if stored_variant is not None:  # its variant was removed: assign again

@@ -254,7 +254,7 @@ class LocalRun:
                 for phase, counts in by_phase.items()]
         rows.append({"phase": "all", **{n: sum(c[n] for c in by_phase.values()) for n in names},
                      "total": sum(served.values())})
-        click.echo(f"\nthis run's assignments by the phase of the weights that routed them:")
+        click.echo("\nthis run's assignments by the phase of the weights that routed them:")
         click.echo(format_table(rows, ["phase", *names, "total"]))
 
     def _show_weights(self, engine, experiment_id: str, invocations: int) -> None:

@@ -4,8 +4,9 @@
 
 (a) freshness: at a steady --rate invocations/s, the delay from an invocation's
     publish to the first weights version whose statistics include it (p50/p95/p99);
-(b) API assign under --concurrency concurrent clients, p50/p99, against GET /ping
-    (no I/O) of the same server in the same run;
+(b) API assign from --concurrency concurrent clients, p50/p99, against GET /ping
+    (no I/O) of the same server in the same run: once as fast as the clients go
+    (saturated), once at a steady --api-rate requests/s;
 (c) SDK assign per call, in-process (new users and returning users);
 (d) regret of each policy against the oracle and against a uniform split, averaged
     over seeds, in seed 001's scenario (4.5 % vs 5.2 %) and a three-arm scenario.
@@ -137,14 +138,22 @@ def sdk(stack: Stack, calls: int) -> dict:
 
 # -- (b) API -----------------------------------------------------------------------------------
 
-async def load(url: str, method: str, body_of, requests: int, concurrency: int, headers: dict) -> list[float]:
+async def load(url: str, method: str, body_of, requests: int, concurrency: int, headers: dict,
+               rate: float = 0.0) -> list[float]:
+    """Latencies of ``requests`` requests from ``concurrency`` clients: as fast as they go (closed loop),
+    or at ``rate`` requests/s in total (open loop: a request starts on schedule, not when the last ended)."""
     import httpx
 
     latencies: list[float] = []
     counter = iter(range(requests))
+    begin = time.perf_counter()
     async with httpx.AsyncClient(headers=headers, timeout=10) as client:
         async def one_client() -> None:
             for i in counter:
+                if rate > 0:
+                    delay = begin + i / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 started = time.perf_counter()
                 response = await client.request(method, url, json=body_of(i))
                 latencies.append(time.perf_counter() - started)
@@ -153,7 +162,7 @@ async def load(url: str, method: str, body_of, requests: int, concurrency: int, 
     return latencies
 
 
-def api(stack: Stack, requests: int, concurrency: int) -> dict:
+def api(stack: Stack, requests: int, concurrency: int, rate: float) -> dict:
     import subprocess
 
     from storage.experiment_config import parse_config
@@ -173,17 +182,21 @@ def api(stack: Stack, requests: int, concurrency: int) -> dict:
         base = f"http://127.0.0.1:{port}"
         headers = {"Authorization": f"Bearer {token}"}
         asyncio.run(load(f"{base}/ping", "GET", lambda i: None, 500, concurrency, headers))  # warm up
-        ping = asyncio.run(load(f"{base}/ping", "GET", lambda i: None, requests, concurrency, headers))
         assign_url = f"{base}/experiments/{experiment_id}/assign"
-        new = asyncio.run(load(assign_url, "POST", lambda i: {"unit_id": f"u{i}"}, requests, concurrency, headers))
-        returning = asyncio.run(load(assign_url, "POST", lambda i: {"unit_id": f"u{i}"}, requests, concurrency, headers))
+        result = {"requests": requests, "concurrency": concurrency}
+        for mode, pace in (("saturated", 0.0), (f"at_{rate:.0f}_per_s", rate)):
+            ping = asyncio.run(load(f"{base}/ping", "GET", lambda i: None, requests, concurrency, headers, pace))
+            new = asyncio.run(load(assign_url, "POST", lambda i, m=mode: {"unit_id": f"{m}-u{i}"}, requests,
+                                   concurrency, headers, pace))
+            returning = asyncio.run(load(assign_url, "POST", lambda i, m=mode: {"unit_id": f"{m}-u{i}"}, requests,
+                                         concurrency, headers, pace))
+            result[mode] = {}
+            for name, values in (("ping", ping), ("assign_new_user", new), ("assign_returning_user", returning)):
+                result[mode][name] = {k: round(v * 1000, 2) for k, v in percentiles(values).items()}  # ms
+                log(f"(b) {mode} {name}: p50 {result[mode][name]['p50']} ms, p99 {result[mode][name]['p99']} ms")
     finally:
         server.terminate()
         server.wait(30)
-    result = {"requests": requests, "concurrency": concurrency}
-    for name, values in (("ping", ping), ("assign_new_user", new), ("assign_returning_user", returning)):
-        result[name] = {k: round(v * 1000, 2) for k, v in percentiles(values).items()}  # ms
-        log(f"(b) {name}: p50 {result[name]['p50']} ms, p99 {result[name]['p99']} ms")
     return result
 
 
@@ -262,6 +275,7 @@ def main() -> None:
     parser.add_argument("--sdk-calls", type=int, default=200_000)
     parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--api-rate", type=float, default=300, help="requests/s of the open-loop API run")
     parser.add_argument("--rate", type=float, default=5_000)
     parser.add_argument("--seconds", type=float, default=30)
     args = parser.parse_args()
@@ -274,7 +288,7 @@ def main() -> None:
             if args.only in (None, "sdk"):
                 results["sdk_assign"] = sdk(stack, args.sdk_calls)
             if args.only in (None, "api"):
-                results["api_assign"] = api(stack, args.requests, args.concurrency)
+                results["api_assign"] = api(stack, args.requests, args.concurrency, args.api_rate)
             if args.only in (None, "freshness"):
                 results["freshness_to_weights"] = freshness(stack, args.rate, args.seconds)
         finally:

@@ -98,9 +98,14 @@ class ServingClient:
 
     # -- serving --------------------------------------------------------------------------
 
-    def assign(self, experiment_id: str, user_id: str) -> Served:
-        """The user's variant: where this process first put them, else drawn from the current weights."""
-        key = (experiment_id, user_id)
+    def assign(self, experiment_id: str, user_id: str, unit_id: str | None = None) -> Served:
+        """The user's variant: where this process first put the unit, else drawn from the current weights.
+
+        The unit is the user unless ``unit_id`` says otherwise (a session id, for
+        experiments whose config says ``unit: session``); events still carry the user.
+        """
+        unit = user_id if unit_id is None else unit_id
+        key = (experiment_id, unit)
         with self._lock:
             served = self._sticky.get(key)
             if served is not None:
@@ -111,7 +116,7 @@ class ServingClient:
         if found is None:
             raise UnknownExperiment(f"no weights for experiment {experiment_id!r} on {self.topics.allocations}")
         version, weights = found
-        variant = choose(weights, hash_point(experiment_id, user_id, self.salt))
+        variant = choose(weights, hash_point(experiment_id, unit, self.salt))
         served = Served(experiment_id, user_id, variant, weights[variant] / sum(weights.values()), version,
                         str(uuid.uuid4()))
         with self._lock:

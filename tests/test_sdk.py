@@ -8,11 +8,24 @@ from collections import Counter
 import pytest
 from sqlalchemy import text
 
+from bandit_service.assignment import choose, hash_point
 from producers.publisher import ensure_topics
 from producers.sdk import ServingClient, UnknownExperiment
 from tests.conftest import wait_until
 from tests.helpers import counted_events, make_experiment
-from tests.test_refresher import thompson_experiment
+from tests.test_refresher import latest, thompson_experiment
+
+
+def weights_used_everything(engine, experiment_id: str, invocations: int, rewards: float) -> bool:
+    """Whether the newest weights were computed from every invocation and conversion published."""
+    newest = latest(engine, experiment_id)
+    with engine.connect() as conn:
+        totals = {row.variant: (row.invocations, row.reward_sum) for row in conn.execute(text(
+            "SELECT variant, invocations, reward_sum FROM variant_totals WHERE experiment_id = :e"),
+            {"e": experiment_id})}
+    used = {v: (s["invocations"], s["reward_sum"]) for v, s in newest["statistics"]["variants"].items()}
+    complete = sum(n for n, _ in totals.values()) == invocations and sum(r for _, r in totals.values()) == rewards
+    return complete and used == totals
 
 
 def has_weights(client: ServingClient, experiment_id: str) -> bool:
@@ -38,12 +51,14 @@ def test_sdk_routes_by_the_refreshed_weights_and_logs_propensities(settings, eng
         rng = random.Random(1)
         rates = {"Champion": 0.02, "Challenger": 0.3}
         early = {}
+        conversions = 0
         for i in range(1500):
             served = client.assign(experiment_id, f"user-{i}")
             early[served.user_id] = served.variant
             client.invocation(served, latency_ms=10.0)
             if rng.random() < rates[served.variant]:
                 client.conversion(served, reward=1.0)
+                conversions += 1
         client.publisher.flush()
         first_split = Counter(early.values())
         assert abs(first_split["Challenger"] - 750) < 100  # 50/50 by hash while the weights were the initial ones
@@ -56,6 +71,17 @@ def test_sdk_routes_by_the_refreshed_weights_and_logs_propensities(settings, eng
         assert all(client.assign(experiment_id, user).variant == variant for user, variant in early.items())
         served = client.assign(experiment_id, "user-1")
         assert served.version == 1 and served.propensity == 0.5  # the propensity it was first served with
+        # Session experiments randomise sessions: one user, several sessions, each drawn on its own.
+        # (Once the weights have used every invocation they stop moving: compare against them.)
+        wait_until(lambda: weights_used_everything(engine, experiment_id, 1500, conversions), 60,
+                   message="weights from all events", workers=[worker, refresher])
+        final = latest(engine, experiment_id)["version"]
+        wait_until(lambda: client.weights(experiment_id)[0] == final, 30, message="the SDK to have the final weights")
+        _, weights = client.weights(experiment_id)
+        for i in range(50):
+            session = client.assign(experiment_id, "user-1", unit_id=f"session-{i}")
+            assert session.variant == choose(weights, hash_point(experiment_id, f"session-{i}"))
+            assert session.user_id == "user-1"
 
     wait_until(lambda: counted_events(engine, [experiment_id]) >= 1500, 60, message="SDK events aggregated",
                workers=[worker])

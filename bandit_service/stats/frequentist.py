@@ -1,0 +1,153 @@
+"""Frequentist tests and intervals from summary statistics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint, proportions_ztest
+
+ALTERNATIVES = ("two-sided", "larger", "smaller")  # "larger": B's parameter above A's
+
+
+class StatsInputError(ValueError):
+    """The summaries cannot give this statistic (e.g. an empty group); the message says why."""
+
+
+@dataclass(frozen=True)
+class TestResult:
+    statistic: float
+    p_value: float
+    alternative: str = "two-sided"
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+    level: float
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def _check_counts(successes: int, n: int, name: str) -> None:
+    if n <= 0:
+        raise StatsInputError(f"group {name} is empty (n = {n})")
+    if not 0 <= successes <= n:
+        raise StatsInputError(f"group {name}: successes {successes} outside [0, {n}]")
+
+
+def _check_alternative(alternative: str) -> None:
+    if alternative not in ALTERNATIVES:
+        raise StatsInputError(f"alternative must be one of {', '.join(ALTERNATIVES)}, got {alternative!r}")
+
+
+def two_proportion_z_test(successes_a: int, n_a: int, successes_b: int, n_b: int,
+                          alternative: str = "two-sided") -> TestResult:
+    """Pooled two-proportion z-test of B's rate against A's ("larger": B above A)."""
+    _check_counts(successes_a, n_a, "A")
+    _check_counts(successes_b, n_b, "B")
+    _check_alternative(alternative)
+    if successes_a + successes_b in (0, n_a + n_b):
+        # No variation at all: the rates are equal and nothing speaks against it.
+        return TestResult(0.0, 1.0, alternative)
+    z, p = proportions_ztest([successes_b, successes_a], [n_b, n_a], alternative=alternative)
+    return TestResult(float(z), float(p), alternative)
+
+
+def chi_square_test(successes_a: int, n_a: int, successes_b: int, n_b: int, correction: bool = True) -> TestResult:
+    """Chi-square test of independence on the 2x2 table (Yates' continuity correction by default)."""
+    _check_counts(successes_a, n_a, "A")
+    _check_counts(successes_b, n_b, "B")
+    table = np.array([[successes_a, n_a - successes_a], [successes_b, n_b - successes_b]])
+    if (table.sum(axis=0) == 0).any():
+        return TestResult(0.0, 1.0)
+    chi2, p, _, _ = stats.chi2_contingency(table, correction=correction)
+    return TestResult(float(chi2), float(p))
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
+    """Wilson score interval for a rate: sensible at 0 % and 100 % and for small n."""
+    _check_counts(successes, n, "")
+    low, high = proportion_confint(successes, n, alpha=1 - level, method="wilson")
+    estimate = successes / n
+    # At 0 and n the bound equals the estimate exactly; keep rounding from putting it outside.
+    return Interval(estimate, min(float(low), estimate), max(float(high), estimate), level)
+
+
+def rate_difference_interval(successes_a: int, n_a: int, successes_b: int, n_b: int,
+                             level: float = 0.95) -> Interval:
+    """Interval for rate B − rate A (Newcombe's hybrid score method: good coverage near 0 and 1)."""
+    _check_counts(successes_a, n_a, "A")
+    _check_counts(successes_b, n_b, "B")
+    low, high = confint_proportions_2indep(successes_b, n_b, successes_a, n_a, method="newcomb",
+                                           compare="diff", alpha=1 - level)
+    return Interval(successes_b / n_b - successes_a / n_a, float(low), float(high), level)
+
+
+def relative_lift_interval(mean_a: float, var_mean_a: float, mean_b: float, var_mean_b: float,
+                           level: float = 0.95) -> Interval:
+    """Interval for the relative lift (B − A) / A by the delta method.
+
+    ``var_mean_*`` is the variance of each group's *mean* (for a rate: p(1 − p)/n;
+    for a mean: s²/n). Var(B/A − 1) ≈ Var(B)/A² + B² Var(A)/A⁴ for independent groups.
+    """
+    if mean_a == 0:
+        raise StatsInputError("the relative lift is undefined when A's mean is 0")
+    lift = mean_b / mean_a - 1.0
+    se = math.sqrt(var_mean_b / mean_a**2 + mean_b**2 * var_mean_a / mean_a**4)
+    z = stats.norm.ppf(0.5 + level / 2)
+    return Interval(lift, lift - z * se, lift + z * se, level)
+
+
+def rate_lift_interval(successes_a: int, n_a: int, successes_b: int, n_b: int, level: float = 0.95) -> Interval:
+    """Relative lift of B's rate over A's, with its delta-method interval."""
+    _check_counts(successes_a, n_a, "A")
+    _check_counts(successes_b, n_b, "B")
+    pa, pb = successes_a / n_a, successes_b / n_b
+    return relative_lift_interval(pa, pa * (1 - pa) / n_a, pb, pb * (1 - pb) / n_b, level)
+
+
+@dataclass(frozen=True)
+class MeanSummary:
+    """A group's count, sum and sum of squares, as variant_windows stores them."""
+
+    n: int
+    total: float
+    total_sq: float
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n
+
+    @property
+    def variance(self) -> float:
+        """Sample variance (n − 1 denominator)."""
+        if self.n < 2:
+            raise StatsInputError(f"a variance needs at least 2 observations, got {self.n}")
+        return max(self.total_sq - self.total**2 / self.n, 0.0) / (self.n - 1)
+
+
+def welch_t_test(a: MeanSummary, b: MeanSummary, alternative: str = "two-sided") -> TestResult:
+    """Welch's unequal-variance t-test of B's mean against A's, from summaries."""
+    _check_alternative(alternative)
+    scipy_alternative = {"two-sided": "two-sided", "larger": "greater", "smaller": "less"}[alternative]
+    if a.variance == 0 and b.variance == 0:
+        raise StatsInputError("both groups have zero variance: the t statistic is undefined")
+    t, p = stats.ttest_ind_from_stats(b.mean, math.sqrt(b.variance), b.n, a.mean, math.sqrt(a.variance), a.n,
+                                      equal_var=False, alternative=scipy_alternative)
+    return TestResult(float(t), float(p), alternative)
+
+
+def mean_difference_interval(a: MeanSummary, b: MeanSummary, level: float = 0.95) -> Interval:
+    """Welch interval for mean B − mean A (Welch–Satterthwaite degrees of freedom)."""
+    va, vb = a.variance / a.n, b.variance / b.n
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1)) if se > 0 else float("inf")
+    t = stats.t.ppf(0.5 + level / 2, df)
+    diff = b.mean - a.mean
+    return Interval(diff, diff - t * se, diff + t * se, level)

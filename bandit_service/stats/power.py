@@ -1,0 +1,76 @@
+"""Power and sample size: per group, for rates and for means, one- or two-sided, unequal groups.
+
+Rates use the normal approximation with the pooled variance under the null and
+the unpooled one under the alternative (Fleiss; the formula of seed 001):
+
+    n_A = (z_a sqrt(p̄ q̄ (1 + 1/k)) + z_b sqrt(p_A q_A + p_B q_B / k))² / (p_B − p_A)²,   n_B = k n_A,
+
+with p̄ = (p_A + k p_B) / (1 + k). Means use statsmodels' t-test power.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scipy import optimize, stats
+from statsmodels.stats.power import TTestIndPower
+
+from bandit_service.stats.frequentist import StatsInputError
+
+
+def _z_alpha(alpha: float, two_sided: bool) -> float:
+    if not 0 < alpha < 1:
+        raise StatsInputError(f"alpha must be in (0, 1), got {alpha}")
+    return stats.norm.ppf(1 - alpha / 2) if two_sided else stats.norm.ppf(1 - alpha)
+
+
+def sample_size_proportions(p_a: float, p_b: float, alpha: float = 0.05, power: float = 0.8, ratio: float = 1.0,
+                            two_sided: bool = True) -> tuple[int, int]:
+    """(n_A, n_B) to detect rate p_B against p_A; ``ratio`` = n_B / n_A."""
+    if not (0 < p_a < 1 and 0 < p_b < 1) or p_a == p_b:
+        raise StatsInputError(f"need two different rates in (0, 1), got {p_a} and {p_b}")
+    if not 0 < power < 1 or ratio <= 0:
+        raise StatsInputError("power must be in (0, 1) and ratio > 0")
+    k = ratio
+    pooled = (p_a + k * p_b) / (1 + k)
+    z_a, z_b = _z_alpha(alpha, two_sided), stats.norm.ppf(power)
+    n_a = (z_a * math.sqrt(pooled * (1 - pooled) * (1 + 1 / k))
+           + z_b * math.sqrt(p_a * (1 - p_a) + p_b * (1 - p_b) / k)) ** 2 / (p_b - p_a) ** 2
+    return math.ceil(n_a), math.ceil(k * n_a)
+
+
+def power_proportions(p_a: float, p_b: float, n_a: int, n_b: int, alpha: float = 0.05,
+                      two_sided: bool = True) -> float:
+    """Power of the pooled z-test with these group sizes, if the true rates are p_A and p_B."""
+    k = n_b / n_a
+    pooled = (p_a + k * p_b) / (1 + k)
+    se_null = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    se_alt = math.sqrt(p_a * (1 - p_a) / n_a + p_b * (1 - p_b) / n_b)
+    z_a = _z_alpha(alpha, two_sided)
+    delta = abs(p_b - p_a)
+    power = stats.norm.cdf((delta - z_a * se_null) / se_alt)
+    if two_sided:
+        power += stats.norm.cdf((-delta - z_a * se_null) / se_alt)
+    return float(power)
+
+
+def mde_proportions(p_a: float, n_a: int, n_b: int, alpha: float = 0.05, power: float = 0.8,
+                    two_sided: bool = True) -> float:
+    """The smallest absolute lift above p_A that these group sizes detect with ``power``."""
+    def shortfall(delta: float) -> float:
+        return power_proportions(p_a, p_a + delta, n_a, n_b, alpha, two_sided) - power
+
+    upper = 1 - p_a - 1e-9
+    if shortfall(upper) < 0:
+        raise StatsInputError("no lift up to a rate of 100 % reaches that power with these group sizes")
+    return float(optimize.brentq(shortfall, 1e-12, upper, xtol=1e-12))
+
+
+def sample_size_means(difference: float, std: float, alpha: float = 0.05, power: float = 0.8, ratio: float = 1.0,
+                      two_sided: bool = True) -> tuple[int, int]:
+    """(n_A, n_B) for Welch/Student t-tests to detect a mean difference with common std ``std``."""
+    if std <= 0 or difference == 0:
+        raise StatsInputError("need std > 0 and a non-zero difference")
+    n_a = TTestIndPower().solve_power(effect_size=abs(difference) / std, alpha=alpha, power=power, ratio=ratio,
+                                      alternative="two-sided" if two_sided else "larger")
+    return math.ceil(n_a), math.ceil(ratio * n_a)

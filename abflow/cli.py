@@ -69,11 +69,12 @@ def main() -> None:
 @click.option("--seed", default=1, show_default=True, help="Seed of the simulated traffic.")
 @click.option("--exit-when-done", is_flag=True, help="Stop the stack once the demo's aggregates are complete.")
 def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: bool) -> None:
-    """Start the stack, run the stream worker and a demo experiment; Ctrl-C stops everything.
+    """Start the stack (worker, API, weight refresher) and run the demo; Ctrl-C stops everything.
 
     Without ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL it starts an embedded
     Kafka-protocol broker and an embedded PostgreSQL whose data is kept in
-    $ABFLOW_HOME (default ./.abflow).
+    $ABFLOW_HOME (default ./.abflow). The demo routes simulated users through
+    the serving SDK on the live bandit weights and prints how they moved.
     """
     from abflow.localstack import read_stack_file, stop_recorded_stack
 

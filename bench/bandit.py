@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -34,14 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from abflow.localstack import EmbeddedBroker, EmbeddedPostgres, free_port, wait_for_port  # noqa: E402
-from abflow.settings import Settings, libpq_url  # noqa: E402
+from abflow.localstack import free_port, wait_for_port  # noqa: E402
+from abflow.settings import libpq_url  # noqa: E402
 from bandit_service.policies import PolicyConfig  # noqa: E402
 from bandit_service.simulation import simulate_regret  # noqa: E402
+from common import Stack, save_results  # noqa: E402
 from pipeline import new_experiment, run_env, start_worker, stop_worker  # noqa: E402
 from producers.contracts import Invocation, encode  # noqa: E402
 from producers.publisher import Publisher, ensure_topics  # noqa: E402
-from storage.db import make_engine, upgrade  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -74,31 +73,6 @@ def regret(seeds: int, users: int) -> dict:
                                   "regret_vs_uniform": round(value / uniform, 3)} for name, value in rows.items()}
         log(f"(d) {scenario}: " + ", ".join(f"{k} {v:.0f}" for k, v in rows.items()))
     return {"users": users, "seeds": seeds, "refresh_every_users": 1000, "scenarios": table}
-
-
-# -- shared stack ---------------------------------------------------------------------------
-
-class Stack:
-    def __init__(self, home: Path):
-        settings = Settings.from_env()
-        self.parts = []
-        self.bootstrap, self.database_url = settings.kafka_bootstrap, settings.database_url
-        if not self.bootstrap:
-            broker = EmbeddedBroker(home / "broker.log").start()
-            self.parts.append(broker)
-            self.bootstrap = broker.bootstrap
-        if not self.database_url:
-            postgres = EmbeddedPostgres(home / "pgdata", home / "postgres.log").start()
-            self.parts.append(postgres)
-            self.database_url = postgres.url
-        upgrade(self.database_url)
-        self.engine = make_engine(self.database_url)
-        self.home = home
-
-    def close(self) -> None:
-        self.engine.dispose()
-        for part in reversed(self.parts):
-            part.stop()
 
 
 # -- (c) SDK ----------------------------------------------------------------------------------
@@ -293,10 +267,7 @@ def main() -> None:
                 results["freshness_to_weights"] = freshness(stack, args.rate, args.seconds)
         finally:
             stack.close()
-    print(json.dumps(results, indent=2))
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"bandit-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))
+    save_results("bandit", results)
 
 
 if __name__ == "__main__":

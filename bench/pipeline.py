@@ -20,7 +20,6 @@ embedded broker and PostgreSQL in a temporary directory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -38,12 +37,12 @@ from confluent_kafka import Consumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from abflow.localstack import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
-from abflow.settings import Settings, Topics, libpq_url  # noqa: E402
+from abflow.settings import Topics, libpq_url  # noqa: E402
+from common import Stack, save_results  # noqa: E402
 from producers.contracts import Invocation, Conversion, encode  # noqa: E402
 from producers.publisher import Publisher, ensure_topics  # noqa: E402
-from storage.db import make_engine, upgrade  # noqa: E402
 from storage.experiment_config import parse_config  # noqa: E402
 from storage.registry import create_experiment  # noqa: E402
 
@@ -251,34 +250,16 @@ def main() -> None:
     parser.add_argument("--only", choices=["throughput", "freshness"])
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="abflow-bench-"))
-    settings = Settings.from_env()
-    parts = []
-    bootstrap, database_url = settings.kafka_bootstrap, settings.database_url
-    if not bootstrap:
-        broker = EmbeddedBroker(home / "broker.log").start()
-        parts.append(broker)
-        bootstrap = broker.bootstrap
-    if not database_url:
-        postgres = EmbeddedPostgres(home / "pgdata", home / "postgres.log").start()
-        parts.append(postgres)
-        database_url = postgres.url
-    upgrade(database_url)
-    engine = make_engine(database_url)
-    results = {"machine": f"{os.cpu_count()} cores", "stack": "external" if not parts else "embedded"}
+    stack = Stack(Path(tempfile.mkdtemp(prefix="abflow-bench-")))
+    results = {"machine": f"{os.cpu_count()} cores", "stack": stack.kind}
     try:
         if args.only in (None, "throughput"):
-            results["throughput"] = throughput(args, bootstrap, database_url, home, engine)
+            results["throughput"] = throughput(args, stack.bootstrap, stack.database_url, stack.home, stack.engine)
         if args.only in (None, "freshness"):
-            results["freshness"] = freshness(args, bootstrap, database_url, home, engine)
+            results["freshness"] = freshness(args, stack.bootstrap, stack.database_url, stack.home, stack.engine)
     finally:
-        engine.dispose()
-        for part in reversed(parts):
-            part.stop()
-    print(json.dumps(results, indent=2))
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))
+        stack.close()
+    save_results("pipeline", results)
 
 
 if __name__ == "__main__":

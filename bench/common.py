@@ -1,0 +1,52 @@
+"""What the benchmarks share: the stack they run on, and where their figures go."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from abflow.localstack import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
+from abflow.settings import Settings  # noqa: E402
+from storage.db import make_engine, upgrade  # noqa: E402
+
+
+class Stack:
+    """ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL when set, else an embedded broker and PostgreSQL in ``home``."""
+
+    def __init__(self, home: Path):
+        settings = Settings.from_env()
+        self.home = home
+        self.parts = []
+        self.bootstrap, self.database_url = settings.kafka_bootstrap, settings.database_url
+        if not self.bootstrap:
+            broker = EmbeddedBroker(home / "broker.log").start()
+            self.parts.append(broker)
+            self.bootstrap = broker.bootstrap
+        if not self.database_url:
+            postgres = EmbeddedPostgres(home / "pgdata", home / "postgres.log").start()
+            self.parts.append(postgres)
+            self.database_url = postgres.url
+        upgrade(self.database_url)
+        self.engine = make_engine(self.database_url)
+
+    @property
+    def kind(self) -> str:
+        return "embedded" if self.parts else "external"
+
+    def close(self) -> None:
+        self.engine.dispose()
+        for part in reversed(self.parts):
+            part.stop()
+
+
+def save_results(name: str, results: dict) -> None:
+    """Print the figures, and keep them in bench/results/ (not versioned)."""
+    print(json.dumps(results, indent=2))
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))

@@ -18,7 +18,8 @@ test: $(BIN)/abflow
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(BIN)/abflow
-	$(BIN)/python bench/pipeline.py $(ARGS)
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/bandit.py
 
 clean:
 	rm -rf $(VENV) .abflow

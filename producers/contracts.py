@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime
 
 import orjson
 
@@ -275,7 +275,3 @@ def parse_event(kind: str, raw: bytes, max_bytes: int = 64 * 1024) -> Event:
 
 def event_from_dict(kind: str, data: dict) -> Event:
     return _FROM_DICT[kind](data)
-
-
-def rfc3339(epoch_seconds: float) -> str:
-    return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from abflow.settings import Settings, SettingsError
+from abflow.text import format_table
 
 DEMO_CONFIG = "demo-experiment.yaml"
 
@@ -33,20 +34,6 @@ def _engine(settings: Settings):
     from storage.db import make_engine
 
     return make_engine(settings.require_database_url())
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.0f}"
-        return "" if value is None else str(value)
-
-    cells = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
-    return "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -441,6 +428,50 @@ def experiment_show(experiment_id: str, as_json: bool) -> None:
                f"unit {e.unit}  status {e.status}")
     click.echo(format_table(variants, ["variant", "role", "initial_weight", "model_version", "invocations",
                                        "conversions", "reward_sum", "errors"]))
+
+
+@main.command()
+@click.argument("experiment_id")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Also write the report as JSON to this file ('-': standard output, instead of the table).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a self-contained HTML page with plots (works offline) to this file.")
+def report(experiment_id: str, json_path: str | None, html_path: str | None) -> None:
+    """Is a challenger better, by how much, how sure, and may it ship? The full analysis of EXPERIMENT.
+
+    Prints the decision (ship, do not ship, keep running, stop for harm) with
+    its reasons, each variant's figures, every challenger against the
+    champion on the primary and secondary metrics (with intervals, fixed-
+    horizon and always-valid p-values corrected for many comparisons), the
+    guardrails, the sample-ratio check and the Bayesian view. Estimates are
+    stratified by allocation period, so they stay valid when a bandit moved
+    the weights. Metrics, margins, alpha, power and the MDE come from the
+    experiment config's `metrics` and `analysis` sections.
+    """
+    from bandit_service.report import build_report, load_report_input
+    from bandit_service.report_render import render_html, render_text
+    from storage.registry import ExperimentNotFound
+
+    engine = _engine(_settings())
+    try:
+        try:
+            data = build_report(load_report_input(engine, experiment_id))
+        except ExperimentNotFound as exc:
+            raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    if json_path == "-":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(render_text(data))
+        if json_path:
+            with open(json_path, "w") as out:
+                json.dump(data, out, indent=2)
+            click.echo(f"\nwrote {json_path}")
+    if html_path:
+        with open(html_path, "w") as out:
+            out.write(render_html(data))
+        click.echo(f"wrote {html_path}", err=json_path == "-")
 
 
 @main.command()

@@ -15,9 +15,27 @@ UNITS = ("user", "session")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variants", "description", "min_weight",
-              "reward_model"}
+              "reward_model", "metrics", "analysis"}
 REWARD_MODELS = ("binary", "gaussian")
 _VARIANT = {"name", "initial_weight", "model_version", "role"}
+
+# The metrics the aggregates can give, with the direction that is better.
+# A rate or a mean per invocation; a latency quantile from the histograms.
+METRICS = {
+    "conversion_rate": "higher",
+    "reward_per_invocation": "higher",
+    "error_rate": "lower",
+    "latency_p95": "lower",
+    "latency_p99": "lower",
+}
+METRIC_ROLES = ("primary", "secondary", "guardrail")
+# Default non-inferiority margins of guardrails: absolute points of error rate, or of the
+# challenger's share of requests slower than the champion's quantile.
+DEFAULT_MARGINS = {"error_rate": 0.01, "latency_p95": 0.01, "latency_p99": 0.005,
+                   "conversion_rate": 0.005, "reward_per_invocation": 0.01}
+CORRECTIONS = ("holm", "benjamini-hochberg")
+_METRIC = {"name", "role", "margin"}
+_ANALYSIS = {"alpha", "power", "mde", "correction", "min_sample"}
 
 
 class ConfigError(ValueError):
@@ -33,6 +51,39 @@ class VariantConfig:
 
 
 @dataclass(frozen=True)
+class MetricConfig:
+    name: str
+    role: str
+    margin: float | None = None  # guardrails only: how much worse the challenger may be
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.name] == "higher"
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How the report calls a winner."""
+
+    alpha: float = 0.05
+    power: float = 0.8
+    mde: float = 0.1  # minimum detectable effect, relative to the champion's primary metric
+    correction: str = "holm"
+    min_sample: int | None = None  # per variant; None: from a power analysis at the MDE
+
+
+def default_metrics(reward_model: str) -> tuple[MetricConfig, ...]:
+    """Binary rewards: the conversion rate decides. Continuous rewards: the reward per invocation
+    decides, and the conversion rate is watched. Errors and p95 latency are guarded either way."""
+    if reward_model == "binary":
+        decisive = (MetricConfig("conversion_rate", "primary"),)
+    else:
+        decisive = (MetricConfig("reward_per_invocation", "primary"), MetricConfig("conversion_rate", "secondary"))
+    return decisive + (MetricConfig("error_rate", "guardrail", DEFAULT_MARGINS["error_rate"]),
+                       MetricConfig("latency_p95", "guardrail", DEFAULT_MARGINS["latency_p95"]))
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     experiment_id: str
     strategy: str
@@ -43,12 +94,15 @@ class ExperimentConfig:
     min_weight: float = 0.0
     reward_model: str = "binary"
     description: str | None = None
+    metrics: tuple[MetricConfig, ...] = ()
+    analysis: AnalysisConfig = AnalysisConfig()
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("extra")
         data["variants"] = [asdict(v) for v in self.variants]
+        data["metrics"] = [asdict(m) for m in self.metrics]
         return data
 
     @property
@@ -85,6 +139,71 @@ def _variant(data, index: int, count: int) -> VariantConfig:
     if model_version is not None:
         model_version = str(model_version)
     return VariantConfig(name=name, initial_weight=weight, role=role, model_version=model_version)
+
+
+def _metrics(data, reward_model: str) -> tuple[MetricConfig, ...]:
+    if data is None:
+        return default_metrics(reward_model)
+    if not isinstance(data, list) or not data:
+        raise ConfigError("metrics must be a non-empty list of {name, role, margin}")
+    metrics = []
+    for index, item in enumerate(data):
+        where = f"metrics[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be an object with 'name' and 'role'")
+        unknown = set(item) - _METRIC
+        if unknown:
+            raise ConfigError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+        name = item.get("name")
+        if name not in METRICS:
+            raise ConfigError(f"{where}.name must be one of {', '.join(METRICS)}, got {name!r}")
+        role = item.get("role")
+        if role not in METRIC_ROLES:
+            raise ConfigError(f"{where}.role must be one of {', '.join(METRIC_ROLES)}, got {role!r}")
+        margin = item.get("margin")
+        if role == "guardrail":
+            margin = _number(DEFAULT_MARGINS[name] if margin is None else margin, f"{where}.margin")
+            if not 0 < margin < 1:
+                raise ConfigError(f"{where}.margin must be in (0, 1), got {margin}")
+        elif margin is not None:
+            raise ConfigError(f"{where}.margin applies to guardrails only")
+        if role != "guardrail" and name.startswith("latency_"):
+            raise ConfigError(f"{where}: {name} can only be a guardrail")
+        metrics.append(MetricConfig(name, role, margin))
+    names = [m.name for m in metrics]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"metrics repeat: {', '.join(repeated)}")
+    primaries = [m.name for m in metrics if m.role == "primary"]
+    if len(primaries) != 1:
+        raise ConfigError(f"exactly one metric must have role 'primary', found {len(primaries)}")
+    return tuple(metrics)
+
+
+def _analysis(data) -> AnalysisConfig:
+    if data is None:
+        return AnalysisConfig()
+    if not isinstance(data, dict):
+        raise ConfigError("analysis must be an object with alpha, power, mde, correction, min_sample")
+    unknown = set(data) - _ANALYSIS
+    if unknown:
+        raise ConfigError(f"analysis has unknown keys: {', '.join(sorted(unknown))}")
+    defaults = AnalysisConfig()
+    alpha = _number(data.get("alpha", defaults.alpha), "analysis.alpha")
+    power = _number(data.get("power", defaults.power), "analysis.power")
+    mde = _number(data.get("mde", defaults.mde), "analysis.mde")
+    for name, value in (("alpha", alpha), ("power", power)):
+        if not 0 < value < 1:
+            raise ConfigError(f"analysis.{name} must be in (0, 1), got {value}")
+    if mde <= 0:
+        raise ConfigError(f"analysis.mde (relative lift) must be > 0, got {mde}")
+    correction = data.get("correction", defaults.correction)
+    if correction not in CORRECTIONS:
+        raise ConfigError(f"analysis.correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+    min_sample = data.get("min_sample")
+    if min_sample is not None and (isinstance(min_sample, bool) or not isinstance(min_sample, int) or min_sample < 1):
+        raise ConfigError(f"analysis.min_sample must be a whole number >= 1, got {min_sample!r}")
+    return AnalysisConfig(alpha, power, mde, correction, min_sample)
 
 
 def parse_config(data) -> ExperimentConfig:
@@ -139,6 +258,8 @@ def parse_config(data) -> ExperimentConfig:
         min_weight=min_weight,
         reward_model=reward_model,
         description=None if description is None else str(description),
+        metrics=_metrics(data.get("metrics"), reward_model),
+        analysis=_analysis(data.get("analysis")),
     )
 
 

@@ -47,3 +47,64 @@ def allocation_history(engine: Engine, experiment_id: str, limit: int = 10) -> l
             "WHERE experiment_id = :experiment_id ORDER BY version DESC LIMIT :limit"
         ), {"experiment_id": experiment_id, "limit": limit})
         return [dict(row._mapping) for row in rows]
+
+
+def allocation_versions(engine: Engine, experiment_id: str) -> list[tuple[int, object, dict]]:
+    """Every allocation version of an experiment, oldest first: (version, computed_at, weights)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT version, computed_at, weights FROM allocations WHERE experiment_id = :experiment_id ORDER BY version"
+        ), {"experiment_id": experiment_id})
+        return [tuple(row) for row in rows]
+
+
+def period_sums(engine: Engine, experiment_id: str, period_starts: list) -> list[dict]:
+    """Sums per variant and allocation period; ``period`` is 0 before the first start, k from the k-th on."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT width_bucket(window_start, CAST(:starts AS timestamptz[])) AS period, variant,"
+            " sum(invocations)::bigint AS invocations, sum(conversions)::bigint AS conversions,"
+            " sum(reward_sum) AS reward_sum, sum(reward_sq_sum) AS reward_sq_sum, sum(errors)::bigint AS errors"
+            " FROM variant_windows WHERE experiment_id = :experiment_id GROUP BY 1, 2"
+        ), {"experiment_id": experiment_id, "starts": list(period_starts)})
+        return [dict(row._mapping) for row in rows]
+
+
+def latency_histograms(engine: Engine, experiment_id: str) -> dict[str, list[int]]:
+    """Each variant's latency histogram over the whole experiment."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT variant, abflow_sum_counts(latency_hist) FROM variant_windows"
+            " WHERE experiment_id = :experiment_id GROUP BY variant"
+        ), {"experiment_id": experiment_id})
+        return {variant: list(hist) for variant, hist in rows}
+
+
+def time_series(engine: Engine, experiment_id: str, points: int = 200) -> list[tuple]:
+    """Invocations, conversions and reward per variant in about ``points`` equal time buckets, oldest first."""
+    with engine.connect() as conn:
+        span = conn.execute(text(
+            "SELECT min(window_start), max(window_start), max(window_seconds) FROM variant_windows"
+            " WHERE experiment_id = :experiment_id"
+        ), {"experiment_id": experiment_id}).one()
+        if span[0] is None:
+            return []
+        first, last, window_seconds = span
+        step = max(window_seconds, -(-int((last - first).total_seconds()) // points))
+        step = -(-step // window_seconds) * window_seconds  # whole windows
+        rows = conn.execute(text(
+            "SELECT date_bin(make_interval(secs => :step), window_start, :origin) AS bucket, variant,"
+            " sum(invocations)::bigint, sum(conversions)::bigint, sum(reward_sum)"
+            " FROM variant_windows WHERE experiment_id = :experiment_id GROUP BY 1, 2 ORDER BY 1, 2"
+        ), {"experiment_id": experiment_id, "step": step, "origin": first})
+        return [tuple(row) for row in rows]
+
+
+def assignment_counts(engine: Engine, experiment_id: str) -> dict[tuple[str, int | None], int]:
+    """First assignments per (variant, allocation version they were drawn from)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT variant, allocation_version, count(*) FROM assignments"
+            " WHERE experiment_id = :experiment_id GROUP BY 1, 2"
+        ), {"experiment_id": experiment_id})
+        return {(variant, version): int(count) for variant, version, count in rows}

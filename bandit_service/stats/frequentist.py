@@ -120,6 +120,9 @@ class MeanSummary:
     total: float
     total_sq: float
 
+    def __add__(self, other: "MeanSummary") -> "MeanSummary":
+        return MeanSummary(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
+
     @property
     def mean(self) -> float:
         return self.total / self.n

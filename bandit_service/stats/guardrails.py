@@ -51,19 +51,28 @@ def rate_non_inferiority(bad_a: int, n_a: int, bad_b: int, n_b: int, margin: flo
     return NonInferiority(difference, margin, upper, float(stats.norm.cdf(z)), bool(upper < margin))
 
 
-def latency_quantile_non_inferiority(hist_a: list[int], hist_b: list[int], quantile: float, margin: float,
-                                     alpha: float = 0.05) -> NonInferiority:
-    """Is B's ``quantile`` latency not worse than A's? B's share above A's quantile may exceed
-    ``1 − quantile`` by at most ``margin`` (e.g. p95 with margin 0.01: at most 6 % of B slower)."""
+def slower_share(hist_a: list[int], hist_b: list[int], quantile: float) -> tuple[float, float, int]:
+    """(share of B slower than A's ``quantile``, the share expected if B were as fast, B's count)."""
     threshold = histogram_quantile(hist_a, quantile)
     if threshold is None or sum(hist_b) == 0:
         raise StatsInputError("both variants need latency observations")
     edges = list(LATENCY_BUCKET_EDGES_MS) + [math.inf]
     slower = sum(count for count, edge in zip(hist_b, edges) if edge > threshold)
     n_b = sum(hist_b)
-    expected = 1 - quantile
-    share = slower / n_b
-    se = math.sqrt(max(share * (1 - share), expected * (1 - expected)) / n_b)
+    return slower / n_b, 1 - quantile, n_b
+
+
+def slower_share_variance(share: float, expected: float, n_b: int) -> float:
+    """Variance of the share: the larger of the observed and the expected binomial variance."""
+    return max(share * (1 - share), expected * (1 - expected)) / n_b
+
+
+def latency_quantile_non_inferiority(hist_a: list[int], hist_b: list[int], quantile: float, margin: float,
+                                     alpha: float = 0.05) -> NonInferiority:
+    """Is B's ``quantile`` latency not worse than A's? B's share above A's quantile may exceed
+    ``1 − quantile`` by at most ``margin`` (e.g. p95 with margin 0.01: at most 6 % of B slower)."""
+    share, expected, n_b = slower_share(hist_a, hist_b, quantile)
+    se = math.sqrt(slower_share_variance(share, expected, n_b))
     upper = float(share - expected + stats.norm.ppf(1 - alpha) * se)
     z = (share - expected - margin) / se
     return NonInferiority(share - expected, margin, upper, float(stats.norm.cdf(z)), bool(upper < margin))

@@ -1,0 +1,368 @@
+"""The experiment report: every variant's figures, each challenger against the champion, the
+guardrails, the sample-ratio check, the Bayesian view and the decision. Pure: ``ReportInput``
+holds what ``storage.queries.report_input`` read; ``build_report`` returns plain JSON-ready data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+from scipy import stats
+
+from bandit_service.policies import BINARY, ArmStats, thompson_probabilities
+from bandit_service.stats.adaptive import (
+    EMPTY,
+    merge_thin_periods,
+    period_starts,
+    pooled,
+    rate_cell,
+    stratified_means,
+)
+from bandit_service.stats.bayesian import BetaPosterior, expected_loss, prob_b_beats_a
+from bandit_service.stats.checks import adjust_p_values, expected_shares_from_history, sample_ratio_mismatch
+from bandit_service.stats.decision import ChallengerEvidence, GuardrailEvidence, decide
+from bandit_service.stats.frequentist import MeanSummary, StatsInputError, relative_lift_interval, wilson_interval
+from bandit_service.stats.guardrails import slower_share, slower_share_variance
+from bandit_service.stats.power import sample_size_means, sample_size_proportions
+from bandit_service.stats.sequential import msprt
+from storage import queries
+from storage.experiment_config import ExperimentConfig, MetricConfig, parse_config
+from storage.registry import get_experiment
+from stream_jobs.windowing import LATENCY_BUCKETS, histogram_quantile
+
+RATE_METRICS = {"conversion_rate": "conversions", "error_rate": "errors"}
+QUANTILES = {"latency_p95": 0.95, "latency_p99": 0.99}
+SRM_THRESHOLD = 0.001
+POSTERIOR_DRAWS = 20_000
+
+
+@dataclass
+class ReportInput:
+    config: ExperimentConfig
+    status: str
+    # Sums per variant and allocation period (0 before the first period start, k from the k-th on).
+    periods: dict[int, dict[str, dict]]
+    # (version, computed_at, weights) in version order.
+    allocations: list[tuple[int, datetime, dict[str, float]]]
+    histograms: dict[str, list[int]] = field(default_factory=dict)  # latency, over the whole experiment
+    # First assignments per (variant, allocation version or None): the units the API assigned.
+    assignments: dict[tuple[str, int | None], int] = field(default_factory=dict)
+    # Cumulative series for the plots: (bucket start, variant, invocations, conversions, reward_sum).
+    series: list[tuple[datetime, str, int, int, float]] = field(default_factory=list)
+
+
+def _metric_cell(name: str, sums: dict) -> MeanSummary:
+    n = int(sums.get("invocations", 0))
+    if name in RATE_METRICS:
+        return rate_cell(sums.get(RATE_METRICS[name], 0), n)
+    return MeanSummary(n, float(sums.get("reward_sum", 0.0)), float(sums.get("reward_sq_sum", 0.0)))
+
+
+
+
+def _number(value: float | None) -> float | None:
+    """JSON has no inf or nan."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _orient(metric: MetricConfig, difference: float, low: float, high: float) -> tuple[float, float, float]:
+    """(B − A, low, high) turned so that positive is better."""
+    return (difference, low, high) if metric.higher_is_better else (-difference, -high, -low)
+
+
+class _Experiment:
+    """The report's working state; ``build`` assembles the sections."""
+
+    def __init__(self, data: ReportInput) -> None:
+        self.data = data
+        self.config = data.config
+        self.names = [v.name for v in self.config.variants]
+        self.champion = next(v.name for v in self.config.variants if v.role == "champion")
+        self.challengers = [n for n in self.names if n != self.champion]
+        self.alpha = self.config.analysis.alpha
+        self.ordered_periods = [data.periods[k] for k in sorted(data.periods)]
+        self.totals = {name: {} for name in self.names}
+        for period in self.ordered_periods:
+            for name, sums in period.items():
+                bucket = self.totals.setdefault(name, {})
+                for key, value in sums.items():
+                    bucket[key] = bucket.get(key, 0) + (value or 0)
+        self.notes: list[str] = []
+
+    # -- per variant -------------------------------------------------------------------------
+
+    def _hist(self, name: str) -> list[int]:
+        return list(self.data.histograms.get(name) or [0] * LATENCY_BUCKETS)
+
+    def variants(self) -> list[dict]:
+        current = self.data.allocations[-1][2] if self.data.allocations else self.config.normalised_weights
+        rows = []
+        for v in self.config.variants:
+            t = self.totals.get(v.name, {})
+            n = int(t.get("invocations", 0))
+            conversions = int(t.get("conversions", 0))
+            row = {"variant": v.name, "role": v.role, "model_version": v.model_version,
+                   "weight": current.get(v.name, 0.0), "invocations": n, "conversions": conversions,
+                   "conversion_rate": None, "conversion_rate_low": None, "conversion_rate_high": None,
+                   "reward_per_invocation": None, "error_rate": None, "latency_p95_ms": None, "latency_p99_ms": None}
+            if n:
+                interval = wilson_interval(min(conversions, n), n, 1 - self.alpha)
+                hist = self._hist(v.name)
+                row.update(conversion_rate=interval.estimate, conversion_rate_low=interval.low,
+                           conversion_rate_high=interval.high, reward_per_invocation=t.get("reward_sum", 0.0) / n,
+                           error_rate=int(t.get("errors", 0)) / n,
+                           latency_p95_ms=_number(histogram_quantile(hist, 0.95)),
+                           latency_p99_ms=_number(histogram_quantile(hist, 0.99)))
+            rows.append(row)
+        return rows
+
+    # -- comparisons -------------------------------------------------------------------------
+
+    def _cells(self, metric: str) -> list[dict[str, MeanSummary]]:
+        return [{name: _metric_cell(metric, sums) for name, sums in period.items()} for period in self.ordered_periods]
+
+    def _stratified(self, metric: str, challenger: str):
+        """(B − A, its variance, mean A, var A, mean B, var B, periods used, periods merged)."""
+        cells = self._cells(metric)
+        merged = merge_thin_periods(cells, [self.champion, challenger])
+        traffic = [sum(cell.n for cell in period.values()) for period in merged]
+        means = stratified_means(merged, traffic, [self.champion, challenger])
+        a, b = means[self.champion], means[challenger]
+        return b.mean - a.mean, a.variance + b.variance, a, b, len(merged), len(cells) - len(merged)
+
+    def _tau(self, metric: str, scale: float) -> float:
+        """The mixture scale of the mSPRT: the smallest effect worth finding."""
+        cells = pooled(self._cells(metric))
+        everyone = sum(cells.values(), EMPTY)
+        baseline = abs(everyone.mean) if everyone.n else 0.0
+        return scale * baseline if baseline > 0 else scale
+
+    def comparison(self, metric: MetricConfig, challenger: str) -> dict:
+        row = {"metric": metric.name, "role": metric.role, "variant": challenger, "against": self.champion}
+        try:
+            difference, variance, a, b, used, merged = self._stratified(metric.name, challenger)
+        except StatsInputError as exc:
+            return {**row, "error": str(exc)}
+        if merged:
+            self.notes.append(f"{metric.name}, {challenger}: {merged} allocation period(s) merged into a neighbour "
+                              "because a variant had under 2 invocations in them; give the bandit a min_weight "
+                              "to keep the estimate unbiased")
+        row.update(champion_mean=a.mean, challenger_mean=b.mean, difference=difference, periods=used)
+        if variance <= 0:
+            return {**row, "error": "no variation in either variant: nothing to test"}
+        se = math.sqrt(variance)
+        z = stats.norm.ppf(1 - self.alpha / 2)
+        row.update(low=difference - z * se, high=difference + z * se,
+                   p_value=float(2 * stats.norm.sf(abs(difference) / se)))
+        if a.mean != 0:
+            lift = relative_lift_interval(a.mean, a.variance, b.mean, b.variance, 1 - self.alpha)
+            row.update(lift=lift.estimate, lift_low=lift.low, lift_high=lift.high)
+        tau = self._tau(metric.name, self.config.analysis.mde)
+        sequential = msprt(difference, variance, tau, self.alpha)
+        row.update(always_valid_p=sequential.p_value, always_valid_low=sequential.interval.low,
+                   always_valid_high=sequential.interval.high, tau=tau)
+        return row
+
+    def guardrail(self, metric: MetricConfig, challenger: str) -> dict:
+        row = {"metric": metric.name, "variant": challenger, "against": self.champion, "margin": metric.margin}
+        try:
+            if metric.name in QUANTILES:
+                share, expected, n_b = slower_share(self._hist(self.champion),
+                                                    self._hist(challenger), QUANTILES[metric.name])
+                excess, variance = share - expected, slower_share_variance(share, expected, n_b)
+                row["detail"] = (f"{share:.2%} of {challenger}'s requests are slower than {self.champion}'s "
+                                 f"{metric.name[-3:]} (expected {expected:.0%})")
+            else:
+                difference, variance, a, b, _, _ = self._stratified(metric.name, challenger)
+                excess = -difference if metric.higher_is_better else difference
+                row["detail"] = f"{metric.name}: {self.champion} {a.mean:.4g}, {challenger} {b.mean:.4g}"
+                if variance <= 0 and metric.name in RATE_METRICS:
+                    # Not one event in either variant (no errors at all): take the variance one
+                    # event in each would give, rather than certainty.
+                    n_a, n_b = (int(self.totals[name].get("invocations", 0)) for name in (self.champion, challenger))
+                    variance = (1 - 1 / n_a) / n_a**2 + (1 - 1 / n_b) / n_b**2
+            if variance <= 0:
+                raise StatsInputError("no variation in either variant")
+        except StatsInputError as exc:
+            return {**row, "error": str(exc)}
+        sequential = msprt(excess, variance, metric.margin, self.alpha)
+        evidence = GuardrailEvidence(metric.name, metric.margin, excess, sequential.interval.low,
+                                     sequential.interval.high)
+        row.update(excess=excess, low=evidence.low, high=evidence.high, non_inferior=evidence.non_inferior,
+                   harmful=evidence.harmful,
+                   status="harm" if evidence.harmful else "pass" if evidence.non_inferior else "not yet shown")
+        return row
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def sample_ratio(self) -> dict:
+        initial = self.config.normalised_weights
+        weights_of = {version: weights for version, _, weights in self.data.allocations}
+        if self.data.assignments:
+            observed: dict[str, int] = {}
+            per_version: dict[int | None, int] = {}
+            for (variant, version), count in self.data.assignments.items():
+                observed[variant] = observed.get(variant, 0) + count
+                per_version[version] = per_version.get(version, 0) + count
+            history = [(count, weights_of.get(version, initial)) for version, count in per_version.items()]
+            source = "first assignments, against the weights each was drawn from"
+        else:
+            changed = any(max(abs(w.get(n, 0.0) - initial.get(n, 0.0)) for n in self.names) > 1e-9
+                          for _, _, w in self.data.allocations)
+            if changed:
+                return {"checked": False, "reason": "the weights changed and the units were routed by the SDK, whose "
+                        "first assignments are not logged; invocations of returning users do not follow the "
+                        "current weights"}
+            observed = {n: int(self.totals.get(n, {}).get("invocations", 0)) for n in self.names}
+            history = [(sum(observed.values()), initial)]
+            source = "invocations, against the fixed weights"
+        try:
+            shares = expected_shares_from_history(history)
+            positive = {n: s for n, s in shares.items() if s > 0}
+            check = sample_ratio_mismatch(observed, positive, SRM_THRESHOLD)
+        except StatsInputError as exc:
+            return {"checked": False, "reason": str(exc)}
+        return {"checked": True, "source": source, "observed": check.observed, "expected_shares": check.expected,
+                "statistic": check.statistic, "p_value": check.p_value, "mismatch": check.mismatch,
+                "threshold": SRM_THRESHOLD}
+
+    def min_sample(self, primary: MetricConfig) -> int | None:
+        analysis = self.config.analysis
+        if analysis.min_sample is not None:
+            return analysis.min_sample
+        champion = pooled(self._cells(primary.name)).get(self.champion, EMPTY)
+        if champion.n < 2 or champion.mean == 0:
+            return None
+        try:
+            if primary.name in RATE_METRICS:
+                target = champion.mean * (1 + analysis.mde) if primary.higher_is_better else champion.mean * (1 - analysis.mde)
+                if not 0 < target < 1 or champion.mean >= 1:
+                    return None
+                return sample_size_proportions(champion.mean, target, analysis.alpha, analysis.power)[0]
+            std = math.sqrt(champion.variance)
+            return sample_size_means(analysis.mde * abs(champion.mean), std, analysis.alpha, analysis.power)[0]
+        except StatsInputError:
+            return None
+
+    def bayesian(self) -> dict:
+        """Beta-Binomial view of the conversion rate on the pooled counts (what the bandit itself sees)."""
+        posteriors = {}
+        for name in self.names:
+            t = self.totals.get(name, {})
+            n = int(t.get("invocations", 0))
+            successes = min(int(t.get("conversions", 0)), n)
+            posteriors[name] = BetaPosterior(1.0 + successes, 1.0 + n - successes)
+        level = 1 - self.alpha
+        arms = [ArmStats(name, 1.0, int(p.alpha + p.beta - 2), p.alpha - 1, p.alpha - 1) for name, p in posteriors.items()]
+        p_best = thompson_probabilities(arms, BINARY, np.random.default_rng(0), POSTERIOR_DRAWS)
+        rows = []
+        for name, posterior in posteriors.items():
+            interval = posterior.credible_interval(level)
+            row = {"variant": name, "alpha": posterior.alpha, "beta": posterior.beta, "mean": interval.estimate,
+                   "low": interval.low, "high": interval.high, "p_best": p_best[name]}
+            if name != self.champion:
+                champion = posteriors[self.champion]
+                loss_keep, loss_switch = expected_loss(champion, posterior)
+                row.update(p_beats_champion=prob_b_beats_a(champion, posterior),
+                           expected_loss_keeping_champion=loss_keep, expected_loss_switching=loss_switch)
+            rows.append(row)
+        return {"metric": "conversion_rate", "prior": "Beta(1, 1)", "level": level, "variants": rows}
+
+    # -- everything ----------------------------------------------------------------------------
+
+    def build(self) -> dict:
+        config = self.config
+        primary = next(m for m in config.metrics if m.role == "primary")
+        secondary = [m for m in config.metrics if m.role == "secondary"]
+        guardrail_metrics = [m for m in config.metrics if m.role == "guardrail"]
+
+        comparisons = [self.comparison(m, c) for m in [primary] + secondary for c in self.challengers]
+        for role in ("primary", "secondary"):
+            family = [r for r in comparisons if r["role"] == role and "p_value" in r]
+            for key in ("p_value", "always_valid_p"):
+                adjusted = adjust_p_values({i: r[key] for i, r in enumerate(family)}, config.analysis.correction,
+                                           self.alpha)
+                for i, r in enumerate(family):
+                    r[key + "_adjusted"] = adjusted[i][0]
+        guardrails = [self.guardrail(m, c) for m in guardrail_metrics for c in self.challengers]
+        srm = self.sample_ratio()
+        min_sample = self.min_sample(primary)
+        champion_mean = next((r["champion_mean"] for r in comparisons if "champion_mean" in r), None)
+        mde_abs = config.analysis.mde * abs(champion_mean) if champion_mean else None
+
+        evidence = []
+        for r in comparisons:
+            if r["role"] != "primary" or "always_valid_p_adjusted" not in r:
+                continue
+            improvement, low, high = _orient(primary, r["difference"], r["always_valid_low"], r["always_valid_high"])
+            gates = tuple(GuardrailEvidence(g["metric"], g["margin"], g["excess"], g["low"], g["high"])
+                          for g in guardrails if g["variant"] == r["variant"] and "excess" in g)
+            missing = [g for g in guardrails if g["variant"] == r["variant"] and "excess" not in g]
+            # A guardrail that cannot be computed yet is not shown non-inferior.
+            gates += tuple(GuardrailEvidence(g["metric"], g["margin"], math.nan, -math.inf, math.inf) for g in missing)
+            evidence.append(ChallengerEvidence(r["variant"], int(self.totals.get(r["variant"], {}).get("invocations", 0)),
+                                               improvement, low, high, r["always_valid_p_adjusted"], gates))
+        champion_n = int(self.totals.get(self.champion, {}).get("invocations", 0))
+        if evidence:
+            decision = decide(self.champion, champion_n, evidence, self.alpha, min_sample, mde_abs,
+                              bool(srm.get("mismatch")), primary.name)
+            verdict = {"verdict": decision.verdict, "variant": decision.variant, "reasons": list(decision.reasons)}
+        else:
+            errors = [f"{r['variant']}: {r['error']}" for r in comparisons if r["role"] == "primary"]
+            verdict = {"verdict": "keep running", "variant": None,
+                       "reasons": ["not enough data for the primary metric yet"] + errors}
+        weights_history = [{"version": version, "computed_at": computed_at.isoformat(), "weights": weights}
+                           for version, computed_at, weights in self.data.allocations]
+        return {
+            "experiment": {"experiment_id": config.experiment_id, "strategy": config.strategy, "status": self.data.status,
+                           "champion": self.champion, "challengers": self.challengers,
+                           "metrics": [{"name": m.name, "role": m.role, "margin": m.margin} for m in config.metrics],
+                           "analysis": {"alpha": self.alpha, "power": config.analysis.power, "mde": config.analysis.mde,
+                                        "correction": config.analysis.correction, "min_sample": min_sample},
+                           "allocation_periods": len(self.ordered_periods)},
+            "decision": verdict,
+            "variants": self.variants(),
+            "comparisons": comparisons,
+            "guardrails": guardrails,
+            "sample_ratio": srm,
+            "bayesian": self.bayesian(),
+            "weights_history": weights_history,
+            "series": [{"time": t.isoformat(), "variant": v, "invocations": n, "conversions": c, "reward_sum": r}
+                       for t, v, n, c, r in self.data.series],
+            "notes": sorted(set(self.notes)),
+        }
+
+
+def build_report(data: ReportInput) -> dict:
+    """The whole report as JSON-ready data (no inf or nan)."""
+    return _clean(_Experiment(data).build())
+
+
+def _clean(value):
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _clean(value.item())
+    return value
+
+
+def load_report_input(engine, experiment_id: str) -> ReportInput:
+    """Read what the report needs; raises ``ExperimentNotFound`` for an unknown experiment."""
+    experiment = get_experiment(engine, experiment_id)
+    config = parse_config(experiment.config)
+    allocations = queries.allocation_versions(engine, experiment_id)
+    starts = period_starts(config.normalised_weights, [(at, weights) for _, at, weights in allocations])
+    periods: dict[int, dict[str, dict]] = {}
+    for row in queries.period_sums(engine, experiment_id, starts):
+        periods.setdefault(row.pop("period"), {})[row.pop("variant")] = row
+    return ReportInput(config=config, status=experiment.status, periods=periods, allocations=allocations,
+                       histograms=queries.latency_histograms(engine, experiment_id),
+                       assignments=queries.assignment_counts(engine, experiment_id),
+                       series=queries.time_series(engine, experiment_id))

@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from abflow.settings import Settings
 from bandit_service.assignment import ExperimentUnavailable, assign, current_weights
+from bandit_service.report import build_report, load_report_input
 from producers.contracts import CONVERSION, INVOCATION, InvalidEvent, event_from_dict
 from producers.publisher import Publisher
 from storage.db import make_engine
@@ -253,6 +254,12 @@ def create_app(settings: Settings, token: str, publisher: Publisher | None = Non
                              "error_rate": t.get("errors", 0) / n if n else None})
         return {"experiment_id": experiment_id, "strategy": experiment.strategy, "status": experiment.status,
                 "variants": variants}
+
+    @app.get("/experiments/{experiment_id}/report")
+    def report(experiment_id: str) -> dict:
+        """The same report as `abflow report --json`: decision, comparisons, guardrails, SRM, Bayesian view."""
+        experiment_or_404(experiment_id)
+        return build_report(load_report_input(state["engine"], experiment_id))
 
     @app.get("/experiments/{experiment_id}/weights")
     def weights(experiment_id: str) -> dict:

@@ -99,6 +99,7 @@ class _Experiment:
 
     def variants(self) -> list[dict]:
         current = self.data.allocations[-1][2] if self.data.allocations else self.config.normalised_weights
+        adjusted = self.adjusted_rates()
         rows = []
         for v in self.config.variants:
             t = self.totals.get(v.name, {})
@@ -107,6 +108,7 @@ class _Experiment:
             row = {"variant": v.name, "role": v.role, "model_version": v.model_version,
                    "weight": current.get(v.name, 0.0), "invocations": n, "conversions": conversions,
                    "conversion_rate": None, "conversion_rate_low": None, "conversion_rate_high": None,
+                   "conversion_rate_adjusted": None,
                    "reward_per_invocation": None, "error_rate": None, "latency_p95_ms": None, "latency_p99_ms": None}
             if n:
                 interval = wilson_interval(min(conversions, n), n, 1 - self.alpha)
@@ -115,7 +117,8 @@ class _Experiment:
                            conversion_rate_high=interval.high, reward_per_invocation=t.get("reward_sum", 0.0) / n,
                            error_rate=int(t.get("errors", 0)) / n,
                            latency_p95_ms=_number(histogram_quantile(hist, 0.95)),
-                           latency_p99_ms=_number(histogram_quantile(hist, 0.99)))
+                           latency_p99_ms=_number(histogram_quantile(hist, 0.99)),
+                           conversion_rate_adjusted=adjusted[v.name].mean if adjusted[v.name].n else None)
             rows.append(row)
         return rows
 
@@ -247,16 +250,36 @@ class _Experiment:
         except StatsInputError:
             return None
 
+    def adjusted_rates(self) -> dict[str, MeanSummary]:
+        """Each variant's conversion rate as (effective) counts: the raw counts in one allocation
+        period; across several, the counts whose mean and variance match the period-weighted
+        estimate (so a bandit's moved weights do not tilt the Bayesian view either)."""
+        raw = {name: rate_cell(self.totals[name].get("conversions", 0), int(self.totals[name].get("invocations", 0)))
+               for name in self.names}
+        if len(self.ordered_periods) <= 1 or any(cell.n < 2 for cell in raw.values()):
+            return raw
+        try:
+            merged = merge_thin_periods(self._cells("conversion_rate"), self.names)
+            traffic = [sum(cell.n for cell in period.values()) for period in merged]
+            means = stratified_means(merged, traffic, self.names)
+        except StatsInputError:
+            return raw
+        effective = {}
+        for name, estimate in means.items():
+            if estimate.variance <= 0 or not 0 < estimate.mean < 1:
+                effective[name] = raw[name]
+                continue
+            n = estimate.mean * (1 - estimate.mean) / estimate.variance
+            effective[name] = MeanSummary(int(round(n)), estimate.mean * round(n), estimate.mean * round(n))
+        return effective
+
     def bayesian(self) -> dict:
-        """Beta-Binomial view of the conversion rate on the pooled counts (what the bandit itself sees)."""
-        posteriors = {}
-        for name in self.names:
-            t = self.totals.get(name, {})
-            n = int(t.get("invocations", 0))
-            successes = min(int(t.get("conversions", 0)), n)
-            posteriors[name] = BetaPosterior(1.0 + successes, 1.0 + n - successes)
+        """Beta-Binomial view of the conversion rate (uniform prior) on the adjusted counts."""
+        posteriors = {name: BetaPosterior(1.0 + cell.total, 1.0 + cell.n - cell.total)
+                      for name, cell in self.adjusted_rates().items()}
         level = 1 - self.alpha
-        arms = [ArmStats(name, 1.0, int(p.alpha + p.beta - 2), p.alpha - 1, p.alpha - 1) for name, p in posteriors.items()]
+        arms = [ArmStats(name, 1.0, int(round(p.alpha + p.beta - 2)), p.alpha - 1, p.alpha - 1)
+                for name, p in posteriors.items()]
         p_best = thompson_probabilities(arms, BINARY, np.random.default_rng(0), POSTERIOR_DRAWS)
         rows = []
         for name, posterior in posteriors.items():
@@ -269,7 +292,8 @@ class _Experiment:
                 row.update(p_beats_champion=prob_b_beats_a(champion, posterior),
                            expected_loss_keeping_champion=loss_keep, expected_loss_switching=loss_switch)
             rows.append(row)
-        return {"metric": "conversion_rate", "prior": "Beta(1, 1)", "level": level, "variants": rows}
+        counts = "raw counts" if len(self.ordered_periods) <= 1 else "effective counts of the period-weighted estimate"
+        return {"metric": "conversion_rate", "prior": "Beta(1, 1)", "counts": counts, "level": level, "variants": rows}
 
     # -- everything ----------------------------------------------------------------------------
 

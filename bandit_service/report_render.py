@@ -34,7 +34,7 @@ def _is_rate(metric: str) -> bool:
 
 def variant_rows(report: dict) -> list[dict]:
     level = int(round((1 - report["experiment"]["analysis"]["alpha"]) * 100))
-    return [{
+    rows = [{
         "variant": v["variant"], "role": v["role"], "weight": _pct(v["weight"], 1),
         "invocations": f"{v['invocations']:,}", "conversions": f"{v['conversions']:,}",
         "conversion rate": _pct(v["conversion_rate"]),
@@ -42,6 +42,11 @@ def variant_rows(report: dict) -> list[dict]:
         "reward/inv": _num(v["reward_per_invocation"]), "error rate": _pct(v["error_rate"]),
         "p95 ms": _num(v["latency_p95_ms"], "g"), "p99 ms": _num(v["latency_p99_ms"], "g"),
     } for v in report["variants"]]
+    if report["experiment"]["allocation_periods"] > 1:
+        # Pooled rates over-weight the periods a variant got more traffic in; show the fair one beside.
+        for row, v in zip(rows, report["variants"]):
+            row["period-weighted rate"] = _pct(v["conversion_rate_adjusted"])
+    return rows
 
 
 def comparison_rows(report: dict, role: str) -> list[dict]:
@@ -127,7 +132,8 @@ def render_text(report: dict) -> str:
             lines += [f"{role.upper()} METRIC{'S' if role == 'secondary' else ''} (challenger − champion)", _table(rows), ""]
     lines += ["GUARDRAILS (excess: how much worse the challenger is)", _table(guardrail_rows(report)), ""]
     lines += [f"SAMPLE RATIO  {srm_text(report)}", ""]
-    lines += [f"BAYESIAN (conversion rate, {report['bayesian']['prior']} prior)", _table(bayesian_rows(report))]
+    bayes = report["bayesian"]
+    lines += [f"BAYESIAN (conversion rate, {bayes['prior']} prior, {bayes['counts']})", _table(bayesian_rows(report))]
     if report["notes"]:
         lines += ["", "NOTES"] + [f"  - {note}" for note in report["notes"]]
     return "\n".join(lines)

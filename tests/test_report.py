@@ -219,3 +219,17 @@ def test_cli_prints_writes_json_and_offline_html(engine, run_env, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "abflow.cli", "report", "no-such-experiment"], env=run_env, capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 1 and "no-such-experiment" in missing.stderr
+
+
+def test_api_serves_the_same_report(engine, settings):
+    from fastapi.testclient import TestClient
+
+    from bandit_service.api import create_app
+
+    experiment_id = new_experiment(engine, analysis={"mde": 0.2})
+    fixed_split(engine, experiment_id, rates=(0.05, 0.065))
+    with TestClient(create_app(settings, "token")) as client:
+        served = client.get(f"/experiments/{experiment_id}/report")
+        assert served.status_code == 200
+        assert served.json() == report_of(engine, experiment_id)
+        assert client.get("/experiments/no-such-experiment/report").status_code == 404

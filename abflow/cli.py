@@ -211,8 +211,20 @@ class LocalRun:
             click.echo("\nthis run published: " + ", ".join(
                 f"{name}: {published.invocations[name]} invocations / {published.conversions[name]} conversions"
                 for name in sorted(published.invocations)))
+            self._show_report(engine, config.experiment_id)
         finally:
             engine.dispose()
+
+    def _show_report(self, engine, experiment_id: str) -> None:
+        from bandit_service.report import build_report, load_report_input
+        from bandit_service.report_render import render_html, render_text
+
+        report = build_report(load_report_input(engine, experiment_id))
+        page = self.settings.home / f"{experiment_id}-report.html"
+        page.write_text(render_html(report))
+        click.echo(f"\n{'=' * 30} abflow report {experiment_id} {'=' * 30}\n")
+        click.echo(render_text(report))
+        click.echo(f"\nwrote {page} (plots; opens offline). Again any time: abflow report {experiment_id} --html FILE")
 
     def _wait_for_weights(self, client, experiment_id: str, timeout: float = 30) -> None:
         from producers.sdk import UnknownExperiment

@@ -106,7 +106,7 @@ class _Experiment:
             n = int(t.get("invocations", 0))
             conversions = int(t.get("conversions", 0))
             row = {"variant": v.name, "role": v.role, "model_version": v.model_version,
-                   "weight": current.get(v.name, 0.0), "invocations": n, "conversions": conversions,
+                   "initial_weight": self.config.normalised_weights[v.name], "weight": current.get(v.name, 0.0), "invocations": n, "conversions": conversions,
                    "conversion_rate": None, "conversion_rate_low": None, "conversion_rate_high": None,
                    "conversion_rate_adjusted": None,
                    "reward_per_invocation": None, "error_rate": None, "latency_p95_ms": None, "latency_p99_ms": None}

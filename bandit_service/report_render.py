@@ -205,8 +205,18 @@ def _plots(report: dict) -> dict[str, str]:
     if history:
         fig, ax = plt.subplots(figsize=(6, 2.6))
         times = [datetime.fromisoformat(h["computed_at"]) for h in history]
+        weights = [h["weights"] for h in history]
+        if series:
+            # From the first data on the initial weights (before the first version) to the last data.
+            first, last = (datetime.fromisoformat(series[i]["time"]) for i in (0, -1))
+            if first < times[0]:
+                times.insert(0, first)
+                weights.insert(0, {v["variant"]: v["initial_weight"] for v in report["variants"]})
+            if last > times[-1]:
+                times.append(last)
+                weights.append(weights[-1])
         for i, name in enumerate(names):
-            ax.step(times, [h["weights"].get(name, 0.0) for h in history], where="post", label=name, color=f"C{i}")
+            ax.step(times, [w.get(name, 0.0) for w in weights], where="post", label=name, color=f"C{i}")
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("allocation weight")
         ax.legend(frameon=False)

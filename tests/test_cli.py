@@ -158,6 +158,9 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
     published, totals = published_and_totals(first.stdout)
     assert sum(inv for inv, _ in published.values()) == 3000
     assert totals == published
+    # The demo ends with the report: 3,000 visits are far below the power analysis' sample.
+    assert "DECISION  KEEP RUNNING" in first.stdout
+    assert "<svg" in (home / "demo-report.html").read_text()
     assert not (home / "stack.json").exists()  # stopped and cleaned up
     assert "stopped." in first.stderr
 

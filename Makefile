@@ -20,6 +20,7 @@ test: $(BIN)/abflow
 bench: $(BIN)/abflow
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/bandit.py
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) .abflow

@@ -387,6 +387,6 @@ def load_report_input(engine, experiment_id: str) -> ReportInput:
     for row in queries.period_sums(engine, experiment_id, starts):
         periods.setdefault(row.pop("period"), {})[row.pop("variant")] = row
     return ReportInput(config=config, status=experiment.status, periods=periods, allocations=allocations,
-                       histograms=queries.latency_histograms(engine, experiment_id),
+                       histograms=queries.latency_histograms(engine, experiment_id, LATENCY_BUCKETS),
                        assignments=queries.assignment_counts(engine, experiment_id),
                        series=queries.time_series(engine, experiment_id))

@@ -11,7 +11,8 @@ writer wins, the others read its row) and across restarts.
 Lifecycle rules:
 - a *paused* experiment keeps its assigned units; new units get the champion, unstored;
 - a *stopped* experiment gives everyone the champion;
-- a unit whose stored variant was removed from the experiment is assigned again.
+- a unit whose stored variant was removed from the experiment, or whose weight is now zero (a
+  rollout rolled back, or finished), is assigned again.
 """
 
 from __future__ import annotations
@@ -114,14 +115,14 @@ def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str
      variants, latest_weights, version) = row
     if status == "stopped":
         return Assignment(experiment_id, unit_id, champion, 1.0, None, new=False, stored=False)
-    if stored_variant is not None and variant_exists:
+    weights = _weights_of(variants, latest_weights)
+    if stored_variant is not None and variant_exists and weights.get(stored_variant, 0.0) > 0:
         return Assignment(experiment_id, unit_id, stored_variant, stored_propensity, stored_version, new=False)
     if status == "paused":
         return Assignment(experiment_id, unit_id, champion, 1.0, None, new=False, stored=False)
-    weights = _weights_of(variants, latest_weights)
     variant = choose(weights, hash_point(experiment_id, unit_id, salt))
     propensity = weights[variant] / sum(weights.values())
-    if stored_variant is not None:  # its variant was removed: assign again
+    if stored_variant is not None:  # its variant was removed or no longer gets traffic: assign again
         conn.execute("UPDATE assignments SET variant = %s, propensity = %s, allocation_version = %s, assigned_at = now() "
                      "WHERE experiment_id = %s AND unit_id = %s", (variant, propensity, version, experiment_id, unit_id))
         return Assignment(experiment_id, unit_id, variant, propensity, version, new=True)

@@ -18,31 +18,23 @@ version on the topic, never skip one.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from datetime import datetime, timezone
 
-import orjson
 import psycopg
-from psycopg.types.json import Jsonb
 
 from abflow.settings import Settings
+from abflow.text import json_safe
 from bandit_service.policies import ArmStats, PolicyConfig, PolicyInputError, allocate
+from bandit_service.allocations import allocation_record, latest_allocation, publish_allocation, same_weights
+from bandit_service.rollout_controller import RolloutController
 from producers.publisher import Publisher
+from storage.experiment_config import parse_config
 from storage.queries import AGGREGATES_CHANNEL
 
 log = logging.getLogger("abflow.refresher")
 
 LEADER_LOCK = 7401202  # pg advisory lock key of the refresher leader
-SAME_WEIGHTS_TOLERANCE = 1e-9
-
-
-def allocation_record(experiment_id: str, version: int, strategy: str, phase: str, weights: dict[str, float],
-                      computed_at: datetime) -> bytes:
-    """The value published on the allocations topic (key: experiment id)."""
-    return orjson.dumps({"experiment_id": experiment_id, "version": version, "strategy": strategy, "phase": phase,
-                         "weights": weights, "computed_at": computed_at.isoformat()})
 
 
 class WeightRefresher:
@@ -52,6 +44,7 @@ class WeightRefresher:
         self.poll_seconds = poll_seconds
         self.seed = seed
         self.leading = threading.Event()
+        self.rollouts = RolloutController(publisher, settings.topics.allocations, settings.libpq_url)
 
     # -- leadership and the loop -------------------------------------------------------
 
@@ -127,11 +120,15 @@ class WeightRefresher:
     def refresh(self, conn: psycopg.Connection, experiment_id: str) -> int | None:
         """Recompute one experiment's weights; store and publish them if they changed. Returns the new version."""
         experiment = conn.execute(
-            "SELECT strategy, epsilon, warmup, min_weight, reward_model, status FROM experiments "
+            "SELECT strategy, epsilon, warmup, min_weight, reward_model, status, config FROM experiments "
             "WHERE experiment_id = %s", (experiment_id,)).fetchone()
         if experiment is None or experiment[5] != "running":
             return None
-        strategy, epsilon, warmup, min_weight, reward_model, _ = experiment
+        strategy, epsilon, warmup, min_weight, reward_model, _, raw_config = experiment
+        if raw_config.get("rollout"):
+            # A rollout's controller owns its weights.
+            self.rollouts.check(conn, parse_config(raw_config))
+            return None
         rows = conn.execute(
             "SELECT v.name, v.initial_weight, coalesce(t.invocations, 0), coalesce(t.reward_sum, 0), "
             "coalesce(t.reward_sq_sum, 0) FROM variants v LEFT JOIN variant_totals t "
@@ -144,41 +141,16 @@ class WeightRefresher:
         except PolicyInputError as exc:
             log.warning("experiment %s: weights not refreshed: %s", experiment_id, exc)
             return None
-        latest = conn.execute(
-            "SELECT version, phase, weights FROM allocations WHERE experiment_id = %s ORDER BY version DESC LIMIT 1",
-            (experiment_id,)).fetchone()
-        if latest is not None and latest[1] == allocation.phase and _same(latest[2], allocation.weights):
+        latest = latest_allocation(conn, experiment_id)
+        if latest is not None and latest[1] == allocation.phase and same_weights(latest[2], allocation.weights):
             return None
-        version = 1 if latest is None else latest[0] + 1
         statistics = {
             "variants": {a.name: {"invocations": a.invocations, "reward_sum": a.reward_sum,
                                   "reward_sq_sum": a.reward_sq_sum} for a in arms},
-            "policy": _json_safe(allocation.detail),
+            "policy": json_safe(allocation.detail),
         }
-        computed_at = datetime.now(timezone.utc)
-        with conn.transaction():
-            conn.execute(
-                "INSERT INTO allocations (experiment_id, version, strategy, phase, weights, statistics, computed_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (experiment_id, version, strategy, allocation.phase, Jsonb(allocation.weights), Jsonb(statistics),
-                 computed_at))
-            self.publisher.produce(
-                self.settings.topics.allocations,
-                allocation_record(experiment_id, version, strategy, allocation.phase, allocation.weights, computed_at),
-                key=experiment_id)
-            self.publisher.flush(10)
+        version = publish_allocation(conn, self.publisher, self.settings.topics.allocations, experiment_id, strategy,
+                                     allocation.phase, allocation.weights, statistics)
         log.info("experiment %s: version %d (%s) %s", experiment_id, version, allocation.phase,
                  ", ".join(f"{k}={v:.3f}" for k, v in allocation.weights.items()))
         return version
-
-
-def _same(old: dict, new: dict[str, float]) -> bool:
-    return old.keys() == new.keys() and all(abs(old[k] - new[k]) <= SAME_WEIGHTS_TOLERANCE for k in new)
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

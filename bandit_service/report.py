@@ -12,6 +12,8 @@ from datetime import datetime
 import numpy as np
 from scipy import stats
 
+from abflow.text import json_safe
+from bandit_service.evidence import RATE_METRICS, guardrail_row, metric_cells, stratified_difference
 from bandit_service.policies import BINARY, ArmStats, thompson_probabilities
 from bandit_service.stats.adaptive import (
     EMPTY,
@@ -25,7 +27,6 @@ from bandit_service.stats.bayesian import BetaPosterior, expected_loss, prob_b_b
 from bandit_service.stats.checks import adjust_p_values, expected_shares_from_history, sample_ratio_mismatch
 from bandit_service.stats.decision import ChallengerEvidence, GuardrailEvidence, decide
 from bandit_service.stats.frequentist import MeanSummary, StatsInputError, relative_lift_interval, wilson_interval
-from bandit_service.stats.guardrails import slower_share, slower_share_variance
 from bandit_service.stats.power import sample_size_means, sample_size_proportions
 from bandit_service.stats.sequential import msprt
 from storage import queries
@@ -33,8 +34,6 @@ from storage.experiment_config import ExperimentConfig, MetricConfig, parse_conf
 from storage.registry import get_experiment
 from stream_jobs.windowing import LATENCY_BUCKETS, histogram_quantile
 
-RATE_METRICS = {"conversion_rate": "conversions", "error_rate": "errors"}
-QUANTILES = {"latency_p95": 0.95, "latency_p99": 0.99}
 SRM_THRESHOLD = 0.001
 POSTERIOR_DRAWS = 20_000
 
@@ -52,15 +51,6 @@ class ReportInput:
     assignments: dict[tuple[str, int | None], int] = field(default_factory=dict)
     # Cumulative series for the plots: (bucket start, variant, invocations, conversions, reward_sum).
     series: list[tuple[datetime, str, int, int, float]] = field(default_factory=list)
-
-
-def _metric_cell(name: str, sums: dict) -> MeanSummary:
-    n = int(sums.get("invocations", 0))
-    if name in RATE_METRICS:
-        return rate_cell(sums.get(RATE_METRICS[name], 0), n)
-    return MeanSummary(n, float(sums.get("reward_sum", 0.0)), float(sums.get("reward_sq_sum", 0.0)))
-
-
 
 
 def _number(value: float | None) -> float | None:
@@ -125,16 +115,7 @@ class _Experiment:
     # -- comparisons -------------------------------------------------------------------------
 
     def _cells(self, metric: str) -> list[dict[str, MeanSummary]]:
-        return [{name: _metric_cell(metric, sums) for name, sums in period.items()} for period in self.ordered_periods]
-
-    def _stratified(self, metric: str, challenger: str):
-        """(B − A, its variance, mean A, var A, mean B, var B, periods used, periods merged)."""
-        cells = self._cells(metric)
-        merged = merge_thin_periods(cells, [self.champion, challenger])
-        traffic = [sum(cell.n for cell in period.values()) for period in merged]
-        means = stratified_means(merged, traffic, [self.champion, challenger])
-        a, b = means[self.champion], means[challenger]
-        return b.mean - a.mean, a.variance + b.variance, a, b, len(merged), len(cells) - len(merged)
+        return metric_cells(metric, self.ordered_periods)
 
     def _tau(self, metric: str, scale: float) -> float:
         """The mixture scale of the mSPRT: the smallest effect worth finding."""
@@ -146,9 +127,11 @@ class _Experiment:
     def comparison(self, metric: MetricConfig, challenger: str) -> dict:
         row = {"metric": metric.name, "role": metric.role, "variant": challenger, "against": self.champion}
         try:
-            difference, variance, a, b, used, merged = self._stratified(metric.name, challenger)
+            found = stratified_difference(self._cells(metric.name), self.champion, challenger)
         except StatsInputError as exc:
             return {**row, "error": str(exc)}
+        difference, variance, a, b, used, merged = (found.difference, found.variance, found.champion,
+                                                    found.challenger, found.periods, found.merged)
         if merged:
             self.notes.append(f"{metric.name}, {challenger}: {merged} allocation period(s) merged into a neighbour "
                               "because a variant had under 2 invocations in them; give the bandit a min_weight "
@@ -170,34 +153,8 @@ class _Experiment:
         return row
 
     def guardrail(self, metric: MetricConfig, challenger: str) -> dict:
-        row = {"metric": metric.name, "variant": challenger, "against": self.champion, "margin": metric.margin}
-        try:
-            if metric.name in QUANTILES:
-                share, expected, n_b = slower_share(self._hist(self.champion),
-                                                    self._hist(challenger), QUANTILES[metric.name])
-                excess, variance = share - expected, slower_share_variance(share, expected, n_b)
-                row["detail"] = (f"{share:.2%} of {challenger}'s requests are slower than {self.champion}'s "
-                                 f"{metric.name[-3:]} (expected {expected:.0%})")
-            else:
-                difference, variance, a, b, _, _ = self._stratified(metric.name, challenger)
-                excess = -difference if metric.higher_is_better else difference
-                row["detail"] = f"{metric.name}: {self.champion} {a.mean:.4g}, {challenger} {b.mean:.4g}"
-                if variance <= 0 and metric.name in RATE_METRICS:
-                    # Not one event in either variant (no errors at all): take the variance one
-                    # event in each would give, rather than certainty.
-                    n_a, n_b = (int(self.totals[name].get("invocations", 0)) for name in (self.champion, challenger))
-                    variance = (1 - 1 / n_a) / n_a**2 + (1 - 1 / n_b) / n_b**2
-            if variance <= 0:
-                raise StatsInputError("no variation in either variant")
-        except StatsInputError as exc:
-            return {**row, "error": str(exc)}
-        sequential = msprt(excess, variance, metric.margin, self.alpha)
-        evidence = GuardrailEvidence(metric.name, metric.margin, excess, sequential.interval.low,
-                                     sequential.interval.high)
-        row.update(excess=excess, low=evidence.low, high=evidence.high, non_inferior=evidence.non_inferior,
-                   harmful=evidence.harmful,
-                   status="harm" if evidence.harmful else "pass" if evidence.non_inferior else "not yet shown")
-        return row
+        return guardrail_row(metric, self.champion, challenger, self.ordered_periods,
+                             {name: self._hist(name) for name in (self.champion, challenger)}, self.alpha)
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -362,19 +319,7 @@ class _Experiment:
 
 def build_report(data: ReportInput) -> dict:
     """The whole report as JSON-ready data (no inf or nan)."""
-    return _clean(_Experiment(data).build())
-
-
-def _clean(value):
-    if isinstance(value, float):
-        return _number(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _clean(value.item())
-    return value
+    return json_safe(_Experiment(data).build())
 
 
 def load_report_input(engine, experiment_id: str) -> ReportInput:

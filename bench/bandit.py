@@ -79,7 +79,7 @@ def regret(seeds: int, users: int) -> dict:
 
 def sdk(stack: Stack, calls: int) -> dict:
     from producers.sdk import ServingClient
-    from bandit_service.refresher import allocation_record
+    from bandit_service.allocations import allocation_record
     from datetime import datetime, timezone
 
     tag = uuid.uuid4().hex[:6]

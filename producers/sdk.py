@@ -9,7 +9,7 @@
 Assignment is the same salted-hash rule as the API's (``bandit_service.assignment``):
 every process with the same weights gives a user the same variant. A user's
 first variant is kept in a bounded in-process cache, so the user stays on it
-in this process when the weights move; for stickiness across processes and
+in this process when the weights move (unless its weight falls to zero); for stickiness across processes and
 restarts use the API's ``POST /experiments/{id}/assign``, which stores it.
 """
 
@@ -108,11 +108,12 @@ class ServingClient:
         key = (experiment_id, unit)
         with self._lock:
             served = self._sticky.get(key)
-            if served is not None:
+            found = self._weights.get(experiment_id)
+            # A variant whose weight fell to zero (a rollout rolled back) is no longer served.
+            if served is not None and (found is None or found[1].get(served.variant, 0.0) > 0):
                 self._sticky.move_to_end(key)
                 return Served(experiment_id, user_id, served.variant, served.propensity, served.version,
                               str(uuid.uuid4()))
-            found = self._weights.get(experiment_id)
         if found is None:
             raise UnknownExperiment(f"no weights for experiment {experiment_id!r} on {self.topics.allocations}")
         version, weights = found

@@ -15,7 +15,7 @@ UNITS = ("user", "session")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variants", "description", "min_weight",
-              "reward_model", "metrics", "analysis"}
+              "reward_model", "metrics", "analysis", "rollout"}
 REWARD_MODELS = ("binary", "gaussian")
 _VARIANT = {"name", "initial_weight", "model_version", "role"}
 
@@ -36,6 +36,10 @@ DEFAULT_MARGINS = {"error_rate": 0.01, "latency_p95": 0.01, "latency_p99": 0.005
 CORRECTIONS = ("holm", "benjamini-hochberg")
 _METRIC = {"name", "role", "margin"}
 _ANALYSIS = {"alpha", "power", "mde", "correction", "min_sample"}
+_ROLLOUT = {"challenger", "stages", "min_duration_seconds", "min_sample", "max_duration_seconds",
+            "check_interval_seconds", "rollback_after", "primary_margin", "webhook_url", "confirm_url",
+            "webhook_timeout_seconds", "webhook_retries"}
+DEFAULT_STAGES = (5.0, 10.0, 25.0, 50.0, 100.0)
 
 
 class ConfigError(ValueError):
@@ -72,6 +76,25 @@ class AnalysisConfig:
     min_sample: int | None = None  # per variant; None: from a power analysis at the MDE
 
 
+@dataclass(frozen=True)
+class RolloutPlan:
+    """A progressive rollout of one challenger: its share of traffic climbs through ``stages``
+    (percent, ending at 100) while the guardrails hold, and falls to 0 when one fails."""
+
+    challenger: str
+    stages: tuple[float, ...] = DEFAULT_STAGES
+    min_duration_seconds: float = 60.0  # per stage
+    min_sample: int = 1000  # challenger invocations per stage
+    max_duration_seconds: float = 3600.0  # a stage still inconclusive after this pauses the rollout
+    check_interval_seconds: float = 1.0  # at most one check per interval
+    rollback_after: int = 2  # consecutive checks that find harm
+    primary_margin: float = 0.1  # the primary metric may be this much worse, relative to the champion's
+    webhook_url: str | None = None  # POSTed every transition
+    confirm_url: str | None = None  # asked before the last stage; a 2xx answer confirms
+    webhook_timeout_seconds: float = 5.0
+    webhook_retries: int = 3
+
+
 def default_metrics(reward_model: str) -> tuple[MetricConfig, ...]:
     """Binary rewards: the conversion rate decides. Continuous rewards: the reward per invocation
     decides, and the conversion rate is watched. Errors and p95 latency are guarded either way."""
@@ -96,11 +119,16 @@ class ExperimentConfig:
     description: str | None = None
     metrics: tuple[MetricConfig, ...] = ()
     analysis: AnalysisConfig = AnalysisConfig()
+    rollout: RolloutPlan | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("extra")
+        if self.rollout is None:
+            data.pop("rollout")
+        else:
+            data["rollout"]["stages"] = list(self.rollout.stages)
         data["variants"] = [asdict(v) for v in self.variants]
         data["metrics"] = [asdict(m) for m in self.metrics]
         return data
@@ -248,6 +276,7 @@ def parse_config(data) -> ExperimentConfig:
     if reward_model not in REWARD_MODELS:
         raise ConfigError(f"reward_model must be one of {', '.join(REWARD_MODELS)}, got {reward_model!r}")
     description = data.get("description")
+    champion = champions[0]
     return ExperimentConfig(
         experiment_id=experiment_id,
         strategy=strategy,
@@ -260,7 +289,61 @@ def parse_config(data) -> ExperimentConfig:
         description=None if description is None else str(description),
         metrics=_metrics(data.get("metrics"), reward_model),
         analysis=_analysis(data.get("analysis")),
+        rollout=_rollout(data.get("rollout"), champion, [v.name for v in variants if v.role == "challenger"]),
     )
+
+
+def _rollout(data, champion: str, challengers: list[str]) -> RolloutPlan | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError(f"rollout must be an object with {', '.join(sorted(_ROLLOUT))}")
+    unknown = set(data) - _ROLLOUT
+    if unknown:
+        raise ConfigError(f"rollout has unknown keys: {', '.join(sorted(unknown))}")
+    challenger = data.get("challenger")
+    if challenger is None:
+        if len(challengers) != 1:
+            raise ConfigError(f"rollout.challenger must name one of {', '.join(challengers)}")
+        challenger = challengers[0]
+    elif challenger not in challengers:
+        raise ConfigError(f"rollout.challenger must be a challenger ({', '.join(challengers)}), got {challenger!r}")
+    defaults = RolloutPlan(challenger)
+    stages = data.get("stages", list(defaults.stages))
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("rollout.stages must be a list of percentages, e.g. [5, 10, 25, 50, 100]")
+    stages = tuple(_number(stage, "rollout.stages[]") for stage in stages)
+    if any(not 0 < stage <= 100 for stage in stages) or list(stages) != sorted(set(stages)) or stages[-1] != 100:
+        raise ConfigError(f"rollout.stages must rise strictly within (0, 100] and end at 100, got {list(stages)}")
+
+    def positive(name: str) -> float:
+        value = _number(data.get(name, getattr(defaults, name)), f"rollout.{name}")
+        if value <= 0:
+            raise ConfigError(f"rollout.{name} must be > 0, got {value}")
+        return value
+
+    def whole(name: str, least: int) -> int:
+        value = data.get(name, getattr(defaults, name))
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"rollout.{name} must be a whole number >= {least}, got {value!r}")
+        return value
+
+    def url(name: str) -> str | None:
+        value = data.get(name)
+        if value is not None and (not isinstance(value, str) or not re.match(r"^https?://\S+$", value)):
+            raise ConfigError(f"rollout.{name} must be an http(s) URL, got {value!r}")
+        return value
+
+    min_duration, max_duration = positive("min_duration_seconds"), positive("max_duration_seconds")
+    if max_duration < min_duration:
+        raise ConfigError(f"rollout.max_duration_seconds ({max_duration}) must be >= min_duration_seconds "
+                          f"({min_duration})")
+    margin = positive("primary_margin")
+    if margin >= 1:
+        raise ConfigError(f"rollout.primary_margin is relative to the champion's metric and must be < 1, got {margin}")
+    return RolloutPlan(challenger, stages, min_duration, whole("min_sample", 1), max_duration,
+                       positive("check_interval_seconds"), whole("rollback_after", 1), margin, url("webhook_url"),
+                       url("confirm_url"), positive("webhook_timeout_seconds"), whole("webhook_retries", 0))
 
 
 def load_config_text(text: str, filename: str = "") -> ExperimentConfig:

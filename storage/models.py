@@ -160,3 +160,44 @@ class Assignment(Base):
     propensity: Mapped[float] = mapped_column(Float)
     allocation_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Rollout(Base):
+    """The durable state of a progressive rollout (``bandit_service.rollout``)."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (ForeignKeyConstraint(["experiment_id"], ["experiments.experiment_id"], ondelete="CASCADE"),)
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[int] = mapped_column(Integer)
+    stage_started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    deadline_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    failed_checks: Mapped[int] = mapped_column(Integer, default=0)
+    last_check_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_check: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RolloutTransition(Base):
+    """Every change of a rollout's state or stage, with who made it, why, and the figures behind it."""
+
+    __tablename__ = "rollout_transitions"
+    __table_args__ = (
+        ForeignKeyConstraint(["experiment_id"], ["experiments.experiment_id"], ondelete="CASCADE"),
+        Index("rollout_transitions_experiment", "experiment_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    actor: Mapped[str] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(16))
+    from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_state: Mapped[str] = mapped_column(String(16))
+    from_stage: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    to_stage: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    figures: Mapped[dict] = mapped_column(JSONB)
+    notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    notification: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -70,14 +70,18 @@ def period_sums(engine: Engine, experiment_id: str, period_starts: list) -> list
         return [dict(row._mapping) for row in rows]
 
 
+def bucket_sums(buckets: int) -> str:
+    """SQL: the latency histogram summed per bucket, one column each."""
+    # A single pass, about 18 times faster on a year of windows than folding the arrays with
+    # abflow_sum_counts.
+    return ", ".join(f"coalesce(sum(latency_hist[{i}]), 0)::bigint" for i in range(1, buckets + 1))
+
+
 def latency_histograms(engine: Engine, experiment_id: str, buckets: int) -> dict[str, list[int]]:
     """Each variant's latency histogram (``buckets`` counts) over the whole experiment."""
-    # One sum per bucket: a single pass, about 18 times faster on a year of windows than
-    # folding the arrays with abflow_sum_counts.
-    sums = ", ".join(f"coalesce(sum(latency_hist[{i}]), 0)::bigint" for i in range(1, buckets + 1))
     with engine.connect() as conn:
         rows = conn.execute(text(
-            f"SELECT variant, {sums} FROM variant_windows WHERE experiment_id = :experiment_id GROUP BY variant"
+            f"SELECT variant, {bucket_sums(buckets)} FROM variant_windows WHERE experiment_id = :experiment_id GROUP BY variant"
         ), {"experiment_id": experiment_id})
         return {row[0]: [int(count) for count in row[1:]] for row in rows}
 

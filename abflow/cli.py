@@ -486,6 +486,96 @@ def report(experiment_id: str, json_path: str | None, html_path: str | None) -> 
         click.echo(f"wrote {html_path}", err=json_path == "-")
 
 
+# -- rollouts ---------------------------------------------------------------------------
+
+
+@main.group()
+def rollout() -> None:
+    """Progressive rollouts: watch one, or take the wheel.
+
+    An experiment whose config has a `rollout:` section is driven by the
+    controller inside `abflow serve` / `abflow refresher`: the challenger's
+    share climbs through the stages while the guardrails hold, and falls to 0 %
+    when one fails. These commands act on PostgreSQL directly; the controller
+    publishes the resulting weights within a second.
+    """
+
+
+def _rollout_command(experiment_id: str, action: str | None, reason: str | None = None, as_json: bool = False) -> None:
+    import psycopg
+
+    from bandit_service import rollout_controller
+    from bandit_service.rollout import TransitionRefused
+
+    settings = _settings()
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+        try:
+            if action is None:
+                status = rollout_controller.status(conn, experiment_id)
+            else:
+                status = rollout_controller.operate(conn, experiment_id, action, "operator", reason)
+        except (rollout_controller.NoRollout, TransitionRefused) as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(status, indent=2, default=str))
+        return
+    click.echo(_render_rollout(status))
+
+
+def _render_rollout(status: dict) -> str:
+    from abflow.text import format_table
+
+    stages = " -> ".join(f"{p:g}%" for p in status["stages"])
+    lines = [f"rollout of {status['challenger']} in {status['experiment_id']}: {status['state'].upper()}"
+             + (f" at stage {status['stage'] + 1}/{len(status['stages'])} ({status['percent']:g}%)"
+                if status["stage"] is not None else ""), f"stages: {stages}"]
+    if status["weights"]:
+        w = status["weights"]
+        lines.append(f"weights (version {w['version']}, {w['phase']}): "
+                     + ", ".join(f"{k} {v:.1%}" for k, v in w["weights"].items()))
+    check = status.get("last_check")
+    if check:
+        lines.append(f"last check {status['last_check_at']}: {check.get('action')}")
+        lines += [f"  - {reason}" for reason in check.get("reasons", [])]
+        rows = [{"metric": g["metric"], "margin": g.get("margin"), "excess": g.get("excess"),
+                 "interval": "" if "low" not in g else f"[{g['low']:+.4g}, {g['high']:+.4g}]",
+                 "status": g.get("status") or g.get("error", "")} for g in check.get("guardrails", [])]
+        if rows:
+            lines += ["", format_table(rows, ["metric", "margin", "excess", "interval", "status"])]
+    if status["transitions"]:
+        lines += ["", "transitions:"]
+        rows = [{"at": t["at"][:19].replace("T", " "), "actor": t["actor"], "action": t["action"],
+                 "state": t["to_state"], "stage": f"{status['stages'][t['to_stage']]:g}%", "reason": t["reason"]}
+                for t in status["transitions"]]
+        lines.append(format_table(rows, ["at", "actor", "action", "state", "stage", "reason"]))
+    return "\n".join(lines)
+
+
+@rollout.command("status")
+@click.argument("experiment_id", metavar="EXPERIMENT")
+@click.option("--json", "as_json", is_flag=True, help="Print the status and transitions as JSON.")
+def rollout_status(experiment_id: str, as_json: bool) -> None:
+    """State, stage, weights, the newest check's guardrails, and every transition with its reason."""
+    _rollout_command(experiment_id, None, as_json=as_json)
+
+
+def _operator_action(action: str, summary: str):
+    @rollout.command(action, help=summary)
+    @click.argument("experiment_id", metavar="EXPERIMENT")
+    @click.option("--reason", help="Why; stored with the transition.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the new status as JSON.")
+    def command(experiment_id: str, reason: str | None, as_json: bool) -> None:
+        _rollout_command(experiment_id, action, reason, as_json)
+
+    return command
+
+
+_operator_action("pause", "Hold the rollout at its stage: the weights stay, no check advances or rolls back.")
+_operator_action("resume", "Let a paused rollout run again; its stage's deadline starts again.")
+_operator_action("promote", "Skip the remaining stages: the challenger gets 100 %.")
+_operator_action("abort", "Stop the rollout and send all traffic back to the champion.")
+
+
 @main.command()
 @click.option("-e", "--experiment", "experiment_id", help="Only this experiment.")
 def totals(experiment_id: str | None) -> None:
@@ -638,12 +728,24 @@ def weights(experiment_id: str, history: int) -> None:
 @click.option("--conversion-rate", "rates", multiple=True, metavar="VARIANT=P",
               help="True conversion rate of a variant (repeatable); default 4.5 %, 5.2 %, … in variant order.")
 @click.option("--conversion-delay", default=5.0, show_default=True, help="Mean seconds from invocation to conversion.")
+@click.option("--live-weights", is_flag=True,
+              help="Route users with the serving SDK on the live weights (bandits, rollouts) instead of the "
+                   "initial weights.")
+@click.option("--fault", "faults", multiple=True, metavar="VARIANT:KEY=V,…",
+              help="Chaos, repeatable: e.g. Challenger:errors=0.3,latency_ms=200,conversion=0.5,after=30 makes "
+                   "Challenger fail 30 % of requests, 200 ms slower and convert half as often from 30 s into the run.")
 @click.option("--seed", default=1, show_default=True)
 def simulate(experiment_id: str, invocations: int, rate: float, users: int, rates: tuple[str, ...],
-             conversion_delay: float, seed: int) -> None:
-    """Publish simulated traffic for a registered experiment."""
+             conversion_delay: float, live_weights: bool, faults: tuple[str, ...], seed: int) -> None:
+    """Publish simulated traffic for a registered experiment.
+
+    With --fault, prove the guardrails: inject errors, latency or a drop in
+    conversions into one variant from a given moment and watch `abflow
+    rollout status` or `abflow report` catch it.
+    """
     from producers.publisher import Publisher
-    from producers.simulator import Scenario, VariantProfile, default_rates, run
+    from producers.sdk import ServingClient
+    from producers.simulator import Scenario, VariantProfile, default_rates, parse_fault, run
     from storage.registry import ExperimentNotFound, get_experiment
 
     settings = _settings()
@@ -665,13 +767,31 @@ def simulate(experiment_id: str, invocations: int, rate: float, users: int, rate
             raise click.BadParameter(f"{item!r}: expected VARIANT=P", param_hint="--conversion-rate") from None
         if not 0 <= true_rates[name] <= 1:
             raise click.BadParameter(f"{item!r}: P must be in [0, 1]", param_hint="--conversion-rate")
+    try:
+        chaos = tuple(parse_fault(text) for text in faults)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
+    for fault in chaos:
+        if fault.variant not in true_rates:
+            raise click.BadParameter(f"{fault.variant!r} is not a variant of {experiment_id!r}", param_hint="--fault")
     scenario = Scenario(
         experiment_id=experiment_id,
         variants=tuple(VariantProfile(v.name, v.initial_weight, true_rates[v.name]) for v in e.variants),
-        users=users, conversion_delay_mean_s=conversion_delay, seed=seed,
+        users=users, conversion_delay_mean_s=conversion_delay, seed=seed, faults=chaos,
     )
-    with Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
-        published = run(scenario, publisher, invocations, rate=rate)
+    if live_weights:
+        with ServingClient(settings.require_kafka_bootstrap(), settings.topics) as client:
+            if not client.wait_ready(30):
+                raise click.ClickException("could not read the allocations topic within 30 s")
+
+            def route(user_id: str) -> tuple[str, float]:
+                served = client.assign(experiment_id, user_id)
+                return served.variant, served.propensity
+
+            published = run(scenario, client.publisher, invocations, rate=rate, router=route)
+    else:
+        with Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
+            published = run(scenario, publisher, invocations, rate=rate)
     rows = [{"variant": name, "invocations": published.invocations[name], "conversions": published.conversions[name],
              "errors": published.errors[name]} for name in true_rates]
     click.echo(format_table(rows, ["variant", "invocations", "conversions", "errors"]))

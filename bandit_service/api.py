@@ -12,7 +12,7 @@ import hmac
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,8 +21,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from abflow.settings import Settings
+from abflow.text import json_safe
+from bandit_service import rollout_controller
 from bandit_service.assignment import ExperimentUnavailable, assign, current_weights
 from bandit_service.report import build_report, load_report_input
+from bandit_service.rollout import TransitionRefused
 from producers.contracts import CONVERSION, INVOCATION, InvalidEvent, event_from_dict
 from producers.publisher import Publisher
 from storage.db import make_engine
@@ -64,6 +67,10 @@ class ConversionRequest(BaseModel):
     timestamp: float | str | None = None
     reward: float = 1.0
     invocation_id: str | None = None
+
+
+class RolloutAction(BaseModel):
+    reason: str | None = None
 
 
 class Metrics:
@@ -275,5 +282,29 @@ def create_app(settings: Settings, token: str, publisher: Publisher | None = Non
             raise HTTPException(422, "limit must be between 1 and 10000")
         return [{**row, "computed_at": row["computed_at"].isoformat()}
                 for row in allocation_history(state["engine"], experiment_id, limit)]
+
+    @app.get("/experiments/{experiment_id}/rollout")
+    def rollout_status(experiment_id: str) -> dict:
+        """The rollout's state, stage, weights, newest check and transitions (as `abflow rollout status --json`)."""
+        experiment_or_404(experiment_id)
+        with state["pool"].connection() as conn:
+            try:
+                return json_safe(rollout_controller.status(conn, experiment_id))
+            except rollout_controller.NoRollout as exc:
+                raise HTTPException(404, str(exc)) from None
+
+    @app.post("/experiments/{experiment_id}/rollout/{action}", dependencies=authorised)
+    def rollout_action(experiment_id: str, action: Literal["pause", "resume", "promote", "abort"],
+                       body: RolloutAction | None = None) -> dict:
+        """pause, resume, promote or abort; 409 when the rollout's state does not allow it."""
+        experiment_or_404(experiment_id)
+        with state["pool"].connection() as conn:
+            try:
+                return json_safe(rollout_controller.operate(conn, experiment_id, action, "api",
+                                                            body.reason if body else None))
+            except rollout_controller.NoRollout as exc:
+                raise HTTPException(404, str(exc)) from None
+            except TransitionRefused as exc:
+                raise HTTPException(409, str(exc)) from None
 
     return app

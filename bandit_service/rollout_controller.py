@@ -109,7 +109,8 @@ class RolloutController:
         self.publisher = publisher
         self.topic = allocations_topic
         self.database_url = database_url  # libpq form, for the webhook thread's own connection
-        self._sending: set[str] = set()
+        self._sending: set[str] = set()  # rollouts with a webhook sender running
+        self._again: set[str] = set()  # rollouts with transitions the sender may not have seen
         self._lock = threading.Lock()
 
     def check(self, conn: psycopg.Connection, config: ExperimentConfig, now: datetime | None = None) -> str:
@@ -168,9 +169,11 @@ class RolloutController:
     # -- webhooks ---------------------------------------------------------------------------
 
     def _notify_pending(self, conn: psycopg.Connection, config: ExperimentConfig) -> None:
+        """Send the rollout's unsent transitions from a background thread (one per rollout)."""
         with self._lock:
+            self._again.add(config.experiment_id)
             if config.experiment_id in self._sending:
-                return
+                return  # the running sender looks again before it stops
             self._sending.add(config.experiment_id)
         threading.Thread(target=self._send, args=(config,), daemon=True,
                          name=f"abflow-webhook-{config.experiment_id}").start()
@@ -179,24 +182,29 @@ class RolloutController:
         plan = config.rollout
         try:
             with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
-                pending = conn.execute(
-                    "SELECT id, at, actor, action, from_state, to_state, from_stage, to_stage, reason, figures "
-                    "FROM rollout_transitions WHERE experiment_id = %s AND notified_at IS NULL ORDER BY id",
-                    (config.experiment_id,)).fetchall()
-                for transition in pending:
-                    payload = {"experiment_id": config.experiment_id, "challenger": plan.challenger,
-                               **{k: v for k, v in transition.items() if k != "at"}, "at": transition["at"].isoformat()}
-                    delivery = webhooks.post_json(plan.webhook_url, payload, plan.webhook_timeout_seconds,
-                                                  plan.webhook_retries)
-                    outcome = (f"delivered after {delivery.attempts} attempt(s)" if delivery.delivered else
-                               f"gave up after {delivery.attempts} attempt(s): {delivery.detail}")
-                    conn.execute("UPDATE rollout_transitions SET notified_at = now(), notification = %s WHERE id = %s",
-                                 (outcome, transition["id"]))
+                while True:
+                    with self._lock:
+                        if config.experiment_id not in self._again:
+                            self._sending.discard(config.experiment_id)
+                            return
+                        self._again.discard(config.experiment_id)
+                    pending = conn.execute(
+                        "SELECT id, at, actor, action, from_state, to_state, from_stage, to_stage, reason, figures "
+                        "FROM rollout_transitions WHERE experiment_id = %s AND notified_at IS NULL ORDER BY id",
+                        (config.experiment_id,)).fetchall()
+                    for transition in pending:
+                        payload = {"experiment_id": config.experiment_id, "challenger": plan.challenger,
+                                   **transition, "at": transition["at"].isoformat()}
+                        delivery = webhooks.post_json(plan.webhook_url, payload, plan.webhook_timeout_seconds,
+                                                      plan.webhook_retries)
+                        outcome = (f"delivered after {delivery.attempts} attempt(s)" if delivery.delivered else
+                                   f"gave up after {delivery.attempts} attempt(s): {delivery.detail}")
+                        conn.execute("UPDATE rollout_transitions SET notified_at = now(), notification = %s "
+                                     "WHERE id = %s", (outcome, transition["id"]))
         except psycopg.Error as exc:
             log.warning("rollout %s: webhooks not sent: %s", config.experiment_id, exc)
-        finally:
-            with self._lock:
-                self._sending.discard(config.experiment_id)
+        with self._lock:
+            self._sending.discard(config.experiment_id)
 
 
 # -- operator commands and status (any process) ------------------------------------------------

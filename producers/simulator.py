@@ -16,7 +16,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from producers.contracts import Conversion, Event, Invocation
 
@@ -33,12 +33,50 @@ class VariantProfile:
 
 
 @dataclass(frozen=True)
+class Fault:
+    """Chaos: from ``after_seconds`` into the run, ``variant`` gets slower, fails more, or converts less."""
+
+    variant: str
+    after_seconds: float = 0.0
+    error_rate: float | None = None  # replaces the variant's error rate
+    extra_latency_ms: float = 0.0
+    conversion_factor: float = 1.0  # multiplies the conversion rate
+
+    def apply(self, profile: VariantProfile) -> VariantProfile:
+        return replace(profile,
+                       error_rate=profile.error_rate if self.error_rate is None else self.error_rate,
+                       conversion_rate=profile.conversion_rate * self.conversion_factor)
+
+
+def parse_fault(text: str) -> Fault:
+    """``VARIANT:errors=0.3,latency_ms=200,conversion=0.5,after=30`` (every key optional)."""
+    variant, _, spec = text.partition(":")
+    if not variant or not spec:
+        raise ValueError(f"{text!r}: expected VARIANT:key=value,… with keys errors, latency_ms, conversion, after")
+    values = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("errors", "latency_ms", "conversion", "after"):
+            raise ValueError(f"{text!r}: unknown key {key!r} (errors, latency_ms, conversion, after)")
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise ValueError(f"{text!r}: {key} must be a number, got {value!r}") from None
+    if not 0 <= values.get("errors", 0) <= 1 or values.get("conversion", 1) < 0 or values.get("after", 0) < 0 \
+            or values.get("latency_ms", 0) < 0:
+        raise ValueError(f"{text!r}: errors in [0, 1]; conversion, latency_ms and after >= 0")
+    return Fault(variant, values.get("after", 0.0), values.get("errors"), values.get("latency_ms", 0.0),
+                 values.get("conversion", 1.0))
+
+
+@dataclass(frozen=True)
 class Scenario:
     experiment_id: str
     variants: tuple[VariantProfile, ...]
     users: int = 10_000
     conversion_delay_mean_s: float = 5.0
     seed: int = 1
+    faults: tuple[Fault, ...] = ()
 
     def variant_of(self, user_id: str) -> VariantProfile:
         """Sticky: a user always lands on the same variant (salted hash of the user id)."""
@@ -92,8 +130,10 @@ def generate(scenario: Scenario, invocations: int, clock, router=None):
     profiles = {v.name: v for v in scenario.variants}
     pending: list[tuple[float, int, Conversion]] = []
     sequence = 0
+    started = None
     for _ in range(invocations):
         now = clock()
+        started = now if started is None else started
         while pending and pending[0][0] <= now:
             yield heapq.heappop(pending)[2]
         user_id = f"user-{rng.randrange(scenario.users)}"
@@ -103,6 +143,11 @@ def generate(scenario: Scenario, invocations: int, clock, router=None):
         else:
             name, propensity = router(user_id)
             variant = profiles[name]
+        extra_latency = 0.0
+        for fault in scenario.faults:
+            if fault.variant == variant.name and now - started >= fault.after_seconds:
+                variant = fault.apply(variant)
+                extra_latency += fault.extra_latency_ms
         invocation = Invocation(
             event_id=new_event_id(),
             experiment_id=scenario.experiment_id,
@@ -110,7 +155,7 @@ def generate(scenario: Scenario, invocations: int, clock, router=None):
             user_id=user_id,
             timestamp=now,
             propensity=propensity,
-            latency_ms=round(variant.latency_median_ms * math.exp(rng.gauss(0, variant.latency_sigma)), 3),
+            latency_ms=round(variant.latency_median_ms * math.exp(rng.gauss(0, variant.latency_sigma)) + extra_latency, 3),
             error=rng.random() < variant.error_rate,
             model_version=variant.name,
         )

@@ -367,13 +367,16 @@ def experiment() -> None:
 @experiment.command("create")
 @click.option("-f", "--file", "path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Experiment config, JSON or YAML.")
-def experiment_create(path: Path) -> None:
+@click.option("--id", "experiment_id", help="Register it under this id instead of the file's experiment_id.")
+def experiment_create(path: Path, experiment_id: str | None) -> None:
     """Register an experiment from a config file."""
-    from storage.experiment_config import ConfigError, load_config_text
+    from storage.experiment_config import ConfigError, load_config_text, parse_config
     from storage.registry import ExperimentExists, create_experiment
 
     try:
         config = load_config_text(path.read_text(), path.name)
+        if experiment_id is not None:
+            config = parse_config({**config.to_dict(), "experiment_id": experiment_id})
     except ConfigError as exc:
         raise click.ClickException(f"{path}: {exc}") from None
     engine = _engine(_settings())

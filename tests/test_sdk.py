@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -16,8 +17,13 @@ from tests.helpers import counted_events, make_experiment
 from tests.test_refresher import latest, thompson_experiment
 
 
-def weights_used_everything(engine, experiment_id: str, invocations: int, rewards: float) -> bool:
-    """Whether the newest weights were computed from every invocation and conversion published."""
+REFRESH_POLL_SECONDS = 5.0  # the refresher recomputes every experiment at least this often
+
+
+def weights_settled(engine, experiment_id: str, invocations: int, rewards: float, since: dict) -> bool:
+    """Whether the newest weights are final: computed from every invocation and conversion, or
+    unchanged by a full refresh after the last of them was counted (a refresh that finds the same
+    weights, e.g. held at min_weight, writes no new version)."""
     newest = latest(engine, experiment_id)
     with engine.connect() as conn:
         totals = {row.variant: (row.invocations, row.reward_sum) for row in conn.execute(text(
@@ -25,7 +31,11 @@ def weights_used_everything(engine, experiment_id: str, invocations: int, reward
             {"e": experiment_id})}
     used = {v: (s["invocations"], s["reward_sum"]) for v, s in newest["statistics"]["variants"].items()}
     complete = sum(n for n, _ in totals.values()) == invocations and sum(r for _, r in totals.values()) == rewards
-    return complete and used == totals
+    if not complete:
+        return False
+    if since.get("version") != newest["version"]:
+        since.update(version=newest["version"], at=time.monotonic())
+    return used == totals or time.monotonic() - since["at"] > REFRESH_POLL_SECONDS + 1
 
 
 def has_weights(client: ServingClient, experiment_id: str) -> bool:
@@ -73,7 +83,8 @@ def test_sdk_routes_by_the_refreshed_weights_and_logs_propensities(settings, eng
         assert served.version == 1 and served.propensity == 0.5  # the propensity it was first served with
         # Session experiments randomise sessions: one user, several sessions, each drawn on its own.
         # (Once the weights have used every invocation they stop moving: compare against them.)
-        wait_until(lambda: weights_used_everything(engine, experiment_id, 1500, conversions), 60,
+        settled: dict = {}
+        wait_until(lambda: weights_settled(engine, experiment_id, 1500, conversions, settled), 60,
                    message="weights from all events", workers=[worker, refresher])
         final = latest(engine, experiment_id)["version"]
         wait_until(lambda: client.weights(experiment_id)[0] == final, 30, message="the SDK to have the final weights")

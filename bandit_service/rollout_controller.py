@@ -126,7 +126,7 @@ class RolloutController:
                                     (experiment_id,)).fetchone()
         self.reconcile(conn, config, state, stage)
         if config.rollout.webhook_url:
-            self._notify_pending(conn, config)
+            self._notify_pending(config)
         return state
 
     def _judge(self, conn, config: ExperimentConfig, current: rollout.RolloutState, now: datetime) -> None:
@@ -168,7 +168,7 @@ class RolloutController:
 
     # -- webhooks ---------------------------------------------------------------------------
 
-    def _notify_pending(self, conn: psycopg.Connection, config: ExperimentConfig) -> None:
+    def _notify_pending(self, config: ExperimentConfig) -> None:
         """Send the rollout's unsent transitions from a background thread (one per rollout)."""
         with self._lock:
             self._again.add(config.experiment_id)

@@ -147,13 +147,18 @@ def _number(value, where: str) -> float:
     return float(value)
 
 
-def _variant(data, index: int, count: int) -> VariantConfig:
-    where = f"variants[{index}]"
+def _check_object(data, allowed: set[str], where: str, shape: str) -> None:
+    """``data`` must be an object whose keys are all in ``allowed``."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be an object with 'name', 'initial_weight', 'role'")
-    unknown = set(data) - _VARIANT
+        raise ConfigError(f"{where} must be an object with {shape}")
+    unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+
+
+def _variant(data, index: int, count: int) -> VariantConfig:
+    where = f"variants[{index}]"
+    _check_object(data, _VARIANT, where, "'name', 'initial_weight', 'role'")
     name = data.get("name")
     if not isinstance(name, str) or not ID_PATTERN.match(name):
         raise ConfigError(f"{where}.name must match {ID_PATTERN.pattern}, got {name!r}")
@@ -177,11 +182,7 @@ def _metrics(data, reward_model: str) -> tuple[MetricConfig, ...]:
     metrics = []
     for index, item in enumerate(data):
         where = f"metrics[{index}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where} must be an object with 'name' and 'role'")
-        unknown = set(item) - _METRIC
-        if unknown:
-            raise ConfigError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+        _check_object(item, _METRIC, where, "'name' and 'role'")
         name = item.get("name")
         if name not in METRICS:
             raise ConfigError(f"{where}.name must be one of {', '.join(METRICS)}, got {name!r}")
@@ -211,11 +212,7 @@ def _metrics(data, reward_model: str) -> tuple[MetricConfig, ...]:
 def _analysis(data) -> AnalysisConfig:
     if data is None:
         return AnalysisConfig()
-    if not isinstance(data, dict):
-        raise ConfigError("analysis must be an object with alpha, power, mde, correction, min_sample")
-    unknown = set(data) - _ANALYSIS
-    if unknown:
-        raise ConfigError(f"analysis has unknown keys: {', '.join(sorted(unknown))}")
+    _check_object(data, _ANALYSIS, "analysis", "alpha, power, mde, correction, min_sample")
     defaults = AnalysisConfig()
     alpha = _number(data.get("alpha", defaults.alpha), "analysis.alpha")
     power = _number(data.get("power", defaults.power), "analysis.power")
@@ -296,11 +293,7 @@ def parse_config(data) -> ExperimentConfig:
 def _rollout(data, champion: str, challengers: list[str]) -> RolloutPlan | None:
     if data is None:
         return None
-    if not isinstance(data, dict):
-        raise ConfigError(f"rollout must be an object with {', '.join(sorted(_ROLLOUT))}")
-    unknown = set(data) - _ROLLOUT
-    if unknown:
-        raise ConfigError(f"rollout has unknown keys: {', '.join(sorted(unknown))}")
+    _check_object(data, _ROLLOUT, "rollout", ", ".join(sorted(_ROLLOUT)))
     challenger = data.get("challenger")
     if challenger is None:
         if len(challengers) != 1:

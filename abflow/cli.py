@@ -371,7 +371,8 @@ def experiment() -> None:
 def experiment_create(path: Path, experiment_id: str | None) -> None:
     """Register an experiment from a config file."""
     from storage.experiment_config import ConfigError, load_config_text, parse_config
-    from storage.registry import ExperimentExists, create_experiment
+    from bandit_service.assignment import LAYER_BUCKETS
+    from storage.registry import ExperimentExists, LayerFull, create_experiment
 
     try:
         config = load_config_text(path.read_text(), path.name)
@@ -381,13 +382,16 @@ def experiment_create(path: Path, experiment_id: str | None) -> None:
         raise click.ClickException(f"{path}: {exc}") from None
     engine = _engine(_settings())
     try:
-        create_experiment(engine, config)
-    except ExperimentExists as exc:
+        created = create_experiment(engine, config)
+    except (ExperimentExists, LayerFull) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         engine.dispose()
     click.echo(f"created experiment {config.experiment_id!r} with variants "
                + ", ".join(f"{v.name} ({v.role}, weight {w:.3g})" for v, w in zip(config.variants, config.normalised_weights.values())))
+    if config.layer is not None or config.traffic < 1:
+        click.echo(f"layer {created.layer!r}: buckets {created.layer_start}-{created.layer_end} "
+                   f"({(created.layer_end - created.layer_start) / LAYER_BUCKETS:.1%} of its units)")
 
 
 @experiment.command("list")
@@ -443,6 +447,80 @@ def experiment_show(experiment_id: str, as_json: bool) -> None:
                f"unit {e.unit}  status {e.status}")
     click.echo(format_table(variants, ["variant", "role", "initial_weight", "model_version", "invocations",
                                        "conversions", "reward_sum", "errors"]))
+
+
+@experiment.command("promote")
+@click.argument("experiment_id", metavar="EXPERIMENT")
+@click.argument("variant")
+@click.option("--challenger", "challengers", multiple=True, metavar="NAME[=MODEL_VERSION]",
+              help="A new challenger for the next version (repeatable).")
+@click.option("--reason", help="Why; stored in the champions history.")
+@click.option("--force", is_flag=True, help="Promote without a completed rollout or a SHIP decision for VARIANT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def experiment_promote(experiment_id: str, variant: str, challengers: tuple[str, ...], reason: str | None,
+                       force: bool, as_json: bool) -> None:
+    """Make VARIANT, a challenger that won, the champion of EXPERIMENT's lineage.
+
+    Needs evidence: a completed rollout of VARIANT, or a SHIP decision for it in
+    `abflow report` (or --force with a --reason). EXPERIMENT stops and serves
+    VARIANT to everyone; the next version `<lineage>-v<N>` starts with VARIANT as
+    champion, the other challengers and any --challenger, in the same share of
+    the same layer. `abflow experiment champions` lists the lineage's history.
+    """
+    from bandit_service.lifecycle import PromotionRefused, promote
+    from producers.publisher import Publisher
+    from storage.registry import ExperimentExists, ExperimentNotFound, LayerFull
+
+    new = {}
+    for item in challengers:
+        name, _, model_version = item.partition("=")
+        new[name] = model_version or None
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        with Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
+            result = promote(engine, publisher, settings.topics.allocations, experiment_id, variant, new,
+                             "operator", reason, force)
+    except (PromotionRefused, ExperimentNotFound, ExperimentExists, LayerFull) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    click.echo(f"{variant} is champion {result['version']} of lineage {result['lineage']!r} "
+               f"(evidence: {result['evidence']['source']}); {experiment_id} is stopped and serves it to everyone")
+    if result["next_experiment_id"]:
+        click.echo(f"next version: {result['next_experiment_id']} with {', '.join(result['next_variants'])}")
+    else:
+        click.echo("no challenger left, so no next version; add challengers with --challenger next time")
+
+
+@experiment.command("champions")
+@click.argument("experiment_id", metavar="EXPERIMENT")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def experiment_champions(experiment_id: str, as_json: bool) -> None:
+    """The champions of EXPERIMENT's lineage, first to newest, with who promoted them and why."""
+    from bandit_service.lifecycle import champion_history
+    from storage.registry import ExperimentNotFound, get_experiment
+
+    engine = _engine(_settings())
+    try:
+        try:
+            lineage = get_experiment(engine, experiment_id).lineage
+        except ExperimentNotFound as exc:
+            raise click.ClickException(str(exc)) from None
+        history = champion_history(engine, lineage)
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps(history, indent=2, default=str))
+        return
+    rows = [{"version": c["version"], "champion": c["variant"], "model_version": c["model_version"] or "",
+             "experiment": c["experiment_id"], "won in": c["promoted_from"] or "", "evidence": c["evidence"].get("source", ""),
+             "at": c["promoted_at"][:19].replace("T", " "), "reason": c["reason"]} for c in history]
+    click.echo(f"lineage {lineage}")
+    click.echo(format_table(rows, list(rows[0])))
 
 
 @main.command()

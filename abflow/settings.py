@@ -49,6 +49,7 @@ class Topics:
     conversions: str = "abflow.conversions"
     dead_letters: str = "abflow.dead-letters"
     allocations: str = "abflow.allocations"
+    shadows: str = "abflow.shadows"
 
     @classmethod
     def from_env(cls) -> "Topics":
@@ -57,6 +58,7 @@ class Topics:
             conversions=os.environ.get("ABFLOW_TOPIC_CONVERSIONS", cls.conversions),
             dead_letters=os.environ.get("ABFLOW_TOPIC_DEAD_LETTERS", cls.dead_letters),
             allocations=os.environ.get("ABFLOW_TOPIC_ALLOCATIONS", cls.allocations),
+            shadows=os.environ.get("ABFLOW_TOPIC_SHADOWS", cls.shadows),
         )
 
 

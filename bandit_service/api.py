@@ -24,6 +24,7 @@ from abflow.settings import Settings
 from abflow.text import json_safe
 from bandit_service import rollout_controller
 from bandit_service.assignment import ExperimentUnavailable, assign, current_weights
+from bandit_service.lifecycle import PromotionRefused, champion_history, promote
 from bandit_service.report import build_report, load_report_input
 from bandit_service.rollout import TransitionRefused
 from producers.contracts import CONVERSION, INVOCATION, InvalidEvent, event_from_dict
@@ -31,7 +32,7 @@ from producers.publisher import Publisher
 from storage.db import make_engine
 from storage.experiment_config import ConfigError, parse_config
 from storage.queries import allocation_history, variant_totals
-from storage.registry import ExperimentExists, ExperimentNotFound, create_experiment, get_experiment, list_experiments
+from storage.registry import ExperimentExists, ExperimentNotFound, LayerFull, create_experiment, get_experiment, list_experiments
 
 STATUS_CHANGES = {"pause": ("running", "paused"), "resume": ("paused", "running"), "stop": (None, "stopped")}
 
@@ -47,6 +48,16 @@ class AssignResponse(BaseModel):
     propensity: float
     allocation_version: int | None
     new: bool
+    in_experiment: bool = Field(description="False when the unit is outside the experiment's share of its layer: "
+                                            "serve the variant, but log no events for it")
+
+
+class PromoteRequest(BaseModel):
+    variant: str = Field(description="The challenger that won")
+    challengers: dict[str, str | None] = Field(default_factory=dict,
+                                               description="New challengers of the next version: name → model version")
+    reason: str | None = None
+    force: bool = Field(False, description="Promote without a completed rollout or a SHIP decision")
 
 
 class InvocationRequest(BaseModel):
@@ -139,7 +150,8 @@ def create_app(settings: Settings, token: str, publisher: Publisher | None = Non
     def describe(e) -> dict:
         return {"experiment_id": e.experiment_id, "strategy": e.strategy, "status": e.status, "epsilon": e.epsilon,
                 "warmup": e.warmup, "unit": e.unit, "min_weight": e.min_weight, "reward_model": e.reward_model,
-                "created_at": e.created_at.isoformat(),
+                "created_at": e.created_at.isoformat(), "lineage": e.lineage, "version": e.version,
+                "winner": e.winner, "layer": {"name": e.layer, "buckets": [e.layer_start, e.layer_end]},
                 "variants": [{"name": v.name, "role": v.role, "initial_weight": v.initial_weight,
                               "model_version": v.model_version} for v in e.variants]}
 
@@ -173,7 +185,7 @@ def create_app(settings: Settings, token: str, publisher: Publisher | None = Non
             raise HTTPException(422, str(exc)) from None
         try:
             create_experiment(state["engine"], parsed)
-        except ExperimentExists as exc:
+        except (ExperimentExists, LayerFull) as exc:
             raise HTTPException(409, str(exc)) from None
         return describe(experiment_or_404(parsed.experiment_id))
 
@@ -219,7 +231,7 @@ def create_app(settings: Settings, token: str, publisher: Publisher | None = Non
         metrics.assignments.labels(experiment_id, result.variant, str(result.new).lower()).inc()
         return AssignResponse(experiment_id=experiment_id, unit_id=body.unit_id, variant=result.variant,
                               propensity=result.propensity, allocation_version=result.allocation_version,
-                              new=result.new)
+                              new=result.new, in_experiment=result.in_experiment)
 
     def publish_event(experiment_id: str, kind: str, fields: dict) -> dict:
         experiment = experiment_or_404(experiment_id)
@@ -306,5 +318,21 @@ def create_app(settings: Settings, token: str, publisher: Publisher | None = Non
                 raise HTTPException(404, str(exc)) from None
             except TransitionRefused as exc:
                 raise HTTPException(409, str(exc)) from None
+
+    @app.post("/experiments/{experiment_id}/promote", dependencies=authorised)
+    def promote_champion(experiment_id: str, body: PromoteRequest) -> dict:
+        """Make a winning challenger the champion (as `abflow experiment promote`); 409 without evidence."""
+        experiment_or_404(experiment_id)
+        try:
+            result = promote(state["engine"], state["publisher"], settings.topics.allocations, experiment_id,
+                             body.variant, body.challengers, "api", body.reason, body.force)
+        except (PromotionRefused, ExperimentExists, LayerFull) as exc:
+            raise HTTPException(409, str(exc)) from None
+        return json_safe(result)
+
+    @app.get("/experiments/{experiment_id}/champions")
+    def champions(experiment_id: str) -> list[dict]:
+        """The champions of the experiment's lineage, first to newest."""
+        return champion_history(state["engine"], experiment_or_404(experiment_id).lineage)
 
     return app

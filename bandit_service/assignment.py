@@ -8,9 +8,17 @@ its propensity (the weight of the chosen variant) and returned from then on,
 also under concurrent requests (``INSERT … ON CONFLICT DO NOTHING``: one
 writer wins, the others read its row) and across restarts.
 
+Layers: experiments that must not share users sit in one *layer*. The point
+``hash(salt, "layer", layer, unit)`` puts every unit in one of ``LAYER_BUCKETS``
+buckets; each experiment of the layer holds its own range of buckets, and a unit
+outside an experiment's range is not in it (it gets the champion, not stored,
+``in_experiment`` false). The variant point is salted with the experiment, so
+which variant a unit gets is independent of its bucket and of every other layer.
+An experiment without a layer is alone in a layer named after it.
+
 Lifecycle rules:
 - a *paused* experiment keeps its assigned units; new units get the champion, unstored;
-- a *stopped* experiment gives everyone the champion;
+- a *stopped* experiment gives everyone the champion, or the winner once one was promoted;
 - a unit whose stored variant was removed from the experiment, or whose weight is now zero (a
   rollout rolled back, or finished), is assigned again.
 """
@@ -23,12 +31,40 @@ from dataclasses import dataclass
 import psycopg
 
 DEFAULT_SALT = "abflow"
+LAYER_BUCKETS = 10_000
 
 
 def hash_point(experiment_id: str, unit_id: str, salt: str = DEFAULT_SALT) -> float:
     """A uniform point in [0, 1), the same for the same inputs in every process."""
     digest = hashlib.blake2b(f"{salt}\x1f{experiment_id}\x1f{unit_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+def layer_bucket(layer: str, unit_id: str, salt: str = DEFAULT_SALT) -> int:
+    """The unit's bucket in the layer, in [0, LAYER_BUCKETS)."""
+    return int(hash_point(f"layer\x1f{layer}", unit_id, salt) * LAYER_BUCKETS)
+
+
+def layer_size(traffic: float) -> int:
+    """The number of buckets an experiment taking ``traffic`` (a share of the layer's units) holds."""
+    return max(1, min(LAYER_BUCKETS, round(traffic * LAYER_BUCKETS)))
+
+
+def free_range(taken: list[tuple[int, int]], size: int, prefer: tuple[int, int] | None = None
+               ) -> tuple[int, int] | None:
+    """The first free range of ``size`` buckets beside the ``taken`` ones, or ``prefer`` when it is
+    free (a promoted experiment's next version keeps its users); None when nothing fits."""
+    def free(start: int, end: int) -> bool:
+        return 0 <= start and end <= LAYER_BUCKETS and all(end <= s or e <= start for s, e in taken)
+
+    if prefer is not None and prefer[1] - prefer[0] == size and free(*prefer):
+        return prefer
+    start = 0
+    for s, e in sorted(taken):
+        if s - start >= size:
+            break
+        start = max(start, e)
+    return (start, start + size) if LAYER_BUCKETS - start >= size else None
 
 
 def choose(weights: dict[str, float], point: float) -> str:
@@ -58,6 +94,7 @@ class Assignment:
     allocation_version: int | None
     new: bool  # first assignment of this unit (now stored)
     stored: bool = True  # False for a paused or stopped experiment's champion fallback
+    in_experiment: bool = True  # False outside the experiment's share of its layer: log no events for it
 
 
 class ExperimentUnavailable(LookupError):
@@ -75,7 +112,7 @@ _LATEST_ALLOCATION = (
 )
 ASSIGN_CONTEXT = (
     "SELECT e.status, (SELECT name FROM variants c WHERE c.experiment_id = e.experiment_id AND c.role = 'champion'), "
-    "s.variant, s.propensity, s.allocation_version, v.name IS NOT NULL, " + _WEIGHTS_SQL + " FROM experiments e "
+    "e.winner, e.layer, e.layer_start, e.layer_end, s.variant, s.propensity, s.allocation_version, v.name IS NOT NULL, " + _WEIGHTS_SQL + " FROM experiments e "
     "LEFT JOIN assignments s ON s.experiment_id = e.experiment_id AND s.unit_id = %s "
     "LEFT JOIN variants v ON v.experiment_id = s.experiment_id AND v.name = s.variant "
     + _LATEST_ALLOCATION + " WHERE e.experiment_id = %s"
@@ -111,10 +148,12 @@ def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str
     row = conn.execute(ASSIGN_CONTEXT, (unit_id, experiment_id)).fetchone()
     if row is None:
         raise ExperimentUnavailable(f"no experiment {experiment_id!r}")
-    (status, champion, stored_variant, stored_propensity, stored_version, variant_exists,
-     variants, latest_weights, version) = row
+    (status, champion, winner, layer, layer_start, layer_end, stored_variant, stored_propensity, stored_version,
+     variant_exists, variants, latest_weights, version) = row
     if status == "stopped":
-        return Assignment(experiment_id, unit_id, champion, 1.0, None, new=False, stored=False)
+        return Assignment(experiment_id, unit_id, winner or champion, 1.0, None, new=False, stored=False)
+    if not layer_start <= layer_bucket(layer, unit_id, salt) < layer_end:
+        return Assignment(experiment_id, unit_id, champion, 1.0, None, new=False, stored=False, in_experiment=False)
     weights = _weights_of(variants, latest_weights)
     if stored_variant is not None and variant_exists and weights.get(stored_variant, 0.0) > 0:
         return Assignment(experiment_id, unit_id, stored_variant, stored_propensity, stored_version, new=False)

@@ -26,7 +26,8 @@ import psycopg
 from abflow.settings import Settings
 from abflow.text import json_safe
 from bandit_service.policies import ArmStats, PolicyConfig, PolicyInputError, allocate
-from bandit_service.allocations import allocation_record, latest_allocation, publish_allocation, same_weights
+from bandit_service.allocations import (allocation_record, latest_allocation, publish_allocation, same_weights,
+                                        serving_context)
 from bandit_service.rollout_controller import RolloutController
 from producers.publisher import Publisher
 from storage.experiment_config import parse_config
@@ -98,19 +99,20 @@ class WeightRefresher:
     # -- one experiment ------------------------------------------------------------------
 
     def republish_latest(self, conn: psycopg.Connection) -> None:
-        """Put each running experiment's newest version on the topic again.
+        """Put each running (or promoted) experiment's newest version on the topic again.
 
         The topic is a cache of the history: a broker that lost it (the embedded
         one keeps topics in memory) gets it back when a leader starts.
         """
         rows = conn.execute(
             "SELECT DISTINCT ON (a.experiment_id) a.experiment_id, a.version, a.strategy, a.phase, a.weights, "
-            "a.computed_at FROM allocations a JOIN experiments e USING (experiment_id) WHERE e.status = 'running' "
-            "ORDER BY a.experiment_id, a.version DESC").fetchall()
+            "a.computed_at FROM allocations a JOIN experiments e USING (experiment_id) "
+            "WHERE e.status = 'running' OR e.winner IS NOT NULL ORDER BY a.experiment_id, a.version DESC").fetchall()
         for experiment_id, version, strategy, phase, weights, computed_at in rows:
+            champion, layer = serving_context(conn, experiment_id)
             self.publisher.produce(self.settings.topics.allocations,
-                                   allocation_record(experiment_id, version, strategy, phase, weights, computed_at),
-                                   key=experiment_id)
+                                   allocation_record(experiment_id, version, strategy, phase, weights, computed_at,
+                                                     champion, layer), key=experiment_id)
         self.publisher.flush(10)
 
     def refresh_all(self, conn: psycopg.Connection) -> None:

@@ -51,6 +51,8 @@ class ReportInput:
     assignments: dict[tuple[str, int | None], int] = field(default_factory=dict)
     # Cumulative series for the plots: (bucket start, variant, invocations, conversions, reward_sum).
     series: list[tuple[datetime, str, int, int, float]] = field(default_factory=list)
+    # Shadow releases: per (shadow, served variant), storage.queries.shadow_totals.
+    shadows: list[dict] = field(default_factory=list)
 
 
 def _number(value: float | None) -> float | None:
@@ -109,6 +111,28 @@ class _Experiment:
                            latency_p95_ms=_number(histogram_quantile(hist, 0.95)),
                            latency_p99_ms=_number(histogram_quantile(hist, 0.99)),
                            conversion_rate_adjusted=adjusted[v.name].mean if adjusted[v.name].n else None)
+            rows.append(row)
+        return rows
+
+    def shadows(self) -> list[dict]:
+        """Each shadow beside the variant served on the same requests: how often they agreed, and
+        each side's error rate and latency (Wilson intervals for the rates)."""
+        rows = []
+        level = 1 - self.alpha
+        for s in self.data.shadows:
+            requests, compared = int(s["requests"]), int(s["compared"])
+            row = {"variant": s["variant"], "served_variant": s["served_variant"], "requests": requests,
+                   "compared": compared}
+            if compared:
+                agreement = wilson_interval(int(s["agreements"]), compared, level)
+                row.update(agreement=agreement.estimate, agreement_low=agreement.low, agreement_high=agreement.high)
+            for side, prefix in (("shadow", ""), ("served", "served_")):
+                errors = wilson_interval(int(s[f"{prefix}errors"]), requests, level)
+                count = int(s[f"{prefix}latency_count"])
+                row[side] = {"error_rate": errors.estimate, "error_rate_low": errors.low, "error_rate_high": errors.high,
+                             "latency_mean_ms": float(s[f"{prefix}latency_ms_sum"]) / count if count else None,
+                             "latency_p95_ms": _number(histogram_quantile(s[f"{prefix}latency_hist"], 0.95)),
+                             "latency_p99_ms": _number(histogram_quantile(s[f"{prefix}latency_hist"], 0.99))}
             rows.append(row)
         return rows
 
@@ -310,6 +334,7 @@ class _Experiment:
             "guardrails": guardrails,
             "sample_ratio": srm,
             "bayesian": self.bayesian(),
+            "shadows": self.shadows(),
             "weights_history": weights_history,
             "series": [{"time": t.isoformat(), "variant": v, "invocations": n, "conversions": c, "reward_sum": r}
                        for t, v, n, c, r in self.data.series],
@@ -334,4 +359,5 @@ def load_report_input(engine, experiment_id: str) -> ReportInput:
     return ReportInput(config=config, status=experiment.status, periods=periods, allocations=allocations,
                        histograms=queries.latency_histograms(engine, experiment_id, LATENCY_BUCKETS),
                        assignments=queries.assignment_counts(engine, experiment_id),
-                       series=queries.time_series(engine, experiment_id))
+                       series=queries.time_series(engine, experiment_id),
+                       shadows=queries.shadow_totals(engine, experiment_id, LATENCY_BUCKETS))

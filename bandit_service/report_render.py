@@ -95,6 +95,19 @@ def bayesian_rows(report: dict) -> list[dict]:
             for b in report["bayesian"]["variants"]]
 
 
+def shadow_rows(report: dict) -> list[dict]:
+    rows = []
+    for s in report["shadows"]:
+        shadow, served = s["shadow"], s["served"]
+        rows.append({"shadow": s["variant"], "beside": s["served_variant"], "requests": f"{s['requests']:,}",
+                     "agreement": _pct(s.get("agreement")) if s["compared"] else "-",
+                     "interval": _interval(s.get("agreement_low"), s.get("agreement_high"), "%") if s["compared"] else "-",
+                     "errors (shadow / served)": f"{_pct(shadow['error_rate'])} / {_pct(served['error_rate'])}",
+                     "p95 ms (shadow / served)": f"{_num(shadow['latency_p95_ms'])} / {_num(served['latency_p95_ms'])}",
+                     "mean ms (shadow / served)": f"{_num(shadow['latency_mean_ms'])} / {_num(served['latency_mean_ms'])}"})
+    return rows
+
+
 def srm_text(report: dict) -> str:
     srm = report["sample_ratio"]
     if not srm["checked"]:
@@ -134,6 +147,8 @@ def render_text(report: dict) -> str:
     lines += [f"SAMPLE RATIO  {srm_text(report)}", ""]
     bayes = report["bayesian"]
     lines += [f"BAYESIAN (conversion rate, {bayes['prior']} prior, {bayes['counts']})", _table(bayesian_rows(report))]
+    if report["shadows"]:
+        lines += ["", "SHADOWS (called on the same requests, never served)", _table(shadow_rows(report))]
     if report["notes"]:
         lines += ["", "NOTES"] + [f"  - {note}" for note in report["notes"]]
     return "\n".join(lines)
@@ -267,7 +282,10 @@ def render_html(report: dict) -> str:
             parts += [f"<h2>{role.capitalize()} metric{'s' if role == 'secondary' else ''}</h2>", _html_table(rows)]
     parts += ["<h2>Guardrails</h2>", _html_table(guardrail_rows(report)),
               "<h2>Sample ratio</h2>", f"<p>{html.escape(srm_text(report))}</p>",
-              "<h2>Bayesian view</h2>", _html_table(bayesian_rows(report)), "<h2>Plots</h2><div class='plots'>"]
+              "<h2>Bayesian view</h2>", _html_table(bayesian_rows(report))]
+    if report["shadows"]:
+        parts += ["<h2>Shadows</h2><p>Called on the same requests, never served.</p>", _html_table(shadow_rows(report))]
+    parts += ["<h2>Plots</h2><div class='plots'>"]
     parts += [f"<figure><figcaption>{html.escape(name)}</figcaption>{svg}</figure>" for name, svg in _plots(report).items()]
     parts.append("</div>")
     if report["notes"]:

@@ -125,10 +125,11 @@ def run_env(base: dict, bootstrap: str, database_url: str, home: Path, tag: str,
     env = {**base, "ABFLOW_KAFKA_BOOTSTRAP": bootstrap, "ABFLOW_DATABASE_URL": database_url, "ABFLOW_HOME": str(home),
            "ABFLOW_TOPIC_INVOCATIONS": f"bench-{tag}.invocations", "ABFLOW_TOPIC_CONVERSIONS": f"bench-{tag}.conversions",
            "ABFLOW_TOPIC_DEAD_LETTERS": f"bench-{tag}.dead-letters", "ABFLOW_TOPIC_ALLOCATIONS": f"bench-{tag}.allocations",
+           "ABFLOW_TOPIC_SHADOWS": f"bench-{tag}.shadows",
            "ABFLOW_CONSUMER_GROUP": f"bench-{tag}", "ABFLOW_PARTITIONS": str(partitions),
            "ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS": "3"}
     topics = Topics(env["ABFLOW_TOPIC_INVOCATIONS"], env["ABFLOW_TOPIC_CONVERSIONS"],
-                    env["ABFLOW_TOPIC_DEAD_LETTERS"], env["ABFLOW_TOPIC_ALLOCATIONS"])
+                    env["ABFLOW_TOPIC_DEAD_LETTERS"], env["ABFLOW_TOPIC_ALLOCATIONS"], env["ABFLOW_TOPIC_SHADOWS"])
     return env, topics
 
 

@@ -1,4 +1,4 @@
-"""The event contracts (topics ``abflow.invocations`` and ``abflow.conversions``) and their validation.
+"""The event contracts (topics ``abflow.invocations``, ``abflow.conversions``, ``abflow.shadows``) and their validation.
 
 Pure functions, no I/O. The stream job and the publisher both validate with
 ``parse_event``; a failure is an ``InvalidEvent`` whose ``reason`` is one of
@@ -17,7 +17,8 @@ import orjson
 
 INVOCATION = "invocation"
 CONVERSION = "conversion"
-KINDS = (INVOCATION, CONVERSION)
+SHADOW = "shadow"
+KINDS = (INVOCATION, CONVERSION, SHADOW)
 
 MAX_ID_LENGTH = 256
 
@@ -78,8 +79,36 @@ class Conversion:
         return _to_dict(self)
 
 
-Event = Invocation | Conversion
-_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in (Invocation, Conversion)}
+@dataclass(slots=True)
+class Shadow:
+    """One request answered by the served variant and, unseen by the user, by a shadow variant.
+
+    ``agree`` says whether the two answers matched (None when either side failed);
+    the predictions are logged for offline comparison and not aggregated.
+    """
+
+    event_id: str
+    experiment_id: str
+    variant: str  # the shadow
+    served_variant: str
+    user_id: str
+    timestamp: float  # epoch seconds
+    latency_ms: float | None = None
+    error: bool = False
+    served_latency_ms: float | None = None
+    served_error: bool = False
+    agree: bool | None = None
+    prediction: object = None
+    served_prediction: object = None
+
+    kind = SHADOW
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+
+Event = Invocation | Conversion | Shadow
+_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in (Invocation, Conversion, Shadow)}
 
 
 def _to_dict(event: Event) -> dict:
@@ -185,14 +214,8 @@ def _checked_invocation(data: dict) -> Invocation:
     propensity = _number(data, "propensity")
     if propensity is not None and not 0.0 < propensity <= 1.0:
         raise InvalidEvent("invalid_value", f"'propensity' must be in (0, 1], got {propensity}")
-    latency_ms = _number(data, "latency_ms")
-    if latency_ms is not None and latency_ms < 0:
-        raise InvalidEvent("invalid_value", f"'latency_ms' must be >= 0, got {latency_ms}")
-    error = data.get("error", False)
-    if error is None:
-        error = False
-    if type(error) is not bool:
-        raise InvalidEvent("wrong_type", f"'error' must be true or false, got {type(error).__name__}")
+    latency_ms = _latency(data, "latency_ms")
+    error = _flag(data, "error", False)
     return Invocation(
         event_id=_identifier(data, "event_id"),
         experiment_id=_identifier(data, "experiment_id"),
@@ -203,6 +226,44 @@ def _checked_invocation(data: dict) -> Invocation:
         latency_ms=latency_ms,
         error=error,
         model_version=_identifier(data, "model_version", required=False),
+    )
+
+
+def _flag(data: dict, field: str, default: bool | None) -> bool | None:
+    value = data.get(field)
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise InvalidEvent("wrong_type", f"'{field}' must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _latency(data: dict, field: str) -> float | None:
+    value = _number(data, field)
+    if value is not None and value < 0:
+        raise InvalidEvent("invalid_value", f"'{field}' must be >= 0, got {value}")
+    return value
+
+
+def shadow_from_dict(data: dict) -> Shadow:
+    error, served_error = _flag(data, "error", False), _flag(data, "served_error", False)
+    agree = _flag(data, "agree", None)
+    if agree is not None and (error or served_error):
+        raise InvalidEvent("invalid_value", "'agree' must be absent when either side failed")
+    return Shadow(
+        event_id=_identifier(data, "event_id"),
+        experiment_id=_identifier(data, "experiment_id"),
+        variant=_identifier(data, "variant"),
+        served_variant=_identifier(data, "served_variant"),
+        user_id=_identifier(data, "user_id"),
+        timestamp=parse_timestamp(data.get("timestamp")),
+        latency_ms=_latency(data, "latency_ms"),
+        error=error,
+        served_latency_ms=_latency(data, "served_latency_ms"),
+        served_error=served_error,
+        agree=agree,
+        prediction=data.get("prediction"),
+        served_prediction=data.get("served_prediction"),
     )
 
 
@@ -265,7 +326,7 @@ def conversion_from_dict(data: dict) -> Conversion:
     return _checked_conversion(data)
 
 
-_FROM_DICT = {INVOCATION: invocation_from_dict, CONVERSION: conversion_from_dict}
+_FROM_DICT = {INVOCATION: invocation_from_dict, CONVERSION: conversion_from_dict, SHADOW: shadow_from_dict}
 
 
 def parse_event(kind: str, raw: bytes, max_bytes: int = 64 * 1024) -> Event:

@@ -9,7 +9,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from abflow.settings import Topics
-from producers.contracts import INVOCATION, Event, encode
+from producers.contracts import CONVERSION, INVOCATION, Event, encode
 
 
 class PublishError(RuntimeError):
@@ -62,7 +62,8 @@ class Publisher:
         self._producer.poll(0)
 
     def publish(self, event: Event) -> None:
-        topic = self.topics.invocations if event.kind == INVOCATION else self.topics.conversions
+        topic = {INVOCATION: self.topics.invocations, CONVERSION: self.topics.conversions}.get(event.kind,
+                                                                                              self.topics.shadows)
         self.produce(topic, encode(event), key=event.user_id)
 
     def poll(self, timeout: float = 0) -> int:
@@ -106,6 +107,7 @@ def ensure_topics(bootstrap: str, topics: Topics, partitions: int, timeout: floa
         NewTopic(topics.invocations, partitions, 1),
         NewTopic(topics.conversions, partitions, 1),
         NewTopic(topics.dead_letters, partitions, 1),
+        NewTopic(topics.shadows, partitions, 1),
         NewTopic(topics.allocations, 1, 1, config={"cleanup.policy": "compact"}),
     ]
     missing = [t for t in wanted if t.topic not in existing]

@@ -15,7 +15,7 @@ UNITS = ("user", "session")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variants", "description", "min_weight",
-              "reward_model", "metrics", "analysis", "rollout"}
+              "reward_model", "metrics", "analysis", "rollout", "layer", "traffic", "shadows"}
 REWARD_MODELS = ("binary", "gaussian")
 _VARIANT = {"name", "initial_weight", "model_version", "role"}
 
@@ -51,6 +51,14 @@ class VariantConfig:
     name: str
     initial_weight: float
     role: str
+    model_version: str | None = None
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """A model called beside the served one on the same requests, whose answer is never served."""
+
+    name: str
     model_version: str | None = None
 
 
@@ -120,6 +128,9 @@ class ExperimentConfig:
     metrics: tuple[MetricConfig, ...] = ()
     analysis: AnalysisConfig = AnalysisConfig()
     rollout: RolloutPlan | None = None
+    layer: str | None = None  # experiments of one layer never share a unit; None: a layer of its own
+    traffic: float = 1.0  # the share of the layer's units in this experiment
+    shadows: tuple[ShadowConfig, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -131,6 +142,7 @@ class ExperimentConfig:
             data["rollout"]["stages"] = list(self.rollout.stages)
         data["variants"] = [asdict(v) for v in self.variants]
         data["metrics"] = [asdict(m) for m in self.metrics]
+        data["shadows"] = [asdict(s) for s in self.shadows]
         return data
 
     @property
@@ -274,6 +286,12 @@ def parse_config(data) -> ExperimentConfig:
         raise ConfigError(f"reward_model must be one of {', '.join(REWARD_MODELS)}, got {reward_model!r}")
     description = data.get("description")
     champion = champions[0]
+    layer = data.get("layer")
+    if layer is not None and (not isinstance(layer, str) or not ID_PATTERN.match(layer)):
+        raise ConfigError(f"layer must match {ID_PATTERN.pattern}, got {layer!r}")
+    traffic = _number(data.get("traffic", 1.0), "traffic")
+    if not 0 < traffic <= 1:
+        raise ConfigError(f"traffic (the share of the layer's units) must be in (0, 1], got {traffic}")
     return ExperimentConfig(
         experiment_id=experiment_id,
         strategy=strategy,
@@ -287,7 +305,29 @@ def parse_config(data) -> ExperimentConfig:
         metrics=_metrics(data.get("metrics"), reward_model),
         analysis=_analysis(data.get("analysis")),
         rollout=_rollout(data.get("rollout"), champion, [v.name for v in variants if v.role == "challenger"]),
+        layer=layer,
+        traffic=traffic,
+        shadows=_shadows(data.get("shadows"), names),
     )
+
+
+def _shadows(data, variant_names: list[str]) -> tuple[ShadowConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError("shadows must be a list of {name, model_version}")
+    shadows = []
+    for index, item in enumerate(data):
+        where = f"shadows[{index}]"
+        _check_object(item, {"name", "model_version"}, where, "'name' and optionally 'model_version'")
+        name = item.get("name")
+        if not isinstance(name, str) or not ID_PATTERN.match(name):
+            raise ConfigError(f"{where}.name must match {ID_PATTERN.pattern}, got {name!r}")
+        if name in variant_names or name in [s.name for s in shadows]:
+            raise ConfigError(f"{where}.name {name!r} is already a variant or a shadow")
+        model_version = item.get("model_version")
+        shadows.append(ShadowConfig(name, None if model_version is None else str(model_version)))
+    return tuple(shadows)
 
 
 def _rollout(data, champion: str, challengers: list[str]) -> RolloutPlan | None:

@@ -27,6 +27,7 @@ class Base(DeclarativeBase):
 
 class Experiment(Base):
     __tablename__ = "experiments"
+    __table_args__ = (Index("experiments_layer", "layer"),)
 
     experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     strategy: Mapped[str] = mapped_column(String(32))
@@ -37,6 +38,15 @@ class Experiment(Base):
     reward_model: Mapped[str] = mapped_column(String(16), default="binary")
     status: Mapped[str] = mapped_column(String(16), default="running")
     config: Mapped[dict] = mapped_column(JSONB)
+    # The buckets [layer_start, layer_end) of its layer's hash space that it holds (see bandit_service.layers).
+    layer: Mapped[str] = mapped_column(String(128))
+    layer_start: Mapped[int] = mapped_column(Integer, default=0)
+    layer_end: Mapped[int] = mapped_column(Integer, default=10_000)
+    # Experiments of one lineage follow each other as champions are promoted; a promoted
+    # experiment is stopped and serves its winner to everyone.
+    lineage: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    winner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -82,6 +92,30 @@ class VariantWindow(Base):
     latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
     # Counts per bucket of stream_jobs.windowing.LATENCY_BUCKET_EDGES_MS.
     latency_hist: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ShadowWindow(Base):
+    """Additive aggregates of a shadow variant beside the variant that was served, per window."""
+
+    __tablename__ = "shadow_windows"
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    served_variant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    compared: Mapped[int] = mapped_column(BigInteger, default=0)  # both sides answered
+    agreements: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    served_errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_hist: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    served_latency_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    served_latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    served_latency_hist: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -201,3 +235,21 @@ class RolloutTransition(Base):
     figures: Mapped[dict] = mapped_column(JSONB)
     notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     notification: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Champion(Base):
+    """Each lineage's champions in order: the declared one (version 1), then every promoted winner."""
+
+    __tablename__ = "champions"
+    __table_args__ = (ForeignKeyConstraint(["experiment_id"], ["experiments.experiment_id"], ondelete="CASCADE"),)
+
+    lineage: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[str] = mapped_column(String(128))
+    variant: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    promoted_from: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    promoted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    actor: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict] = mapped_column(JSONB)

@@ -70,11 +70,11 @@ def period_sums(engine: Engine, experiment_id: str, period_starts: list) -> list
         return [dict(row._mapping) for row in rows]
 
 
-def bucket_sums(buckets: int) -> str:
+def bucket_sums(buckets: int, column: str = "latency_hist") -> str:
     """SQL: the latency histogram summed per bucket, one column each."""
     # A single pass, about 18 times faster on a year of windows than folding the arrays with
     # abflow_sum_counts.
-    return ", ".join(f"coalesce(sum(latency_hist[{i}]), 0)::bigint" for i in range(1, buckets + 1))
+    return ", ".join(f"coalesce(sum({column}[{i}]), 0)::bigint" for i in range(1, buckets + 1))
 
 
 def latency_histograms(engine: Engine, experiment_id: str, buckets: int) -> dict[str, list[int]]:
@@ -114,3 +114,25 @@ def assignment_counts(engine: Engine, experiment_id: str) -> dict[tuple[str, int
             " WHERE experiment_id = :experiment_id GROUP BY 1, 2"
         ), {"experiment_id": experiment_id})
         return {(variant, version): int(count) for variant, version, count in rows}
+
+
+SHADOW_TOTALS = ("requests", "compared", "agreements", "errors", "served_errors", "latency_count", "latency_ms_sum",
+                 "served_latency_count", "served_latency_ms_sum")
+
+
+def shadow_totals(engine: Engine, experiment_id: str, buckets: int) -> list[dict]:
+    """Per (shadow, served variant): the shadow aggregates summed over the experiment, with both
+    sides' latency histograms (``latency_hist``, ``served_latency_hist``)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT variant, served_variant, " + ", ".join(f"sum({c})" for c in SHADOW_TOTALS) + ", "
+            + bucket_sums(buckets) + ", " + bucket_sums(buckets, "served_latency_hist")
+            + " FROM shadow_windows WHERE experiment_id = :experiment_id GROUP BY variant, served_variant "
+            "ORDER BY variant, served_variant"), {"experiment_id": experiment_id})
+        found = []
+        for row in rows:
+            sums = row[2:2 + len(SHADOW_TOTALS)]
+            hists = [int(count) for count in row[2 + len(SHADOW_TOTALS):]]
+            found.append({"variant": row[0], "served_variant": row[1], **dict(zip(SHADOW_TOTALS, sums)),
+                          "latency_hist": hists[:buckets], "served_latency_hist": hists[buckets:]})
+        return found

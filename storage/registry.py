@@ -6,8 +6,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from bandit_service.assignment import LAYER_BUCKETS, free_range, layer_size
 from storage.experiment_config import ExperimentConfig
-from storage.models import Experiment, Variant
+from storage.models import Champion, Experiment, Variant
 from storage.queries import AGGREGATES_CHANNEL
 
 
@@ -19,7 +20,37 @@ class ExperimentNotFound(LookupError):
     pass
 
 
-def create_experiment(engine: Engine, config: ExperimentConfig) -> Experiment:
+class LayerFull(ValueError):
+    """The experiment's share of its layer does not fit beside the running experiments there."""
+
+
+def claim_buckets(session: Session, layer: str, traffic: float, prefer: tuple[int, int] | None = None
+                  ) -> tuple[int, int]:
+    """A free range of the layer's buckets for an experiment taking ``traffic`` of its units.
+
+    Takes the layer's transaction lock, so two experiments created at once never get
+    overlapping ranges. Stopped experiments no longer hold their buckets.
+    """
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"abflow.layer.{layer}"))))
+    taken = [(start, end) for start, end, in_use in session.execute(
+        select(Experiment.layer_start, Experiment.layer_end, Experiment.status != "stopped")
+        .where(Experiment.layer == layer)) if in_use]
+    size = layer_size(traffic)
+    found = free_range(taken, size, prefer)
+    if found is None:
+        free = LAYER_BUCKETS - sum(end - start for start, end in taken)
+        raise LayerFull(f"layer {layer!r} has no free run of {size / LAYER_BUCKETS:.1%} of its units "
+                        f"({free / LAYER_BUCKETS:.1%} free in all); stop an experiment there or lower 'traffic'")
+    return found
+
+
+def new_experiment(session: Session, config: ExperimentConfig, lineage: str | None = None, version: int = 1,
+                   prefer: tuple[int, int] | None = None) -> Experiment:
+    """Add the experiment to the session, holding its share of its layer."""
+    if session.get(Experiment, config.experiment_id) is not None:
+        raise ExperimentExists(f"experiment {config.experiment_id!r} already exists")
+    layer = config.layer or config.experiment_id
+    start, end = claim_buckets(session, layer, config.traffic, prefer)
     experiment = Experiment(
         experiment_id=config.experiment_id,
         strategy=config.strategy,
@@ -30,6 +61,11 @@ def create_experiment(engine: Engine, config: ExperimentConfig) -> Experiment:
         reward_model=config.reward_model,
         status="running",
         config=config.to_dict(),
+        layer=layer,
+        layer_start=start,
+        layer_end=end,
+        lineage=lineage or config.experiment_id,
+        version=version,
         variants=[
             Variant(
                 name=v.name,
@@ -41,9 +77,20 @@ def create_experiment(engine: Engine, config: ExperimentConfig) -> Experiment:
             for i, v in enumerate(config.variants)
         ],
     )
+    session.add(experiment)
+    return experiment
+
+
+def create_experiment(engine: Engine, config: ExperimentConfig) -> Experiment:
+    """Register a new experiment; its declared champion starts the champions history of its lineage."""
     with Session(engine, expire_on_commit=False) as session:
-        session.add(experiment)
+        experiment = new_experiment(session, config)
+        champion = next(v for v in config.variants if v.role == "champion")
         try:
+            session.flush()  # the experiment first: the champions row refers to it
+            session.add(Champion(lineage=config.experiment_id, version=1, experiment_id=config.experiment_id,
+                                 variant=champion.name, model_version=champion.model_version, actor="config",
+                                 reason="declared in the config", evidence={}))
             # Tell the weight refresher (on commit), so the first weights exist right away.
             session.execute(select(func.pg_notify(AGGREGATES_CHANNEL, config.experiment_id)))
             session.commit()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from producers.contracts import INVOCATION, Event, InvalidEvent, parse_event
+from producers.contracts import INVOCATION, SHADOW, Event, InvalidEvent, Shadow, parse_event
 from stream_jobs.windowing import LATENCY_BUCKETS, latency_bucket, window_start
 
 
@@ -22,20 +22,30 @@ class Record:
     topic: str
     partition: int
     offset: int
-    kind: str  # INVOCATION or CONVERSION
+    kind: str  # INVOCATION, CONVERSION or SHADOW
     key: bytes | None
     value: bytes | None
 
 
-def validate(record: Record, known: dict[str, frozenset[str]], now: float, limits: Limits) -> Event:
-    """The record's event, or ``InvalidEvent`` with the reason it must go to the dead letters."""
+def validate(record: Record, known: dict[str, frozenset[str]], now: float, limits: Limits,
+             shadows: dict[str, frozenset[str]] | None = None) -> Event:
+    """The record's event, or ``InvalidEvent`` with the reason it must go to the dead letters.
+
+    ``known`` holds each experiment's variants, ``shadows`` its shadow variants."""
     if record.value is None:
         raise InvalidEvent("malformed_json", "the record has no value")
     event = parse_event(record.kind, record.value, limits.max_event_bytes)
     variants = known.get(event.experiment_id)
     if variants is None:
         raise InvalidEvent("unknown_experiment", f"no experiment {event.experiment_id!r}")
-    if event.variant not in variants:
+    if event.kind == SHADOW:
+        if event.variant not in (shadows or {}).get(event.experiment_id, ()):
+            raise InvalidEvent("unknown_variant",
+                               f"experiment {event.experiment_id!r} has no shadow {event.variant!r}")
+        if event.served_variant not in variants:
+            raise InvalidEvent("unknown_variant",
+                               f"experiment {event.experiment_id!r} has no variant {event.served_variant!r}")
+    elif event.variant not in variants:
         raise InvalidEvent("unknown_variant", f"experiment {event.experiment_id!r} has no variant {event.variant!r}")
     if event.timestamp > now + limits.max_future_seconds:
         raise InvalidEvent(
@@ -78,13 +88,65 @@ class WindowTotals:
 WindowKey = tuple[str, str, int]  # (experiment_id, variant, window_start epoch seconds)
 
 
+@dataclass(slots=True)
+class LatencyTotals:
+    count: int = 0
+    ms_sum: float = 0.0
+    hist: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
+
+    def add(self, latency_ms: float | None) -> None:
+        if latency_ms is not None:
+            self.count += 1
+            self.ms_sum += latency_ms
+            self.hist[latency_bucket(latency_ms)] += 1
+
+
+@dataclass(slots=True)
+class ShadowTotals:
+    """A shadow beside the served variant over one window: how often they agreed, and each side's
+    errors and latency on the same requests."""
+
+    requests: int = 0
+    compared: int = 0  # both sides answered
+    agreements: int = 0
+    errors: int = 0
+    served_errors: int = 0
+    latency: LatencyTotals = field(default_factory=LatencyTotals)
+    served_latency: LatencyTotals = field(default_factory=LatencyTotals)
+
+    def add(self, event: Shadow) -> None:
+        self.requests += 1
+        self.errors += event.error
+        self.served_errors += event.served_error
+        if event.agree is not None:
+            self.compared += 1
+            self.agreements += event.agree
+        self.latency.add(event.latency_ms)
+        self.served_latency.add(event.served_latency_ms)
+
+
+ShadowKey = tuple[str, str, str, int]  # (experiment_id, shadow variant, served variant, window_start)
+
+
 def aggregate(events, window_seconds: int) -> dict[WindowKey, WindowTotals]:
-    """Partial sums per (experiment, variant, event-time window) of ``events``."""
+    """Partial sums per (experiment, variant, event-time window) of invocations and conversions."""
     totals: dict[WindowKey, WindowTotals] = {}
     for event in events:
         key = (event.experiment_id, event.variant, window_start(event.timestamp, window_seconds))
         bucket = totals.get(key)
         if bucket is None:
             bucket = totals[key] = WindowTotals()
+        bucket.add(event)
+    return totals
+
+
+def aggregate_shadows(events, window_seconds: int) -> dict[ShadowKey, ShadowTotals]:
+    """Partial sums per (experiment, shadow, served variant, event-time window) of shadow events."""
+    totals: dict[ShadowKey, ShadowTotals] = {}
+    for event in events:
+        key = (event.experiment_id, event.variant, event.served_variant, window_start(event.timestamp, window_seconds))
+        bucket = totals.get(key)
+        if bucket is None:
+            bucket = totals[key] = ShadowTotals()
         bucket.add(event)
     return totals

@@ -2,7 +2,7 @@
 
 Faust's per-record stream path tops out near 12k records/s on a 2-core
 machine (bench/README figures), so records do not enter Faust one by one: a
-confluent-kafka consumer thread (``BatchSource``) reads both event topics in
+confluent-kafka consumer thread (``BatchSource``) reads the event topics in
 batches and sends each batch, as one value, through an in-memory Faust channel
 to the ``aggregate_events`` agent. The agent validates, deduplicates and
 aggregates the batch and applies it with the PostgreSQL sink in one
@@ -31,7 +31,7 @@ import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from abflow.settings import Settings
-from producers.contracts import CONVERSION, INVOCATION
+from producers.contracts import CONVERSION, INVOCATION, SHADOW
 from producers.publisher import Publisher, PublishError, ensure_topics
 from stream_jobs.aggregate import Record
 from stream_jobs.sink import BatchResult, PostgresSink, TopicIds
@@ -63,6 +63,12 @@ def healthy(settings: Settings, max_age_s: float = 30.0) -> bool:
         return False
 
 
+def event_topics(settings: Settings) -> dict[str, str]:
+    """The topics the worker reads, with the kind of event each carries."""
+    topics = settings.topics
+    return {topics.invocations: INVOCATION, topics.conversions: CONVERSION, topics.shadows: SHADOW}
+
+
 class BatchSource(threading.Thread):
     """Reads the event topics in batches (confluent-kafka) and hands each batch to ``deliver``."""
 
@@ -70,7 +76,7 @@ class BatchSource(threading.Thread):
         super().__init__(name="abflow-batch-source", daemon=True)
         self.settings = settings
         self.deliver = deliver  # called from this thread; returns once the batch is queued
-        self.kinds = {settings.topics.invocations: INVOCATION, settings.topics.conversions: CONVERSION}
+        self.kinds = event_topics(settings)
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
         self._slots = threading.Semaphore(IN_FLIGHT_BATCHES)

@@ -10,7 +10,7 @@ Exactly-once without Kafka transactions. Each batch, in one transaction:
    dedup horizon (ids are kept in ``dedup_batches``; each worker caches them and
    reloads a partition's ids whenever the stored offset is not the one it wrote
    last, i.e. someone else wrote in between);
-4. adds the partial sums into ``variant_windows``
+4. adds the partial sums into ``variant_windows`` (and shadow events into ``shadow_windows``)
    (``ON CONFLICT … DO UPDATE SET n = variant_windows.n + excluded.n``),
    counts dead letters, and stores each partition's next offset.
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import psycopg
 
 from abflow.settings import Settings
-from producers.contracts import InvalidEvent
+from producers.contracts import SHADOW, InvalidEvent
 from storage.queries import AGGREGATES_CHANNEL
-from stream_jobs.aggregate import Limits, Record, aggregate, validate
+from stream_jobs.aggregate import Limits, Record, aggregate, aggregate_shadows, validate
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,27 @@ ON CONFLICT (experiment_id, variant, window_start) DO UPDATE SET
     latency_count = w.latency_count + excluded.latency_count,
     latency_ms_sum = w.latency_ms_sum + excluded.latency_ms_sum,
     latency_hist = abflow_add_counts(w.latency_hist, excluded.latency_hist),
+    updated_at = now()
+"""
+
+UPSERT_SHADOW_WINDOW = """
+INSERT INTO shadow_windows AS w (
+    experiment_id, variant, served_variant, window_start, window_seconds, requests, compared, agreements, errors,
+    served_errors, latency_count, latency_ms_sum, latency_hist, served_latency_count, served_latency_ms_sum,
+    served_latency_hist, updated_at)
+VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
+ON CONFLICT (experiment_id, variant, served_variant, window_start) DO UPDATE SET
+    requests = w.requests + excluded.requests,
+    compared = w.compared + excluded.compared,
+    agreements = w.agreements + excluded.agreements,
+    errors = w.errors + excluded.errors,
+    served_errors = w.served_errors + excluded.served_errors,
+    latency_count = w.latency_count + excluded.latency_count,
+    latency_ms_sum = w.latency_ms_sum + excluded.latency_ms_sum,
+    latency_hist = abflow_add_counts(w.latency_hist, excluded.latency_hist),
+    served_latency_count = w.served_latency_count + excluded.served_latency_count,
+    served_latency_ms_sum = w.served_latency_ms_sum + excluded.served_latency_ms_sum,
+    served_latency_hist = abflow_add_counts(w.served_latency_hist, excluded.served_latency_hist),
     updated_at = now()
 """
 
@@ -125,6 +146,7 @@ class PostgresSink:
         self.horizon = float(settings.dedup_horizon_seconds)
         self._conn: psycopg.Connection | None = None
         self._known: dict[str, frozenset[str]] = {}
+        self._shadows: dict[str, frozenset[str]] = {}
         self._known_at = 0.0
         self._expected_next: dict[TopicPartition, int] = {}
         self._dedup: dict[TopicPartition, PartitionDedup] = {}
@@ -147,8 +169,11 @@ class PostgresSink:
         known: dict[str, set[str]] = {}
         for experiment_id, name in conn.execute("SELECT experiment_id, name FROM variants"):
             known.setdefault(experiment_id, set()).add(name)
+        shadows = {experiment_id: frozenset(s["name"] for s in declared) for experiment_id, declared in conn.execute(
+            "SELECT experiment_id, config->'shadows' FROM experiments WHERE jsonb_typeof(config->'shadows') = 'array'")}
         conn.rollback()
         self._known = {k: frozenset(v) for k, v in known.items()}
+        self._shadows = shadows
         self._known_at = time.monotonic()
 
     def _validate_all(self, records: list[Record], now: float):
@@ -158,7 +183,7 @@ class PostgresSink:
         unknown = []
         for index, record in enumerate(records):
             try:
-                results.append(validate(record, self._known, now, self.limits))
+                results.append(validate(record, self._known, now, self.limits, self._shadows))
             except InvalidEvent as exc:
                 results.append(exc)
                 if exc.reason in ("unknown_experiment", "unknown_variant"):
@@ -168,7 +193,7 @@ class PostgresSink:
             self._load_registry()
             for index in unknown:
                 try:
-                    results[index] = validate(records[index], self._known, now, self.limits)
+                    results[index] = validate(records[index], self._known, now, self.limits, self._shadows)
                 except InvalidEvent as exc:
                     results[index] = exc
         return results
@@ -264,6 +289,16 @@ class PostgresSink:
 
         with conn.cursor() as cur:
             window_seconds = self.settings.window_seconds
+            shadows = [event for event in counted if event.kind == SHADOW]
+            if shadows:
+                counted = [event for event in counted if event.kind != SHADOW]
+                cur.executemany(UPSERT_SHADOW_WINDOW, [
+                    (experiment_id, variant, served, start, window_seconds, t.requests, t.compared, t.agreements,
+                     t.errors, t.served_errors, t.latency.count, t.latency.ms_sum, t.latency.hist,
+                     t.served_latency.count, t.served_latency.ms_sum, t.served_latency.hist)
+                    for (experiment_id, variant, served, start), t in sorted(aggregate_shadows(shadows,
+                                                                                               window_seconds).items())
+                ])
             rows = [
                 (experiment_id, variant, start, window_seconds, t.invocations, t.conversions, t.reward_sum,
                  t.reward_sq_sum, t.errors, t.latency_count, t.latency_ms_sum, t.latency_hist)

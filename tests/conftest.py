@@ -90,6 +90,7 @@ def run_env(stack, tmp_path) -> dict[str, str]:
         "ABFLOW_TOPIC_CONVERSIONS": f"t{tag}.conversions",
         "ABFLOW_TOPIC_DEAD_LETTERS": f"t{tag}.dead-letters",
         "ABFLOW_TOPIC_ALLOCATIONS": f"t{tag}.allocations",
+        "ABFLOW_TOPIC_SHADOWS": f"t{tag}.shadows",
         "ABFLOW_CONSUMER_GROUP": f"abflow-test-{tag}",
         "ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS": "3",
         "ABFLOW_PARTITIONS": "4",

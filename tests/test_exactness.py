@@ -9,6 +9,7 @@ import time
 import pytest
 
 from producers.publisher import Publisher, ensure_topics
+from stream_jobs.app import event_topics
 from tests.conftest import wait_until
 from tests.helpers import (
     Expected,
@@ -130,14 +131,15 @@ def test_two_workers_and_rebalances_stay_exact(settings, engine, workers):
     publisher = BackgroundPublisher(settings, events, rate=5_000)
     publisher.start()
     wait_until(lambda: counted_events(engine, [experiment_id]) > 5_000, 90, message="progress", workers=[first])
+    every = len(event_topics(settings)) * settings.partitions
     second = workers("second")  # joins: the partitions are split between the two
-    wait_until(lambda: 0 < assigned_count(second) < 8, 60, message="the partitions to be split", workers=[first, second])
+    wait_until(lambda: 0 < assigned_count(second) < every, 60, message="the partitions to be split", workers=[first, second])
     progress = counted_events(engine, [experiment_id])
     wait_until(lambda: counted_events(engine, [experiment_id]) > progress + 2_000, 60, message="progress while split",
                workers=[first, second])
     assert publisher.is_alive(), "the stream should still be flowing when the first worker leaves"
     assert first.stop() == 0  # leaves: its partitions move to the second worker mid-stream
-    wait_until(lambda: assigned_count(second) == 8, 60, message="the second worker to take every partition",
+    wait_until(lambda: assigned_count(second) == every, 60, message="the second worker to take every partition",
                workers=[second])
     publisher.finish()
     assert_exact_and_stable(engine, expected, [second])

@@ -1,0 +1,140 @@
+"""Champion / challenger lifecycle: promote a winning challenger to champion.
+
+Promotion, in one transaction:
+- the experiment stops and from then on serves the winner to every unit (API: the
+  ``winner`` column; SDK: a last allocation with the winner at weight 1, phase "promoted");
+- the lineage's champions history gains a row with the evidence behind it;
+- the next version ``<lineage>-v<N>`` is created with the winner as champion and the
+  challengers that remain (and any new ones), in the same share of the same layer, so
+  services move to it when they are ready. With no challenger left there is no next
+  version: the promoted experiment serves the champion until one is created.
+
+The evidence must be a finished rollout of that challenger or a SHIP decision for it
+from the report; ``force`` promotes without it (the reason is stored).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
+
+from bandit_service.allocations import publish_allocation
+from bandit_service.report import build_report, load_report_input
+from bandit_service.rollout import COMPLETED
+from bandit_service.stats.decision import SHIP
+from producers.publisher import Publisher
+from storage.experiment_config import ExperimentConfig, parse_config
+from storage.models import Champion, Experiment
+from storage.registry import ExperimentExists, ExperimentNotFound, new_experiment
+from storage.queries import AGGREGATES_CHANNEL
+
+PROMOTED_PHASE = "promoted"
+
+
+class PromotionRefused(ValueError):
+    """The promotion is not allowed (no evidence, not a challenger, already promoted)."""
+
+
+def next_version_config(config: ExperimentConfig, winner: str, experiment_id: str,
+                        new_challengers: dict[str, str | None]) -> ExperimentConfig | None:
+    """The next version's config: the winner as champion, the other challengers and the new ones
+    (name → model version). None when that leaves no challenger. The rollout plan, made for the
+    old champion, is not carried over."""
+    data = config.to_dict()
+    data.pop("rollout", None)
+    variants = []
+    for variant in data["variants"]:
+        if variant["name"] == winner:
+            variants.insert(0, {**variant, "role": "champion"})
+        elif variant["role"] == "challenger":
+            variants.append(variant)
+    variants += [{"name": name, "model_version": model_version, "role": "challenger"}
+                 for name, model_version in new_challengers.items()]
+    if len(variants) < 2:
+        return None
+    for variant in variants:  # equal shares to start with, as a fresh experiment would
+        variant["initial_weight"] = 1.0 / len(variants)
+    return parse_config({**data, "experiment_id": experiment_id, "variants": variants})
+
+
+def evidence_for(engine: Engine, config: ExperimentConfig, variant: str) -> dict | None:
+    """Why ``variant`` may be promoted: a completed rollout of it, or the report's SHIP for it."""
+    with engine.connect() as conn:
+        state = conn.execute(text("SELECT state FROM rollouts WHERE experiment_id = :e"),
+                             {"e": config.experiment_id}).scalar()
+    if state == COMPLETED and config.rollout is not None and config.rollout.challenger == variant:
+        return {"source": "rollout", "state": state}
+    decision = build_report(load_report_input(engine, config.experiment_id))["decision"]
+    if decision["verdict"] == SHIP and decision["variant"] == variant:
+        return {"source": "decision", **decision}
+    return None
+
+
+def promote(engine: Engine, publisher: Publisher, topic: str, experiment_id: str, variant: str,
+            new_challengers: dict[str, str | None] | None = None, actor: str = "operator",
+            reason: str | None = None, force: bool = False) -> dict:
+    """Promote ``variant`` of ``experiment_id`` to champion (see the module's notes); returns what was done."""
+    new_challengers = new_challengers or {}
+    with Session(engine) as session:
+        experiment = session.scalars(select(Experiment).where(Experiment.experiment_id == experiment_id)
+                                     .with_for_update()).first()
+        if experiment is None:
+            raise ExperimentNotFound(f"no experiment {experiment_id!r}")
+        config = parse_config(experiment.config)
+        if experiment.winner is not None:
+            raise PromotionRefused(f"{experiment_id!r} already promoted {experiment.winner!r}")
+        roles = {v.name: v.role for v in config.variants}
+        if roles.get(variant) != "challenger":
+            raise PromotionRefused(f"{variant!r} is not a challenger of {experiment_id!r} "
+                                   f"(challengers: {', '.join(n for n, r in roles.items() if r == 'challenger')})")
+        clash = sorted(set(new_challengers) & set(roles))
+        if clash:
+            raise PromotionRefused(f"new challengers must have new names; already variants: {', '.join(clash)}")
+        evidence = evidence_for(engine, config, variant)
+        if evidence is None:
+            if not force:
+                raise PromotionRefused(
+                    f"no evidence that {variant!r} won: its rollout has not completed and the report does not say "
+                    f"SHIP for it (see `abflow report {experiment_id}`); force it with a reason if you must")
+            evidence = {"source": "forced"}
+        lineage, version = experiment.lineage, experiment.version + 1
+        next_id = f"{lineage}-v{version}"
+        next_config = next_version_config(config, variant, next_id, new_challengers)
+
+        experiment.status, experiment.winner = "stopped", variant
+        session.flush()  # frees its share of the layer for the next version
+        if next_config is not None:
+            if session.get(Experiment, next_id) is not None:
+                raise ExperimentExists(f"the next version {next_id!r} already exists")
+            new_experiment(session, next_config, lineage=lineage, version=version,
+                           prefer=(experiment.layer_start, experiment.layer_end))
+            session.flush()
+        model_version = next(v.model_version for v in config.variants if v.name == variant)
+        session.add(Champion(lineage=lineage, version=version,
+                             experiment_id=next_id if next_config is not None else experiment_id,
+                             variant=variant, model_version=model_version, promoted_from=experiment_id, actor=actor,
+                             reason=reason or f"promoted by the {actor}", evidence=evidence))
+        session.flush()
+        # The promoted experiment's last weights: the winner for everyone, on the same channel as ever.
+        conn = session.connection().connection.driver_connection
+        weights = {v.name: 1.0 if v.name == variant else 0.0 for v in config.variants}
+        allocation = publish_allocation(conn, publisher, topic, experiment_id, config.strategy, PROMOTED_PHASE,
+                                        weights, {"promoted": variant})
+        if next_config is not None:
+            session.execute(text("SELECT pg_notify(:c, :e)"), {"c": AGGREGATES_CHANNEL, "e": next_id})
+        session.commit()
+    return {"experiment_id": experiment_id, "champion": variant, "model_version": model_version,
+            "lineage": lineage, "version": version, "allocation_version": allocation,
+            "next_experiment_id": next_id if next_config is not None else None,
+            "next_variants": [v.name for v in next_config.variants] if next_config is not None else [],
+            "evidence": evidence}
+
+
+def champion_history(engine: Engine, lineage: str) -> list[dict]:
+    """The lineage's champions, first to newest."""
+    with Session(engine) as session:
+        rows = session.scalars(select(Champion).where(Champion.lineage == lineage).order_by(Champion.version))
+        return [{"lineage": c.lineage, "version": c.version, "experiment_id": c.experiment_id, "variant": c.variant,
+                 "model_version": c.model_version, "promoted_from": c.promoted_from,
+                 "promoted_at": c.promoted_at.isoformat(), "actor": c.actor, "reason": c.reason,
+                 "evidence": c.evidence} for c in rows]

@@ -1,0 +1,177 @@
+"""How fast a failing canary is rolled back: from the first faulty event to the rollback weights.
+
+Each run registers the canary example (5 % → … → 100 %, error-rate guardrail with a
+2-point margin, rollback after 2 harmful checks, one check per second), sends
+healthy traffic at the current weights through the real stream worker and
+refresher, then makes the challenger fail (20 % errors by default) and waits for
+the allocation with phase "rollback".
+
+Two delays per run:
+- fault → rollback: from the first faulty event to the rollback weights being stored
+  and published;
+- evidence → rollback: from the moment the events published so far were enough for
+  the guardrail to find harm (replayed offline with the same pure judgement the
+  controller uses) to the rollback. This is the pipeline's own part: aggregation,
+  the check, and the second check that `rollback_after: 2` asks for.
+
+    python bench/rollout.py [--runs 10] [--rate 1000] [--fault-errors 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+from common import ROOT, Stack, save_results
+from pipeline import run_env, start_worker, stop_worker
+
+from abflow.settings import libpq_url
+from bandit_service.assignment import choose, hash_point
+from bandit_service.rollout import guardrails
+from producers.contracts import Invocation, encode
+from producers.publisher import Publisher, ensure_topics
+from storage.experiment_config import load_config_text, parse_config
+from storage.registry import create_experiment
+from stream_jobs.windowing import LATENCY_BUCKETS, latency_bucket
+
+WARMUP_SECONDS = 8.0  # healthy traffic at 5 % before the fault
+BASE_ERROR_RATE = 0.01
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def canary_config(experiment_id: str):
+    text = resources.files("abflow.examples").joinpath("canary.yaml").read_text()
+    return parse_config({**load_config_text(text, "canary.yaml").to_dict(), "experiment_id": experiment_id})
+
+
+def evidence_time(config, events: list[tuple[float, str, bool, float]], fault_index: int) -> float | None:
+    """When the events published so far first let the guardrails find harm (None: never)."""
+    champion, challenger = (v.name for v in config.variants)
+    sums = {name: {"invocations": 0, "conversions": 0, "reward_sum": 0.0, "reward_sq_sum": 0.0, "errors": 0}
+            for name in (champion, challenger)}
+    hists = {name: [0] * LATENCY_BUCKETS for name in (champion, challenger)}
+    for index, (at, variant, error, latency_ms) in enumerate(events):
+        sums[variant]["invocations"] += 1
+        sums[variant]["errors"] += error
+        hists[variant][latency_bucket(latency_ms)] += 1
+        if index >= fault_index and variant == challenger and error:
+            if any(row.get("harmful") for row in guardrails(config, sums, hists)):
+                return at
+    return None
+
+
+def one_run(stack: Stack, topics, run: int, tag: str, rate: float, fault_errors: float, timeout: float) -> dict:
+    experiment_id = f"bench-rollout-{tag}-{run}"
+    config = canary_config(experiment_id)
+    champion, challenger = (v.name for v in config.variants)
+    create_experiment(stack.engine, config)
+    rng = random.Random(run)
+    events: list[tuple[float, str, bool, float]] = []
+    weights, fault_at, fault_index, rolled_back = None, None, None, None
+    with psycopg.connect(libpq_url(stack.database_url), autocommit=True) as conn, \
+            Publisher(stack.bootstrap, topics, {"linger.ms": 1}) as publisher:
+        def latest():
+            return conn.execute("SELECT phase, weights, extract(epoch FROM computed_at) FROM allocations "
+                                "WHERE experiment_id = %s ORDER BY version DESC LIMIT 1", (experiment_id,)).fetchone()
+
+        started = time.time()
+        sent, next_poll, warm_from = 0, 0.0, None
+        while rolled_back is None:
+            now = time.time()
+            if now >= next_poll:
+                row = latest()
+                next_poll = now + 0.02
+                if row is not None:
+                    phase, weights, computed_at = row
+                    if warm_from is None:
+                        warm_from = now
+                    if phase == "rollback":
+                        rolled_back = float(computed_at)
+                        break
+            if now - started > timeout:
+                raise SystemExit(f"run {run}: no rollback within {timeout:.0f} s; see the logs in {stack.home}")
+            if weights is None:
+                time.sleep(0.01)
+                continue
+            if fault_at is None and now - warm_from >= WARMUP_SECONDS:
+                fault_at, fault_index = now, len(events)
+            due = int((now - warm_from) * rate)
+            while sent < due:
+                user = f"user-{rng.randrange(1_000_000)}"
+                variant = choose(weights, hash_point(experiment_id, user))
+                failing = fault_at is not None and variant == challenger
+                error = rng.random() < (fault_errors if failing else BASE_ERROR_RATE)
+                latency_ms = 40.0 * float(np.exp(rng.gauss(0, 0.5)))
+                at = time.time()
+                publisher.produce(topics.invocations, encode(Invocation(f"{experiment_id}-{sent}", experiment_id,
+                                  variant, user, at, weights[variant], latency_ms, error)), key=user)
+                events.append((at, variant, error, latency_ms))
+                sent += 1
+            publisher.poll(0)
+            time.sleep(0.002)
+    evidence_at = evidence_time(config, events, fault_index)
+    result = {"fault_to_rollback_s": rolled_back - fault_at,
+              "evidence_to_rollback_s": None if evidence_at is None else rolled_back - evidence_at,
+              "fault_to_evidence_s": None if evidence_at is None else evidence_at - fault_at,
+              "events": len(events)}
+    log(f"run {run}: fault → rollback {result['fault_to_rollback_s']:.2f} s "
+        f"(evidence after {result['fault_to_evidence_s'] or float('nan'):.2f} s, "
+        f"then {result['evidence_to_rollback_s'] or float('nan'):.2f} s to the rollback)")
+    return result
+
+
+def summary(values: list[float]) -> dict:
+    array = np.array([v for v in values if v is not None])
+    return {"p50_s": round(float(np.percentile(array, 50)), 3), "p95_s": round(float(np.percentile(array, 95)), 3),
+            "max_s": round(float(array.max()), 3), "runs": int(array.size)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=1000, help="invocations/s of the traffic")
+    parser.add_argument("--fault-errors", type=float, default=0.2, help="the failing challenger's error rate")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds a run may take")
+    args = parser.parse_args()
+    stack = Stack(Path(tempfile.mkdtemp(prefix="abflow-bench-")))
+    tag = uuid.uuid4().hex[:6]
+    env, topics = run_env(os.environ, stack.bootstrap, stack.database_url, stack.home, tag, 4)
+    ensure_topics(stack.bootstrap, topics, 4)
+    worker = start_worker(env, stack.home / f"worker-{tag}.log")
+    refresher = subprocess.Popen([sys.executable, "-m", "abflow.cli", "refresher"], env=env, cwd=ROOT,
+                                 stdout=open(stack.home / f"refresher-{tag}.log", "ab"), stderr=subprocess.STDOUT)
+    runs = []
+    try:
+        for run in range(args.runs):
+            runs.append(one_run(stack, topics, run, tag, args.rate, args.fault_errors, args.timeout))
+    finally:
+        stop_worker(worker)
+        stop_worker(refresher)
+        stack.close()
+    config = canary_config("x").rollout
+    save_results("rollout", {
+        "machine": f"{os.cpu_count()} cores", "stack": stack.kind, "rate_invocations_per_s": args.rate,
+        "fault_error_rate": args.fault_errors, "check_interval_s": config.check_interval_seconds,
+        "rollback_after": config.rollback_after,
+        "fault_to_rollback": summary([r["fault_to_rollback_s"] for r in runs]),
+        "fault_to_evidence": summary([r["fault_to_evidence_s"] for r in runs]),
+        "evidence_to_rollback": summary([r["evidence_to_rollback_s"] for r in runs]),
+    })
+
+
+if __name__ == "__main__":
+    main()

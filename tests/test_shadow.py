@@ -1,0 +1,154 @@
+"""Shadow releases: the SDK tees requests to a shadow model, the stream aggregates the pairs, the report shows them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import orjson
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from bandit_service.allocations import publish_allocation
+from bandit_service.report import build_report, load_report_input
+from bandit_service.report_render import render_text
+from producers.contracts import SHADOW, InvalidEvent, parse_event
+from producers.publisher import Publisher, ensure_topics
+from producers.sdk import ServingClient, loggable
+from storage.experiment_config import ConfigError, parse_config
+from storage.registry import create_experiment
+from stream_jobs.aggregate import aggregate_shadows
+from tests.conftest import wait_until
+from tests.helpers import stream_counters
+
+USERS = 600
+
+
+def shadow_event(**fields) -> dict:
+    event = {"event_id": str(uuid.uuid4()), "experiment_id": "e", "variant": "v3", "served_variant": "A",
+             "user_id": "u", "timestamp": time.time()}
+    event.update(fields)
+    return event
+
+
+def test_shadow_contract_and_window_sums():
+    event = parse_event(SHADOW, orjson.dumps(shadow_event(latency_ms=12.0, served_latency_ms=8.0, agree=True,
+                                                          prediction=[0.1, 0.9], served_prediction=[0.2, 0.8])))
+    assert (event.variant, event.served_variant, event.agree, event.prediction) == ("v3", "A", True, [0.1, 0.9])
+    with pytest.raises(InvalidEvent, match="'agree' must be absent"):
+        parse_event(SHADOW, orjson.dumps(shadow_event(error=True, agree=False)))
+    with pytest.raises(InvalidEvent, match="served_variant"):
+        parse_event(SHADOW, orjson.dumps({k: v for k, v in shadow_event().items() if k != "served_variant"}))
+    with pytest.raises(InvalidEvent, match="served_latency_ms"):
+        parse_event(SHADOW, orjson.dumps(shadow_event(served_latency_ms=-1)))
+
+    events = [parse_event(SHADOW, orjson.dumps(shadow_event(timestamp=120.0 + i, latency_ms=float(i), agree=i % 3 != 0,
+                                                           served_latency_ms=1.0))) for i in range(6)]
+    events.append(parse_event(SHADOW, orjson.dumps(shadow_event(timestamp=121.0, error=True))))
+    (key, totals), = aggregate_shadows(events, 60).items()
+    assert key == ("e", "v3", "A", 120)
+    assert (totals.requests, totals.compared, totals.agreements, totals.errors) == (7, 6, 4, 1)
+    assert (totals.latency.count, totals.latency.ms_sum, totals.served_latency.count) == (6, 15.0, 6)
+    assert sum(totals.latency.hist) == 6
+
+
+def test_shadow_config():
+    base = {"experiment_id": "x", "variants": [{"name": "A"}, {"name": "B"}]}
+    assert parse_config({**base, "shadows": [{"name": "v3", "model_version": 3}]}).shadows[0].model_version == "3"
+    with pytest.raises(ConfigError, match="already a variant"):
+        parse_config({**base, "shadows": [{"name": "B"}]})
+    with pytest.raises(ConfigError, match="shadows"):
+        parse_config({**base, "shadows": {"name": "v3"}})
+
+
+def test_loggable_predictions():
+    import numpy as np
+
+    assert loggable(np.array([0.5, 0.25])) == [0.5, 0.25]
+    assert loggable({"label": "cat", 3: 1}) == {"label": "cat", "3": 1}
+    assert loggable(object()) == {"unloggable": "object"}
+    assert loggable("x" * 10_000) == {"truncated_bytes": 10_002}
+
+
+def champion_model(i: int) -> int:
+    if i % 50 == 1:
+        raise RuntimeError("champion failed")
+    return i % 7
+
+
+def shadow_model(i: int) -> int:
+    time.sleep(0.001)
+    if i % 20 == 0:
+        raise RuntimeError("shadow failed")
+    return i % 7 if i % 5 else -1  # disagrees on every fifth request
+
+
+def test_tee_serves_the_champion_and_the_stream_counts_every_pair_once(settings, engine, services):
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = f"shadow-{uuid.uuid4().hex[:8]}"
+    create_experiment(engine, parse_config({
+        "experiment_id": experiment_id, "strategy": "WeightedSampling",
+        "variants": [{"name": "A", "initial_weight": 0.5}, {"name": "B", "initial_weight": 0.5}],
+        "shadows": [{"name": "model-v3", "model_version": "3.0"}]}))
+    with psycopg.connect(settings.libpq_url) as conn, Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
+        publish_allocation(conn, publisher, settings.topics.allocations, experiment_id, "WeightedSampling",
+                           "WeightedSampling", {"A": 0.5, "B": 0.5}, {})
+    worker = services("worker")
+
+    answers, failures = {}, 0
+    with ServingClient(settings.kafka_bootstrap, settings.topics) as client:
+        assert client.wait_ready(30)
+        wait_until(lambda: client._serving.get(experiment_id), 30, message="the weights in the SDK")
+        for i in range(USERS):
+            served = client.assign(experiment_id, f"user-{i}")
+            try:
+                # The shadow runs later on another thread: bind i now.
+                answers[i] = client.tee(served, lambda: champion_model(i), {"model-v3": lambda i=i: shadow_model(i)})
+            except RuntimeError:
+                failures += 1
+        # A shadow this experiment does not declare is a dead letter; a repeated event counts once.
+        bad = shadow_event(experiment_id=experiment_id, variant="model-v9")
+        client.publisher.produce(settings.topics.shadows, orjson.dumps(bad), key="u")
+    # The user always got the champion's answer, whatever the shadow did.
+    assert answers == {i: i % 7 for i in range(USERS) if i % 50 != 1}
+    assert failures == len([i for i in range(USERS) if i % 50 == 1])
+
+    shadow_failed = {i for i in range(USERS) if i % 20 == 0}
+    served_failed = {i for i in range(USERS) if i % 50 == 1}
+    compared = [i for i in range(USERS) if i not in shadow_failed | served_failed]
+    expected = {"requests": USERS, "compared": len(compared), "agreements": sum(1 for i in compared if i % 5),
+                "errors": len(shadow_failed), "served_errors": len(served_failed),
+                "latency_count": USERS, "served_latency_count": USERS}
+
+    def totals() -> dict:
+        with engine.connect() as conn:
+            row = conn.execute(text(
+                "SELECT " + ", ".join(f"coalesce(sum({c}), 0)" for c in expected)
+                + " FROM shadow_windows WHERE experiment_id = :e"), {"e": experiment_id}).one()
+        return dict(zip(expected, (int(v) for v in row)))
+
+    wait_until(lambda: totals()["requests"] >= USERS
+               and stream_counters(engine, [settings.topics.shadows])["dead_letters"] >= 1, 60,
+               message="shadow events aggregated", workers=[worker])
+    with Publisher(settings.kafka_bootstrap, settings.topics) as publisher:  # a redelivered event
+        first = shadow_event(experiment_id=experiment_id, served_variant="A", variant="model-v3")
+        publisher.produce(settings.topics.shadows, orjson.dumps(first), key="u")
+        publisher.produce(settings.topics.shadows, orjson.dumps(first), key="u")
+    wait_until(lambda: stream_counters(engine, [settings.topics.shadows])["duplicates"] >= 1, 60,
+               message="the duplicate seen", workers=[worker])
+    expected["requests"] += 1
+    assert totals() == expected
+    assert stream_counters(engine, [settings.topics.shadows]) == {"counted": USERS + 1, "duplicates": 1,
+                                                                  "dead_letters": 1}
+
+    report = build_report(load_report_input(engine, experiment_id))
+    rows = report["shadows"]
+    assert {r["served_variant"] for r in rows} == {"A", "B"} and {r["variant"] for r in rows} == {"model-v3"}
+    assert sum(r["requests"] for r in rows) == USERS + 1
+    agreement = sum(r["agreement"] * r["compared"] for r in rows) / sum(r["compared"] for r in rows)
+    assert agreement == pytest.approx(expected["agreements"] / expected["compared"])
+    for r in rows:
+        assert r["agreement_low"] <= r["agreement"] <= r["agreement_high"]
+        assert r["shadow"]["latency_p95_ms"] >= 1.0  # the shadow sleeps a millisecond
+    assert "SHADOWS" in render_text(report) and "model-v3" in render_text(report)

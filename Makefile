@@ -21,6 +21,7 @@ bench: $(BIN)/abflow
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/bandit.py
 	$(BIN)/python bench/report.py
+	$(BIN)/python bench/rollout.py
 
 clean:
 	rm -rf $(VENV) .abflow

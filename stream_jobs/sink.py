@@ -260,7 +260,7 @@ class PostgresSink:
 
         result = BatchResult()
         per_topic = {t: [0, 0, 0] for t in topics}  # counted, duplicates, dead letters
-        counted = []
+        counted, shadows = [], []  # invocations and conversions; shadow events (their own table)
         new_ids: dict[TopicPartition, list[str]] = {tp: [] for tp in partitions}
         batch_seen: dict[TopicPartition, set[str]] = {tp: set() for tp in partitions}
         rejected: list[tuple[Record, InvalidEvent]] = []
@@ -282,16 +282,14 @@ class PostgresSink:
                 continue
             batch_seen[tp].add(event_id)
             new_ids[tp].append(event_id)
-            counted.append(outcome)
+            (shadows if outcome.kind == SHADOW else counted).append(outcome)
             per_topic[record.topic][0] += 1
-        result.counted = len(counted)
+        result.counted = len(counted) + len(shadows)
         result.dead_letters = len(rejected)
 
         with conn.cursor() as cur:
             window_seconds = self.settings.window_seconds
-            shadows = [event for event in counted if event.kind == SHADOW]
             if shadows:
-                counted = [event for event in counted if event.kind != SHADOW]
                 cur.executemany(UPSERT_SHADOW_WINDOW, [
                     (experiment_id, variant, served, start, window_seconds, t.requests, t.compared, t.agreements,
                      t.errors, t.served_errors, t.latency.count, t.latency.ms_sum, t.latency.hist,

@@ -84,14 +84,17 @@ class WeightRefresher:
         last_full = time.monotonic()
         while not stop.is_set():
             changed: set[str] = set()
-            for note in conn.notifies(timeout=0.5, stop_after=1):
+            deferred = self.rollouts.seconds_to_deferred()
+            wait = 0.5 if deferred is None else min(0.5, max(0.001, deferred))
+            for note in conn.notifies(timeout=wait, stop_after=1):
                 changed.add(note.payload)
             if changed:
                 # Gather what else arrives in the next few ms: one refresh per burst.
                 for note in conn.notifies(timeout=0.02):
                     changed.add(note.payload)
-                for experiment_id in sorted(changed):
-                    self.refresh(conn, experiment_id)
+            changed.update(self.rollouts.take_due())
+            for experiment_id in sorted(changed):
+                self.refresh(conn, experiment_id)
             if time.monotonic() - last_full >= self.poll_seconds:
                 self.refresh_all(conn)
                 last_full = time.monotonic()

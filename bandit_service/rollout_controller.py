@@ -2,7 +2,9 @@
 
 It runs inside the weight refresher's leader (one leader at a time, by an
 advisory lock), which calls ``check`` for a rollout experiment whenever its
-aggregates change and at every poll. Each check is one transaction holding the
+aggregates change and at every poll. A rollout checks at most once per
+``check_interval_seconds``; a change that comes sooner is checked as soon as the
+interval is over, not left for the next change. Each check is one transaction holding the
 rollout's row lock (``FOR UPDATE``), so operator commands and checks never
 interleave, and a controller killed at any point leaves either the state
 before the check or the state after it. The weights are then *reconciled*: if
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime, timezone
 
 import psycopg
@@ -112,6 +115,7 @@ class RolloutController:
         self._sending: set[str] = set()  # rollouts with a webhook sender running
         self._again: set[str] = set()  # rollouts with transitions the sender may not have seen
         self._lock = threading.Lock()
+        self._deferred: dict[str, float] = {}  # rollout -> monotonic time its next check is due
 
     def check(self, conn: psycopg.Connection, config: ExperimentConfig, now: datetime | None = None) -> str:
         """One check of a rollout (``conn`` in autocommit mode); returns its state afterwards."""
@@ -119,15 +123,39 @@ class RolloutController:
         experiment_id = config.experiment_id
         with conn.transaction():
             current, last_check_at = _ensure_started(conn, config, now)
-            due = last_check_at is None or (now - last_check_at).total_seconds() >= config.rollout.check_interval_seconds
-            if current.state == rollout.RUNNING and due:
-                self._judge(conn, config, current, now)
+            wait = 0.0 if last_check_at is None else \
+                config.rollout.check_interval_seconds - (now - last_check_at).total_seconds()
+            if current.state == rollout.RUNNING:
+                if wait <= 0:
+                    self._judge(conn, config, current, now)
+                else:
+                    # Too soon after the last check: check again once the interval is over
+                    # rather than at the next notification, which may come much later.
+                    self._defer(experiment_id, wait)
         state, stage = conn.execute("SELECT state, stage FROM rollouts WHERE experiment_id = %s",
                                     (experiment_id,)).fetchone()
         self.reconcile(conn, config, state, stage)
         if config.rollout.webhook_url:
             self._notify_pending(config)
         return state
+
+    def _defer(self, experiment_id: str, seconds: float) -> None:
+        at = time.monotonic() + seconds
+        self._deferred[experiment_id] = min(at, self._deferred.get(experiment_id, at))
+
+    def seconds_to_deferred(self) -> float | None:
+        """Seconds until the soonest deferred check is due (None: none is waiting)."""
+        if not self._deferred:
+            return None
+        return max(0.0, min(self._deferred.values()) - time.monotonic())
+
+    def take_due(self) -> list[str]:
+        """The rollouts whose deferred check is due now; they are no longer deferred."""
+        now = time.monotonic()
+        due = sorted(experiment_id for experiment_id, at in self._deferred.items() if at <= now)
+        for experiment_id in due:
+            del self._deferred[experiment_id]
+        return due
 
     def _judge(self, conn, config: ExperimentConfig, current: rollout.RolloutState, now: datetime) -> None:
         sums, histograms = stage_aggregates(conn, config.experiment_id, current.stage_started_at)

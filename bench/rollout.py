@@ -1,10 +1,12 @@
 """How fast a failing canary is rolled back: from the first faulty event to the rollback weights.
 
 Each run registers the canary example (5 % → … → 100 %, error-rate guardrail with a
-2-point margin, rollback after 2 harmful checks, one check per second), sends
-healthy traffic at the current weights through the real stream worker and
-refresher, then makes the challenger fail (20 % errors by default) and waits for
-the allocation with phase "rollback".
+2-point margin, rollback after 2 harmful checks), sends healthy traffic at the
+current weights through the real stream worker and refresher, then makes the
+challenger fail (20 % errors by default) and waits for the allocation with phase
+"rollback". Runs alternate between the check intervals given (default: the
+plan's default and 1 s), so each is measured against the other on the same
+machine at the same time.
 
 Two delays per run:
 - fault → rollback: from the first faulty event to the rollback weights being stored
@@ -14,7 +16,7 @@ Two delays per run:
   controller uses) to the rollback. This is the pipeline's own part: aggregation,
   the check, and the second check that `rollback_after: 2` asks for.
 
-    python bench/rollout.py [--runs 10] [--rate 1000] [--fault-errors 0.2]
+    python bench/rollout.py [--runs 10] [--rate 1000] [--fault-errors 0.2] [--check-intervals 0.5,1]
 """
 
 from __future__ import annotations
@@ -53,9 +55,12 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def canary_config(experiment_id: str):
+def canary_config(experiment_id: str, check_interval: float | None = None):
     text = resources.files("abflow.examples").joinpath("canary.yaml").read_text()
-    return parse_config({**load_config_text(text, "canary.yaml").to_dict(), "experiment_id": experiment_id})
+    raw = {**load_config_text(text, "canary.yaml").to_dict(), "experiment_id": experiment_id}
+    if check_interval is not None:
+        raw["rollout"] = {**raw["rollout"], "check_interval_seconds": check_interval}
+    return parse_config(raw)
 
 
 def evidence_time(config, events: list[tuple[float, str, bool, float]], fault_index: int) -> float | None:
@@ -74,9 +79,10 @@ def evidence_time(config, events: list[tuple[float, str, bool, float]], fault_in
     return None
 
 
-def one_run(stack: Stack, topics, run: int, tag: str, rate: float, fault_errors: float, timeout: float) -> dict:
+def one_run(stack: Stack, topics, run: int, tag: str, rate: float, fault_errors: float, timeout: float,
+            check_interval: float) -> dict:
     experiment_id = f"bench-rollout-{tag}-{run}"
-    config = canary_config(experiment_id)
+    config = canary_config(experiment_id, check_interval)
     champion, challenger = (v.name for v in config.variants)
     create_experiment(stack.engine, config)
     rng = random.Random(run)
@@ -128,7 +134,7 @@ def one_run(stack: Stack, topics, run: int, tag: str, rate: float, fault_errors:
               "evidence_to_rollback_s": None if evidence_at is None else rolled_back - evidence_at,
               "fault_to_evidence_s": None if evidence_at is None else evidence_at - fault_at,
               "events": len(events)}
-    log(f"run {run}: fault → rollback {result['fault_to_rollback_s']:.2f} s "
+    log(f"run {run} (checks every {check_interval:g} s): fault → rollback {result['fault_to_rollback_s']:.2f} s "
         f"(evidence after {result['fault_to_evidence_s'] or float('nan'):.2f} s, "
         f"then {result['evidence_to_rollback_s'] or float('nan'):.2f} s to the rollback)")
     return result
@@ -146,7 +152,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000, help="invocations/s of the traffic")
     parser.add_argument("--fault-errors", type=float, default=0.2, help="the failing challenger's error rate")
     parser.add_argument("--timeout", type=float, default=120, help="seconds a run may take")
+    default_interval = canary_config("x").rollout.check_interval_seconds
+    parser.add_argument("--check-intervals", default=",".join(f"{v:g}" for v in sorted({default_interval, 1.0})),
+                        help="comma-separated check intervals (s) to compare; runs alternate between them "
+                        "(default: %(default)s)")
     args = parser.parse_args()
+    intervals = [float(v) for v in args.check_intervals.split(",")]
     stack = Stack(Path(tempfile.mkdtemp(prefix="abflow-bench-")))
     tag = uuid.uuid4().hex[:6]
     env, topics = run_env(os.environ, stack.bootstrap, stack.database_url, stack.home, tag, 4)
@@ -154,22 +165,24 @@ def main() -> None:
     worker = start_worker(env, stack.home / f"worker-{tag}.log")
     refresher = subprocess.Popen([sys.executable, "-m", "abflow.cli", "refresher"], env=env, cwd=ROOT,
                                  stdout=open(stack.home / f"refresher-{tag}.log", "ab"), stderr=subprocess.STDOUT)
-    runs = []
+    runs: dict[float, list[dict]] = {interval: [] for interval in intervals}
     try:
-        for run in range(args.runs):
-            runs.append(one_run(stack, topics, run, tag, args.rate, args.fault_errors, args.timeout))
+        for run in range(args.runs * len(intervals)):
+            interval = intervals[run % len(intervals)]
+            runs[interval].append(one_run(stack, topics, run, tag, args.rate, args.fault_errors, args.timeout,
+                                          interval))
     finally:
         stop_worker(worker)
         stop_worker(refresher)
         stack.close()
-    config = canary_config("x").rollout
     save_results("rollout", {
         "machine": f"{os.cpu_count()} cores", "stack": stack.kind, "rate_invocations_per_s": args.rate,
-        "fault_error_rate": args.fault_errors, "check_interval_s": config.check_interval_seconds,
-        "rollback_after": config.rollback_after,
-        "fault_to_rollback": summary([r["fault_to_rollback_s"] for r in runs]),
-        "fault_to_evidence": summary([r["fault_to_evidence_s"] for r in runs]),
-        "evidence_to_rollback": summary([r["evidence_to_rollback_s"] for r in runs]),
+        "fault_error_rate": args.fault_errors, "rollback_after": canary_config("x").rollout.rollback_after,
+        "by_check_interval_s": {f"{interval:g}": {
+            "fault_to_rollback": summary([r["fault_to_rollback_s"] for r in results]),
+            "fault_to_evidence": summary([r["fault_to_evidence_s"] for r in results]),
+            "evidence_to_rollback": summary([r["evidence_to_rollback_s"] for r in results]),
+        } for interval, results in runs.items()},
     })
 
 

@@ -94,7 +94,7 @@ class RolloutPlan:
     min_duration_seconds: float = 60.0  # per stage
     min_sample: int = 1000  # challenger invocations per stage
     max_duration_seconds: float = 3600.0  # a stage still inconclusive after this pauses the rollout
-    check_interval_seconds: float = 1.0  # at most one check per interval
+    check_interval_seconds: float = 0.5  # at most one check per interval
     rollback_after: int = 2  # consecutive checks that find harm
     primary_margin: float = 0.1  # the primary metric may be this much worse, relative to the champion's
     webhook_url: str | None = None  # POSTed every transition

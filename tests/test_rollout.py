@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,11 +21,12 @@ from fastapi.testclient import TestClient
 from bandit_service import rollout, rollout_controller, webhooks
 from bandit_service.api import create_app
 from bandit_service.assignment import assign
+from bandit_service.refresher import WeightRefresher
 from bandit_service.rollout import RolloutState
 from producers.publisher import Publisher, ensure_topics
 from producers.simulator import Fault, Scenario, VariantProfile, generate, parse_fault, virtual_clock
 from storage.experiment_config import parse_config
-from storage.queries import allocation_history
+from storage.queries import AGGREGATES_CHANNEL, allocation_history
 from storage.registry import create_experiment
 from stream_jobs.windowing import LATENCY_BUCKETS, latency_bucket
 from tests.conftest import wait_until
@@ -234,6 +236,50 @@ def test_injected_errors_roll_back_within_two_checks(settings, engine, controlle
     assert checks <= 3, checks
     assert status["weights"]["weights"] == {"Champion": 1.0, "Canary": 0.0}
     assert status["weights"]["phase"] == "rollback"
+
+
+def test_a_change_too_soon_after_a_check_is_checked_when_the_interval_ends(settings, engine, controller):
+    config = new_rollout(engine, check_interval_seconds=60)
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+        def last_check():
+            return conn.execute("SELECT last_check_at FROM rollouts WHERE experiment_id = %s",
+                                (config.experiment_id,)).fetchone()[0]
+
+        controller.check(conn, config, T0)
+        assert last_check() == T0 and controller.seconds_to_deferred() is None
+        controller.check(conn, config, T0 + timedelta(seconds=1))  # too soon: not judged, deferred
+        assert last_check() == T0
+        assert 58 < controller.seconds_to_deferred() <= 59 and controller.take_due() == []
+        controller.check(conn, config, T0 + timedelta(seconds=59.95))  # the sooner deadline wins
+        time.sleep(0.1)
+        assert controller.take_due() == [config.experiment_id]
+        assert controller.seconds_to_deferred() is None and controller.take_due() == []
+
+
+def test_the_refresher_runs_a_deferred_check_without_another_notification(settings, engine):
+    """With the refresher's safety-net poll an hour away, only the deferral can run the second check."""
+    config = new_rollout(engine, check_interval_seconds=1)
+    stop = threading.Event()
+    with Publisher(settings.kafka_bootstrap, settings.topics) as publisher, \
+            psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+        refresher = WeightRefresher(settings, publisher, poll_seconds=3600)
+        thread = threading.Thread(target=refresher.run, args=(stop,), daemon=True)
+        thread.start()
+
+        def last_check():
+            row = conn.execute("SELECT last_check_at FROM rollouts WHERE experiment_id = %s",
+                               (config.experiment_id,)).fetchone()
+            return row and row[0]
+
+        try:
+            first = wait_until(last_check, 30, message="the first check")
+            conn.execute("SELECT pg_notify(%s, %s)", (AGGREGATES_CHANNEL, config.experiment_id))
+            second = wait_until(lambda: (last_check() or first) > first and last_check(), 10,
+                                message="the deferred check")
+        finally:
+            stop.set()
+            thread.join(10)
+    assert (second - first).total_seconds() >= 1
 
 
 class Hook(BaseHTTPRequestHandler):

@@ -26,7 +26,9 @@ from bandit_service.stats.adaptive import (
 from bandit_service.stats.bayesian import BetaPosterior, expected_loss, prob_b_beats_a
 from bandit_service.stats.checks import adjust_p_values, expected_shares_from_history, sample_ratio_mismatch
 from bandit_service.stats.decision import ChallengerEvidence, GuardrailEvidence, decide
-from bandit_service.stats.frequentist import MeanSummary, StatsInputError, relative_lift_interval, wilson_interval
+from bandit_service.stats.frequentist import (MeanSummary, StatsInputError, mcnemar_test,
+                                              paired_rate_difference_interval, relative_lift_interval,
+                                              wilson_interval)
 from bandit_service.stats.power import sample_size_means, sample_size_proportions
 from bandit_service.stats.sequential import msprt
 from storage import queries
@@ -116,7 +118,9 @@ class _Experiment:
 
     def shadows(self) -> list[dict]:
         """Each shadow beside the variant served on the same requests: how often they agreed, and
-        each side's error rate and latency (Wilson intervals for the rates)."""
+        each side's error rate and latency (Wilson intervals for the rates). Both sides answered
+        the same requests, so their error rates are compared as pairs: McNemar's exact test on
+        the requests where only one side failed, and Newcombe's paired interval."""
         rows = []
         level = 1 - self.alpha
         for s in self.data.shadows:
@@ -133,6 +137,14 @@ class _Experiment:
                              "latency_mean_ms": float(s[f"{prefix}latency_ms_sum"]) / count if count else None,
                              "latency_p95_ms": _number(histogram_quantile(s[f"{prefix}latency_hist"], 0.95)),
                              "latency_p99_ms": _number(histogram_quantile(s[f"{prefix}latency_hist"], 0.99))}
+            if requests:
+                both = int(s["both_errors"])
+                shadow_only, served_only = int(s["errors"]) - both, int(s["served_errors"]) - both
+                difference = paired_rate_difference_interval(both, served_only, shadow_only, requests, level)
+                row["errors_paired"] = {"both": both, "shadow_only": shadow_only, "served_only": served_only,
+                                        "difference": difference.estimate, "low": difference.low,
+                                        "high": difference.high,
+                                        "p_value": mcnemar_test(served_only, shadow_only).p_value}
             rows.append(row)
         return rows
 

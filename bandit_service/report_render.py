@@ -95,6 +95,15 @@ def bayesian_rows(report: dict) -> list[dict]:
             for b in report["bayesian"]["variants"]]
 
 
+def _paired_errors(paired: dict | None) -> dict:
+    if paired is None:
+        return {}
+    return {"failed alone (shadow / served)": f"{paired['shadow_only']:,} / {paired['served_only']:,}",
+            "shadow − served errors": f"{paired['difference'] * 100:+.2f} "
+                                      + _interval(paired["low"], paired["high"], "pt", signed=True),
+            "McNemar p": _num(paired["p_value"], ".3g")}
+
+
 def shadow_rows(report: dict) -> list[dict]:
     rows = []
     for s in report["shadows"]:
@@ -103,6 +112,7 @@ def shadow_rows(report: dict) -> list[dict]:
                      "agreement": _pct(s.get("agreement")) if s["compared"] else "-",
                      "interval": _interval(s.get("agreement_low"), s.get("agreement_high"), "%") if s["compared"] else "-",
                      "errors (shadow / served)": f"{_pct(shadow['error_rate'])} / {_pct(served['error_rate'])}",
+                     **_paired_errors(s.get("errors_paired")),
                      "p95 ms (shadow / served)": f"{_num(shadow['latency_p95_ms'])} / {_num(served['latency_p95_ms'])}",
                      "mean ms (shadow / served)": f"{_num(shadow['latency_mean_ms'])} / {_num(served['latency_mean_ms'])}"})
     return rows

@@ -110,6 +110,7 @@ class ShadowWindow(Base):
     agreements: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     served_errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    both_errors: Mapped[int] = mapped_column(BigInteger, default=0)  # requests on which both sides failed
     latency_count: Mapped[int] = mapped_column(BigInteger, default=0)
     latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
     latency_hist: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))

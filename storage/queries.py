@@ -116,8 +116,8 @@ def assignment_counts(engine: Engine, experiment_id: str) -> dict[tuple[str, int
         return {(variant, version): int(count) for variant, version, count in rows}
 
 
-SHADOW_TOTALS = ("requests", "compared", "agreements", "errors", "served_errors", "latency_count", "latency_ms_sum",
-                 "served_latency_count", "served_latency_ms_sum")
+SHADOW_TOTALS = ("requests", "compared", "agreements", "errors", "served_errors", "both_errors", "latency_count",
+                 "latency_ms_sum", "served_latency_count", "served_latency_ms_sum")
 
 
 def shadow_totals(engine: Engine, experiment_id: str, buckets: int) -> list[dict]:

@@ -111,6 +111,7 @@ class ShadowTotals:
     agreements: int = 0
     errors: int = 0
     served_errors: int = 0
+    both_errors: int = 0  # with the two above: the paired 2×2 table of errors
     latency: LatencyTotals = field(default_factory=LatencyTotals)
     served_latency: LatencyTotals = field(default_factory=LatencyTotals)
 
@@ -118,6 +119,7 @@ class ShadowTotals:
         self.requests += 1
         self.errors += event.error
         self.served_errors += event.served_error
+        self.both_errors += event.error and event.served_error
         if event.agree is not None:
             self.compared += 1
             self.agreements += event.agree

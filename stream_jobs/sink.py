@@ -57,15 +57,16 @@ ON CONFLICT (experiment_id, variant, window_start) DO UPDATE SET
 UPSERT_SHADOW_WINDOW = """
 INSERT INTO shadow_windows AS w (
     experiment_id, variant, served_variant, window_start, window_seconds, requests, compared, agreements, errors,
-    served_errors, latency_count, latency_ms_sum, latency_hist, served_latency_count, served_latency_ms_sum,
+    served_errors, both_errors, latency_count, latency_ms_sum, latency_hist, served_latency_count, served_latency_ms_sum,
     served_latency_hist, updated_at)
-VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
+VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
 ON CONFLICT (experiment_id, variant, served_variant, window_start) DO UPDATE SET
     requests = w.requests + excluded.requests,
     compared = w.compared + excluded.compared,
     agreements = w.agreements + excluded.agreements,
     errors = w.errors + excluded.errors,
     served_errors = w.served_errors + excluded.served_errors,
+    both_errors = w.both_errors + excluded.both_errors,
     latency_count = w.latency_count + excluded.latency_count,
     latency_ms_sum = w.latency_ms_sum + excluded.latency_ms_sum,
     latency_hist = abflow_add_counts(w.latency_hist, excluded.latency_hist),
@@ -292,7 +293,7 @@ class PostgresSink:
             if shadows:
                 cur.executemany(UPSERT_SHADOW_WINDOW, [
                     (experiment_id, variant, served, start, window_seconds, t.requests, t.compared, t.agreements,
-                     t.errors, t.served_errors, t.latency.count, t.latency.ms_sum, t.latency.hist,
+                     t.errors, t.served_errors, t.both_errors, t.latency.count, t.latency.ms_sum, t.latency.hist,
                      t.served_latency.count, t.served_latency.ms_sum, t.served_latency.hist)
                     for (experiment_id, variant, served, start), t in sorted(aggregate_shadows(shadows,
                                                                                                window_seconds).items())

@@ -9,6 +9,7 @@ import orjson
 import psycopg
 import pytest
 from sqlalchemy import text
+from statsmodels.stats.contingency_tables import mcnemar
 
 from bandit_service.allocations import publish_allocation
 from bandit_service.report import build_report, load_report_input
@@ -46,9 +47,11 @@ def test_shadow_contract_and_window_sums():
     events = [parse_event(SHADOW, orjson.dumps(shadow_event(timestamp=120.0 + i, latency_ms=float(i), agree=i % 3 != 0,
                                                            served_latency_ms=1.0))) for i in range(6)]
     events.append(parse_event(SHADOW, orjson.dumps(shadow_event(timestamp=121.0, error=True))))
+    events.append(parse_event(SHADOW, orjson.dumps(shadow_event(timestamp=122.0, error=True, served_error=True))))
     (key, totals), = aggregate_shadows(events, 60).items()
     assert key == ("e", "v3", "A", 120)
-    assert (totals.requests, totals.compared, totals.agreements, totals.errors) == (7, 6, 4, 1)
+    assert (totals.requests, totals.compared, totals.agreements, totals.errors) == (8, 6, 4, 2)
+    assert (totals.served_errors, totals.both_errors) == (1, 1)
     assert (totals.latency.count, totals.latency.ms_sum, totals.served_latency.count) == (6, 15.0, 6)
     assert sum(totals.latency.hist) == 6
 
@@ -79,7 +82,7 @@ def champion_model(i: int) -> int:
 
 def shadow_model(i: int) -> int:
     time.sleep(0.001)
-    if i % 20 == 0:
+    if i % 20 == 0 or i % 100 == 51:  # the second: on requests where the champion fails too
         raise RuntimeError("shadow failed")
     return i % 7 if i % 5 else -1  # disagrees on every fifth request
 
@@ -114,11 +117,12 @@ def test_tee_serves_the_champion_and_the_stream_counts_every_pair_once(settings,
     assert answers == {i: i % 7 for i in range(USERS) if i % 50 != 1}
     assert failures == len([i for i in range(USERS) if i % 50 == 1])
 
-    shadow_failed = {i for i in range(USERS) if i % 20 == 0}
+    shadow_failed = {i for i in range(USERS) if i % 20 == 0 or i % 100 == 51}
     served_failed = {i for i in range(USERS) if i % 50 == 1}
     compared = [i for i in range(USERS) if i not in shadow_failed | served_failed]
     expected = {"requests": USERS, "compared": len(compared), "agreements": sum(1 for i in compared if i % 5),
                 "errors": len(shadow_failed), "served_errors": len(served_failed),
+                "both_errors": len(shadow_failed & served_failed),
                 "latency_count": USERS, "served_latency_count": USERS}
 
     def totals() -> dict:
@@ -151,4 +155,14 @@ def test_tee_serves_the_champion_and_the_stream_counts_every_pair_once(settings,
     for r in rows:
         assert r["agreement_low"] <= r["agreement"] <= r["agreement_high"]
         assert r["shadow"]["latency_p95_ms"] >= 1.0  # the shadow sleeps a millisecond
+    # Errors compared as pairs: the 2×2 table adds up, and the test is statsmodels' McNemar on it.
+    paired = [r["errors_paired"] for r in rows]
+    assert sum(p["both"] for p in paired) == len(shadow_failed & served_failed) > 0
+    assert sum(p["shadow_only"] for p in paired) == len(shadow_failed - served_failed)
+    assert sum(p["served_only"] for p in paired) == len(served_failed - shadow_failed)
+    for r, p in zip(rows, paired):
+        assert p["difference"] == pytest.approx(r["shadow"]["error_rate"] - r["served"]["error_rate"])
+        assert p["low"] <= p["difference"] <= p["high"]
+        assert p["p_value"] == pytest.approx(mcnemar([[0, p["served_only"]], [p["shadow_only"], 0]]).pvalue)
     assert "SHADOWS" in render_text(report) and "model-v3" in render_text(report)
+    assert "McNemar p" in render_text(report)

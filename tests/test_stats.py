@@ -15,7 +15,9 @@ from bandit_service.stats.frequentist import (
     MeanSummary,
     StatsInputError,
     chi_square_test,
+    mcnemar_test,
     mean_difference_interval,
+    paired_rate_difference_interval,
     rate_difference_interval,
     rate_lift_interval,
     two_proportion_z_test,
@@ -95,6 +97,39 @@ def test_interval_coverage_is_near_nominal_by_simulation():
     # 4,000 draws: a 95 % interval's coverage estimate has a standard error of 0.0034.
     for name, value in [("wilson", wilson), ("difference", difference), ("lift", lift)]:
         assert 0.935 <= value <= 0.965, (name, value)
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_pairs():
+    for only_a, only_b in [(5, 1), (30, 6), (12, 12), (0, 9), (140, 100)]:
+        expected = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+        assert mcnemar_test(only_a, only_b).p_value == pytest.approx(expected, rel=1e-9)
+    assert mcnemar_test(0, 0).p_value == 1.0
+
+
+def paired_cells(rng, p_a: float, p_b: float, correlation: float, n: int) -> tuple[int, int, int, int]:
+    """(both, only A, only B, n): n units, each with an event for A and for B, correlated."""
+    both = p_a * p_b + correlation * math.sqrt(p_a * (1 - p_a) * p_b * (1 - p_b))
+    cells = rng.multinomial(n, [both, p_a - both, p_b - both, 1 - p_a - p_b + both])
+    return int(cells[0]), int(cells[1]), int(cells[2]), n
+
+
+def test_paired_interval_covers_and_uses_the_pairing():
+    rng = np.random.default_rng(11)
+    # 4,000 draws per case: the coverage estimate's standard error is 0.0034. Newcombe's
+    # interval is conservative when the pairs are strongly correlated, hence the higher ceiling.
+    for p_a, p_b, correlation, n in [(0.05, 0.07, 0.3, 200), (0.01, 0.03, 0.0, 1_000), (0.02, 0.05, 0.6, 2_000),
+                                     (0.3, 0.2, 0.1, 100)]:
+        value = coverage(paired_rate_difference_interval, p_b - p_a, 4_000,
+                         lambda: paired_cells(rng, p_a, p_b, correlation, n))
+        assert 0.935 <= value <= 0.98, (p_a, p_b, correlation, value)
+    # On strongly correlated pairs it is much narrower than the interval for independent groups.
+    both, only_a, only_b, n = paired_cells(np.random.default_rng(2), 0.1, 0.12, 0.8, 2_000)
+    paired = paired_rate_difference_interval(both, only_a, only_b, n)
+    unpaired = rate_difference_interval(both + only_a, n, both + only_b, n)
+    assert paired.estimate == pytest.approx(unpaired.estimate)
+    assert paired.high - paired.low < 0.6 * (unpaired.high - unpaired.low)
+    with pytest.raises(StatsInputError, match="do not fit"):
+        paired_rate_difference_interval(5, 5, 5, 10)
 
 
 def test_bayesian_probability_exact_sum_integration_and_monte_carlo_agree():

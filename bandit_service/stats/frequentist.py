@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint, proportions_ztest
 
 ALTERNATIVES = ("two-sided", "larger", "smaller")  # "larger": B's parameter above A's
@@ -87,6 +88,43 @@ def rate_difference_interval(successes_a: int, n_a: int, successes_b: int, n_b: 
     low, high = confint_proportions_2indep(successes_b, n_b, successes_a, n_a, method="newcomb",
                                            compare="diff", alpha=1 - level)
     return Interval(successes_b / n_b - successes_a / n_a, float(low), float(high), level)
+
+
+def _check_paired(both: int, only_a: int, only_b: int, n: int) -> None:
+    if n <= 0:
+        raise StatsInputError(f"no pairs (n = {n})")
+    if min(both, only_a, only_b) < 0 or both + only_a + only_b > n:
+        raise StatsInputError(f"paired counts both={both}, only A={only_a}, only B={only_b} do not fit in n = {n}")
+
+
+def mcnemar_test(only_a: int, only_b: int) -> TestResult:
+    """McNemar's exact test that two paired rates are equal, from the discordant pairs:
+    ``only_a`` pairs where only A had the event, ``only_b`` where only B had it."""
+    if min(only_a, only_b) < 0:
+        raise StatsInputError(f"discordant counts must be >= 0, got {only_a} and {only_b}")
+    if only_a + only_b == 0:
+        return TestResult(0.0, 1.0)  # the two never differ: nothing speaks against equality
+    result = mcnemar([[0, only_a], [only_b, 0]], exact=True)
+    return TestResult(float(result.statistic), float(result.pvalue))
+
+
+def paired_rate_difference_interval(both: int, only_a: int, only_b: int, n: int, level: float = 0.95) -> Interval:
+    """Interval for rate B − rate A measured on the same ``n`` units (Newcombe 1998, method 10:
+    the two Wilson intervals combined with the pairs' correlation)."""
+    _check_paired(both, only_a, only_b, n)
+    neither = n - both - only_a - only_b
+    p_a, p_b = (both + only_a) / n, (both + only_b) / n
+    a, b = wilson_interval(both + only_a, n, level), wilson_interval(both + only_b, n, level)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    # The pairs' correlation, its positive part shrunk by n/2 as Newcombe does (wider, never narrower).
+    association = both * neither - only_a * only_b
+    if association > 0:
+        association = max(0.0, association - n / 2)
+    phi = association / math.sqrt(margins) if margins else 0.0
+    difference = p_b - p_a
+    below = math.sqrt(max(0.0, (p_b - b.low) ** 2 - 2 * phi * (p_b - b.low) * (a.high - p_a) + (a.high - p_a) ** 2))
+    above = math.sqrt(max(0.0, (b.high - p_b) ** 2 - 2 * phi * (b.high - p_b) * (p_a - a.low) + (p_a - a.low) ** 2))
+    return Interval(difference, max(-1.0, difference - below), min(1.0, difference + above), level)
 
 
 def relative_lift_interval(mean_a: float, var_mean_a: float, mean_b: float, var_mean_b: float,

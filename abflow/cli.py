@@ -815,18 +815,25 @@ def weights(experiment_id: str, history: int) -> None:
 @click.option("--fault", "faults", multiple=True, metavar="VARIANT:KEY=V,…",
               help="Chaos, repeatable: e.g. Challenger:errors=0.3,latency_ms=200,conversion=0.5,after=30 makes "
                    "Challenger fail 30 % of requests, 200 ms slower and convert half as often from 30 s into the run.")
+@click.option("--shadow", "shadows", multiple=True, metavar="NAME[:KEY=V,…]",
+              help="Call a shadow the experiment declares beside every request (repeatable): e.g. "
+                   "model-v3:agree=0.9,errors=0.02,latency_ms=60 agrees with the served answer 90 % of the time, "
+                   "fails 2 % of requests and answers in 60 ms (median).")
 @click.option("--seed", default=1, show_default=True)
 def simulate(experiment_id: str, invocations: int, rate: float, users: int, rates: tuple[str, ...],
-             conversion_delay: float, live_weights: bool, faults: tuple[str, ...], seed: int) -> None:
+             conversion_delay: float, live_weights: bool, faults: tuple[str, ...], shadows: tuple[str, ...],
+             seed: int) -> None:
     """Publish simulated traffic for a registered experiment.
 
     With --fault, prove the guardrails: inject errors, latency or a drop in
     conversions into one variant from a given moment and watch `abflow
-    rollout status` or `abflow report` catch it.
+    rollout status` or `abflow report` catch it. With --shadow, see the
+    report's SHADOWS section fill.
     """
     from producers.publisher import Publisher
     from producers.sdk import ServingClient
-    from producers.simulator import Scenario, VariantProfile, default_rates, parse_fault, run
+    from producers.simulator import Scenario, VariantProfile, default_rates, parse_fault, parse_shadow, run
+    from storage.experiment_config import parse_config
     from storage.registry import ExperimentNotFound, get_experiment
 
     settings = _settings()
@@ -855,10 +862,20 @@ def simulate(experiment_id: str, invocations: int, rate: float, users: int, rate
     for fault in chaos:
         if fault.variant not in true_rates:
             raise click.BadParameter(f"{fault.variant!r} is not a variant of {experiment_id!r}", param_hint="--fault")
+    try:
+        shadow_profiles = tuple(parse_shadow(text) for text in shadows)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shadow") from None
+    declared = [s.name for s in parse_config(e.config).shadows]
+    for profile in shadow_profiles:
+        if profile.name not in declared:
+            raise click.BadParameter(
+                f"{profile.name!r} is not a shadow of {experiment_id!r} (declared: {', '.join(declared) or 'none'}; "
+                "add it under 'shadows:' in the config)", param_hint="--shadow")
     scenario = Scenario(
         experiment_id=experiment_id,
         variants=tuple(VariantProfile(v.name, v.initial_weight, true_rates[v.name]) for v in e.variants),
-        users=users, conversion_delay_mean_s=conversion_delay, seed=seed, faults=chaos,
+        users=users, conversion_delay_mean_s=conversion_delay, seed=seed, faults=chaos, shadows=shadow_profiles,
     )
     if live_weights:
         with ServingClient(settings.require_kafka_bootstrap(), settings.topics) as client:
@@ -876,6 +893,10 @@ def simulate(experiment_id: str, invocations: int, rate: float, users: int, rate
     rows = [{"variant": name, "invocations": published.invocations[name], "conversions": published.conversions[name],
              "errors": published.errors[name]} for name in true_rates]
     click.echo(format_table(rows, ["variant", "invocations", "conversions", "errors"]))
+    if shadow_profiles:
+        rows = [{"shadow": p.name, "requests": published.shadows[p.name], "errors": published.shadow_errors[p.name]}
+                for p in shadow_profiles]
+        click.echo(format_table(rows, ["shadow", "requests", "errors"]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A seeded traffic generator: users, variants with true conversion rates, delays, latencies, errors.
+"""A seeded traffic generator: users, variants with true conversion rates, delays, latencies, errors,
+and shadow models called beside the served one.
 
 ``generate`` is pure (it only draws from its own random generator) and yields
 events in publication order; ``run`` publishes them at a target rate or as
@@ -18,7 +19,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from producers.contracts import Conversion, Event, Invocation
+from producers.contracts import Conversion, Event, Invocation, Shadow
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,41 @@ def parse_fault(text: str) -> Fault:
 
 
 @dataclass(frozen=True)
+class ShadowProfile:
+    """A shadow model called beside every served request: how often it gives the served
+    model's answer (when both answer), how often it fails, how fast it is."""
+
+    name: str
+    agreement: float = 0.9
+    error_rate: float = 0.01
+    latency_median_ms: float = 40.0
+    latency_sigma: float = 0.5
+
+
+SHADOW_KEYS = {"agree": "agreement", "errors": "error_rate", "latency_ms": "latency_median_ms"}
+
+
+def parse_shadow(text: str) -> ShadowProfile:
+    """``NAME:agree=0.9,errors=0.02,latency_ms=60`` (every key optional)."""
+    name, _, spec = text.partition(":")
+    if not name:
+        raise ValueError(f"{text!r}: expected NAME[:key=value,…] with keys {', '.join(SHADOW_KEYS)}")
+    values = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in SHADOW_KEYS:
+            raise ValueError(f"{text!r}: unknown key {key!r} ({', '.join(SHADOW_KEYS)})")
+        try:
+            values[SHADOW_KEYS[key]] = float(value)
+        except ValueError:
+            raise ValueError(f"{text!r}: {key} must be a number, got {value!r}") from None
+    if not 0 <= values.get("agreement", 0) <= 1 or not 0 <= values.get("error_rate", 0) <= 1 \
+            or values.get("latency_median_ms", 1) <= 0:
+        raise ValueError(f"{text!r}: agree and errors in [0, 1]; latency_ms > 0")
+    return ShadowProfile(name, **values)
+
+
+@dataclass(frozen=True)
 class Scenario:
     experiment_id: str
     variants: tuple[VariantProfile, ...]
@@ -77,6 +113,7 @@ class Scenario:
     conversion_delay_mean_s: float = 5.0
     seed: int = 1
     faults: tuple[Fault, ...] = ()
+    shadows: tuple[ShadowProfile, ...] = ()
 
     def variant_of(self, user_id: str) -> VariantProfile:
         """Sticky: a user always lands on the same variant (salted hash of the user id)."""
@@ -97,22 +134,28 @@ class Published:
     conversions: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     reward_sum: Counter = field(default_factory=Counter)
+    shadows: Counter = field(default_factory=Counter)  # shadow requests per shadow
+    shadow_errors: Counter = field(default_factory=Counter)
 
     def add(self, event: Event) -> None:
         if isinstance(event, Invocation):
             self.invocations[event.variant] += 1
             self.errors[event.variant] += int(event.error)
+        elif isinstance(event, Shadow):
+            self.shadows[event.variant] += 1
+            self.shadow_errors[event.variant] += int(event.error)
         else:
             self.conversions[event.variant] += 1
             self.reward_sum[event.variant] += event.reward
 
     @property
     def total(self) -> int:
-        return sum(self.invocations.values()) + sum(self.conversions.values())
+        return sum(self.invocations.values()) + sum(self.conversions.values()) + sum(self.shadows.values())
 
 
 def generate(scenario: Scenario, invocations: int, clock, router=None):
-    """Yield ``invocations`` invocations and the conversions they cause, in publication order.
+    """Yield ``invocations`` invocations, the conversions they cause, and a shadow event per
+    invocation and shadow, in publication order.
 
     ``router(user_id) -> (variant name, propensity)`` routes users (e.g. the serving
     SDK on live bandit weights); without one, users are split by the scenario's
@@ -160,6 +203,16 @@ def generate(scenario: Scenario, invocations: int, clock, router=None):
             model_version=variant.name,
         )
         yield invocation
+        for shadow in scenario.shadows:
+            error = rng.random() < shadow.error_rate
+            agreed = rng.random() < shadow.agreement
+            yield Shadow(
+                event_id=new_event_id(), experiment_id=scenario.experiment_id, variant=shadow.name,
+                served_variant=variant.name, user_id=user_id, timestamp=now,
+                latency_ms=round(shadow.latency_median_ms * math.exp(rng.gauss(0, shadow.latency_sigma)), 3),
+                error=error, served_latency_ms=invocation.latency_ms, served_error=invocation.error,
+                agree=None if error or invocation.error else agreed,
+            )
         if not invocation.error and rng.random() < variant.conversion_rate:
             delay = rng.expovariate(1 / scenario.conversion_delay_mean_s) if scenario.conversion_delay_mean_s else 0
             conversion = Conversion(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import numpy as np
 import orjson
 import psycopg
 import pytest
@@ -14,9 +15,10 @@ from statsmodels.stats.contingency_tables import mcnemar
 from bandit_service.allocations import publish_allocation
 from bandit_service.report import build_report, load_report_input
 from bandit_service.report_render import render_text
-from producers.contracts import SHADOW, InvalidEvent, parse_event
+from producers.contracts import SHADOW, InvalidEvent, Invocation, Shadow, parse_event
 from producers.publisher import Publisher, ensure_topics
 from producers.sdk import ServingClient, loggable
+from producers.simulator import Scenario, VariantProfile, generate, parse_shadow, virtual_clock
 from storage.experiment_config import ConfigError, parse_config
 from storage.registry import create_experiment
 from stream_jobs.aggregate import aggregate_shadows
@@ -166,3 +168,61 @@ def test_tee_serves_the_champion_and_the_stream_counts_every_pair_once(settings,
         assert p["p_value"] == pytest.approx(mcnemar([[0, p["served_only"]], [p["shadow_only"], 0]]).pvalue)
     assert "SHADOWS" in render_text(report) and "model-v3" in render_text(report)
     assert "McNemar p" in render_text(report)
+
+
+def test_simulated_shadow_traffic_is_one_shadow_event_per_request():
+    scenario = Scenario("e", (VariantProfile("A", 0.5, 0.1, error_rate=0.05), VariantProfile("B", 0.5, 0.1)),
+                        shadows=(parse_shadow("model-v3:agree=0.8,errors=0.1,latency_ms=60"),))
+    events = list(generate(scenario, 20_000, virtual_clock(1_000.0)))
+    invocations = {e.event_id: e for e in events if isinstance(e, Invocation)}
+    shadows = [e for e in events if isinstance(e, Shadow)]
+    assert len(shadows) == len(invocations) == 20_000
+    # Each shadow event follows its invocation and carries the served side's outcome.
+    for before, event in zip(events, events[1:]):
+        if isinstance(event, Shadow):
+            assert isinstance(before, Invocation) and event.served_variant == before.variant
+            assert (event.served_error, event.served_latency_ms, event.user_id) == (before.error, before.latency_ms,
+                                                                                   before.user_id)
+            assert (event.agree is None) == (event.error or event.served_error)
+    compared = [e.agree for e in shadows if e.agree is not None]
+    assert sum(e.error for e in shadows) / len(shadows) == pytest.approx(0.1, abs=0.01)
+    assert sum(compared) / len(compared) == pytest.approx(0.8, abs=0.015)
+    assert np.median([e.latency_ms for e in shadows]) == pytest.approx(60, rel=0.05)
+    for bad, message in [("model-v3:speed=2", "unknown key"), ("model-v3:agree=2", r"\[0, 1\]"), (":agree=1", "NAME")]:
+        with pytest.raises(ValueError, match=message):
+            parse_shadow(bad)
+
+
+def test_simulate_with_a_shadow_fills_the_shadow_windows(settings, engine, services):
+    from click.testing import CliRunner
+
+    from abflow.cli import main
+
+    experiment_id = f"shadow-sim-{uuid.uuid4().hex[:6]}"
+    create_experiment(engine, parse_config({
+        "experiment_id": experiment_id, "variants": [{"name": "A"}, {"name": "B"}],
+        "shadows": [{"name": "model-v3", "model_version": "3"}]}))
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    worker = services("worker")
+    result = CliRunner().invoke(main, ["simulate", "-e", experiment_id, "--events", "1500", "--rate", "0",
+                                       "--shadow", "model-v3:agree=0.7,errors=0.04"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    line = next(line.split() for line in result.output.splitlines() if line.startswith("model-v3"))
+    requests, errors = int(line[1]), int(line[2])
+    assert requests == 1500 and errors > 0
+
+    def sums():
+        with engine.connect() as conn:
+            return tuple(int(v) for v in conn.execute(text(
+                "SELECT coalesce(sum(requests), 0), coalesce(sum(errors), 0) FROM shadow_windows "
+                "WHERE experiment_id = :e"), {"e": experiment_id}).one())
+
+    wait_until(lambda: sums()[0] >= requests, 60, message="the shadow events aggregated", workers=[worker])
+    assert sums() == (requests, errors)
+    report = build_report(load_report_input(engine, experiment_id))
+    compared = sum(r["compared"] for r in report["shadows"])
+    agreement = sum(r["agreement"] * r["compared"] for r in report["shadows"]) / compared
+    assert agreement == pytest.approx(0.7, abs=0.05)
+
+    undeclared = CliRunner().invoke(main, ["simulate", "-e", experiment_id, "--shadow", "model-v9"])
+    assert undeclared.exit_code == 2 and "'model-v9' is not a shadow" in undeclared.output

@@ -49,20 +49,27 @@ class Fault:
                        conversion_rate=profile.conversion_rate * self.conversion_factor)
 
 
-def parse_fault(text: str) -> Fault:
-    """``VARIANT:errors=0.3,latency_ms=200,conversion=0.5,after=30`` (every key optional)."""
-    variant, _, spec = text.partition(":")
-    if not variant or not spec:
-        raise ValueError(f"{text!r}: expected VARIANT:key=value,… with keys errors, latency_ms, conversion, after")
+def _parse_spec(text: str, keys, spec_required: bool) -> tuple[str, dict[str, float]]:
+    """``NAME:key=number,…`` into the name and the numbers, each key one of ``keys``."""
+    name, _, spec = text.partition(":")
+    if not name or (spec_required and not spec):
+        raise ValueError(f"{text!r}: expected NAME{'' if spec_required else '['}:key=value,…"
+                         f"{'' if spec_required else ']'} with keys {', '.join(keys)}")
     values = {}
-    for item in spec.split(","):
+    for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("errors", "latency_ms", "conversion", "after"):
-            raise ValueError(f"{text!r}: unknown key {key!r} (errors, latency_ms, conversion, after)")
+        if key not in keys:
+            raise ValueError(f"{text!r}: unknown key {key!r} ({', '.join(keys)})")
         try:
             values[key] = float(value)
         except ValueError:
             raise ValueError(f"{text!r}: {key} must be a number, got {value!r}") from None
+    return name, values
+
+
+def parse_fault(text: str) -> Fault:
+    """``VARIANT:errors=0.3,latency_ms=200,conversion=0.5,after=30`` (every key optional)."""
+    variant, values = _parse_spec(text, ("errors", "latency_ms", "conversion", "after"), spec_required=True)
     if not 0 <= values.get("errors", 0) <= 1 or values.get("conversion", 1) < 0 or values.get("after", 0) < 0 \
             or values.get("latency_ms", 0) < 0:
         raise ValueError(f"{text!r}: errors in [0, 1]; conversion, latency_ms and after >= 0")
@@ -82,27 +89,14 @@ class ShadowProfile:
     latency_sigma: float = 0.5
 
 
-SHADOW_KEYS = {"agree": "agreement", "errors": "error_rate", "latency_ms": "latency_median_ms"}
-
-
 def parse_shadow(text: str) -> ShadowProfile:
     """``NAME:agree=0.9,errors=0.02,latency_ms=60`` (every key optional)."""
-    name, _, spec = text.partition(":")
-    if not name:
-        raise ValueError(f"{text!r}: expected NAME[:key=value,…] with keys {', '.join(SHADOW_KEYS)}")
-    values = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        if key not in SHADOW_KEYS:
-            raise ValueError(f"{text!r}: unknown key {key!r} ({', '.join(SHADOW_KEYS)})")
-        try:
-            values[SHADOW_KEYS[key]] = float(value)
-        except ValueError:
-            raise ValueError(f"{text!r}: {key} must be a number, got {value!r}") from None
-    if not 0 <= values.get("agreement", 0) <= 1 or not 0 <= values.get("error_rate", 0) <= 1 \
-            or values.get("latency_median_ms", 1) <= 0:
+    name, values = _parse_spec(text, ("agree", "errors", "latency_ms"), spec_required=False)
+    if not 0 <= values.get("agree", 0) <= 1 or not 0 <= values.get("errors", 0) <= 1 \
+            or values.get("latency_ms", 1) <= 0:
         raise ValueError(f"{text!r}: agree and errors in [0, 1]; latency_ms > 0")
-    return ShadowProfile(name, **values)
+    fields_of = {"agree": "agreement", "errors": "error_rate", "latency_ms": "latency_median_ms"}
+    return ShadowProfile(name, **{fields_of[key]: value for key, value in values.items()})
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from bandit_service.stats.decision import SHIP
 from producers.publisher import Publisher
 from storage.experiment_config import ExperimentConfig, parse_config
 from storage.models import Champion, Experiment
-from storage.registry import ExperimentExists, ExperimentNotFound, new_experiment
+from storage.registry import ExperimentNotFound, new_experiment
 from storage.queries import AGGREGATES_CHANNEL
 
 PROMOTED_PHASE = "promoted"
@@ -104,8 +104,6 @@ def promote(engine: Engine, publisher: Publisher, topic: str, experiment_id: str
         experiment.status, experiment.winner = "stopped", variant
         session.flush()  # frees its share of the layer for the next version
         if next_config is not None:
-            if session.get(Experiment, next_id) is not None:
-                raise ExperimentExists(f"the next version {next_id!r} already exists")
             new_experiment(session, next_config, lineage=lineage, version=version,
                            prefer=(experiment.layer_start, experiment.layer_end))
             session.flush()

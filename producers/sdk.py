@@ -141,8 +141,11 @@ class ServingClient:
         with self._lock:
             found = self._serving.get(experiment_id)
         if found is None:
-            raise UnknownExperiment(f"no weights for experiment {experiment_id!r} on {self.topics.allocations}")
+            raise self._unknown(experiment_id)
         return found
+
+    def _unknown(self, experiment_id: str) -> UnknownExperiment:
+        return UnknownExperiment(f"no weights for experiment {experiment_id!r} on {self.topics.allocations}")
 
     def weights(self, experiment_id: str) -> tuple[int, dict[str, float]]:
         """(version, weights) of the newest allocation."""
@@ -168,7 +171,7 @@ class ServingClient:
                 return Served(experiment_id, user_id, served.variant, served.propensity, served.version,
                               str(uuid.uuid4()))
         if found is None:
-            raise UnknownExperiment(f"no weights for experiment {experiment_id!r} on {self.topics.allocations}")
+            raise self._unknown(experiment_id)
         version, weights = found.version, found.weights
         start, end = found.buckets
         if found.champion is not None and not start <= layer_bucket(found.layer, unit, self.salt) < end:

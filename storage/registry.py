@@ -32,9 +32,9 @@ def claim_buckets(session: Session, layer: str, traffic: float, prefer: tuple[in
     overlapping ranges. Stopped experiments no longer hold their buckets.
     """
     session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"abflow.layer.{layer}"))))
-    taken = [(start, end) for start, end, in_use in session.execute(
-        select(Experiment.layer_start, Experiment.layer_end, Experiment.status != "stopped")
-        .where(Experiment.layer == layer)) if in_use]
+    taken = [(start, end) for start, end in session.execute(
+        select(Experiment.layer_start, Experiment.layer_end)
+        .where(Experiment.layer == layer, Experiment.status != "stopped"))]
     size = layer_size(traffic)
     found = free_range(taken, size, prefer)
     if found is None:

@@ -60,35 +60,6 @@ def validate(record: Record, known: dict[str, frozenset[str]], now: float, limit
 
 
 @dataclass(slots=True)
-class WindowTotals:
-    invocations: int = 0
-    conversions: int = 0
-    reward_sum: float = 0.0
-    reward_sq_sum: float = 0.0
-    errors: int = 0
-    latency_count: int = 0
-    latency_ms_sum: float = 0.0
-    latency_hist: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
-
-    def add(self, event: Event) -> None:
-        if event.kind == INVOCATION:
-            self.invocations += 1
-            if event.error:
-                self.errors += 1
-            if event.latency_ms is not None:
-                self.latency_count += 1
-                self.latency_ms_sum += event.latency_ms
-                self.latency_hist[latency_bucket(event.latency_ms)] += 1
-        else:
-            self.conversions += 1
-            self.reward_sum += event.reward
-            self.reward_sq_sum += event.reward * event.reward
-
-
-WindowKey = tuple[str, str, int]  # (experiment_id, variant, window_start epoch seconds)
-
-
-@dataclass(slots=True)
 class LatencyTotals:
     count: int = 0
     ms_sum: float = 0.0
@@ -99,6 +70,30 @@ class LatencyTotals:
             self.count += 1
             self.ms_sum += latency_ms
             self.hist[latency_bucket(latency_ms)] += 1
+
+
+@dataclass(slots=True)
+class WindowTotals:
+    invocations: int = 0
+    conversions: int = 0
+    reward_sum: float = 0.0
+    reward_sq_sum: float = 0.0
+    errors: int = 0
+    latency: LatencyTotals = field(default_factory=LatencyTotals)
+
+    def add(self, event: Event) -> None:
+        if event.kind == INVOCATION:
+            self.invocations += 1
+            if event.error:
+                self.errors += 1
+            self.latency.add(event.latency_ms)
+        else:
+            self.conversions += 1
+            self.reward_sum += event.reward
+            self.reward_sq_sum += event.reward * event.reward
+
+
+WindowKey = tuple[str, str, int]  # (experiment_id, variant, window_start epoch seconds)
 
 
 @dataclass(slots=True)

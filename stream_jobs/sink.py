@@ -300,7 +300,7 @@ class PostgresSink:
                 ])
             rows = [
                 (experiment_id, variant, start, window_seconds, t.invocations, t.conversions, t.reward_sum,
-                 t.reward_sq_sum, t.errors, t.latency_count, t.latency_ms_sum, t.latency_hist)
+                 t.reward_sq_sum, t.errors, t.latency.count, t.latency.ms_sum, t.latency.hist)
                 for (experiment_id, variant, start), t in sorted(aggregate(counted, window_seconds).items())
             ]
             if rows:

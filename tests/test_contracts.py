@@ -108,8 +108,8 @@ def test_aggregate_sums_per_window():
     totals = aggregate(events, 60)
     first = totals[("x", "A", 0)]
     assert (first.invocations, first.errors, first.conversions, first.reward_sum, first.reward_sq_sum) == (2, 1, 1, 3.0, 9.0)
-    assert (first.latency_count, first.latency_ms_sum, sum(first.latency_hist)) == (2, 12.0, 2)
-    assert totals[("x", "A", 60)].invocations == 1 and totals[("x", "A", 60)].latency_count == 0
+    assert (first.latency.count, first.latency.ms_sum, sum(first.latency.hist)) == (2, 12.0, 2)
+    assert totals[("x", "A", 60)].invocations == 1 and totals[("x", "A", 60)].latency.count == 0
     assert totals[("x", "B", 0)].reward_sum == 2.0
 
 

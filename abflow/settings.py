@@ -1,9 +1,9 @@
 """Settings from the environment, with the defaults a laptop needs.
 
-Every setting is an ``ABFLOW_*`` environment variable. When
-``ABFLOW_KAFKA_BOOTSTRAP`` and ``ABFLOW_DATABASE_URL`` are unset, commands look
-for the stack that ``abflow up`` started (its addresses are recorded in
-``$ABFLOW_HOME/stack.json``).
+Every setting is an ``ABFLOW_*`` environment variable, read here and nowhere
+else; the result is passed explicitly. When ``ABFLOW_KAFKA_BOOTSTRAP`` and
+``ABFLOW_DATABASE_URL`` are unset, the CLI fills them in from the stack that
+``abflow up`` started (``abflow.local.stack.with_local_stack``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import dataclasses
 import os
 from pathlib import Path
 
+from abflow.core.errors import Invalid
 
-class SettingsError(ValueError):
+
+class SettingsError(Invalid):
     """A setting is missing or malformed."""
 
 
@@ -101,25 +103,6 @@ class Settings:
             kafka_session_timeout_seconds=_env_float("ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS", 10.0, minimum=1.0),
             kafka_commit_interval_seconds=_env_float("ABFLOW_KAFKA_COMMIT_INTERVAL_SECONDS", 1.0, minimum=0.1),
             api_token=os.environ.get("ABFLOW_API_TOKEN") or None,
-        )
-
-    def with_stack(self) -> "Settings":
-        """Fill in the addresses of the running local stack where the environment names none."""
-        if self.kafka_bootstrap and self.database_url:
-            return self
-        from abflow.localstack import read_stack_file
-
-        stack = read_stack_file(self.home)
-        if stack is None:
-            raise SettingsError(
-                "no Kafka/PostgreSQL configured: set ABFLOW_KAFKA_BOOTSTRAP and ABFLOW_DATABASE_URL, "
-                f"or start the local stack with `abflow up` (looked for {self.home / 'stack.json'})"
-            )
-        return dataclasses.replace(
-            self,
-            kafka_bootstrap=self.kafka_bootstrap or stack["kafka_bootstrap"],
-            database_url=self.database_url or stack["database_url"],
-            api_token=self.api_token or stack.get("api_token"),
         )
 
     @property

@@ -25,65 +25,12 @@ Lifecycle rules:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import psycopg
 
-DEFAULT_SALT = "abflow"
-LAYER_BUCKETS = 10_000
-
-
-def hash_point(experiment_id: str, unit_id: str, salt: str = DEFAULT_SALT) -> float:
-    """A uniform point in [0, 1), the same for the same inputs in every process."""
-    digest = hashlib.blake2b(f"{salt}\x1f{experiment_id}\x1f{unit_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
-
-
-def layer_bucket(layer: str, unit_id: str, salt: str = DEFAULT_SALT) -> int:
-    """The unit's bucket in the layer, in [0, LAYER_BUCKETS)."""
-    return int(hash_point(f"layer\x1f{layer}", unit_id, salt) * LAYER_BUCKETS)
-
-
-def layer_size(traffic: float) -> int:
-    """The number of buckets an experiment taking ``traffic`` (a share of the layer's units) holds."""
-    return max(1, min(LAYER_BUCKETS, round(traffic * LAYER_BUCKETS)))
-
-
-def free_range(taken: list[tuple[int, int]], size: int, prefer: tuple[int, int] | None = None
-               ) -> tuple[int, int] | None:
-    """The first free range of ``size`` buckets beside the ``taken`` ones, or ``prefer`` when it is
-    free (a promoted experiment's next version keeps its users); None when nothing fits."""
-    def free(start: int, end: int) -> bool:
-        return 0 <= start and end <= LAYER_BUCKETS and all(end <= s or e <= start for s, e in taken)
-
-    if prefer is not None and prefer[1] - prefer[0] == size and free(*prefer):
-        return prefer
-    start = 0
-    for s, e in sorted(taken):
-        if s - start >= size:
-            break
-        start = max(start, e)
-    return (start, start + size) if LAYER_BUCKETS - start >= size else None
-
-
-def choose(weights: dict[str, float], point: float) -> str:
-    """The variant whose slice of the cumulative weights holds ``point`` (weights in declared order)."""
-    total = sum(weights.values())
-    if total <= 0:
-        raise ValueError("weights must not all be zero")
-    target = point * total
-    running = 0.0
-    chosen = None
-    for name, weight in weights.items():
-        if weight <= 0:
-            continue
-        chosen = name
-        running += weight
-        if target < running:
-            return name
-    return chosen  # rounding at the top end: the last variant with weight
-
+from abflow.core.errors import ExperimentNotFound
+from abflow.core.buckets import DEFAULT_SALT, choose, hash_point, layer_bucket
 
 @dataclass(frozen=True)
 class Assignment:
@@ -95,10 +42,6 @@ class Assignment:
     new: bool  # first assignment of this unit (now stored)
     stored: bool = True  # False for a paused or stopped experiment's champion fallback
     in_experiment: bool = True  # False outside the experiment's share of its layer: log no events for it
-
-
-class ExperimentUnavailable(LookupError):
-    pass
 
 
 # Variants in declared order with their initial weights, and the newest allocation if any.
@@ -131,7 +74,7 @@ def current_weights(conn: psycopg.Connection, experiment_id: str) -> tuple[dict[
     row = conn.execute("SELECT " + _WEIGHTS_SQL + " FROM experiments e " + _LATEST_ALLOCATION
                        + " WHERE e.experiment_id = %s", (experiment_id,)).fetchone()
     if row is None:
-        raise ExperimentUnavailable(f"no experiment {experiment_id!r}")
+        raise ExperimentNotFound(experiment_id)
     variants, latest, version = row
     return _weights_of(variants, latest), version
 
@@ -147,7 +90,7 @@ def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str
     # and the current weights (the newest allocation, or the initial weights).
     row = conn.execute(ASSIGN_CONTEXT, (unit_id, experiment_id)).fetchone()
     if row is None:
-        raise ExperimentUnavailable(f"no experiment {experiment_id!r}")
+        raise ExperimentNotFound(experiment_id)
     (status, champion, winner, layer, layer_start, layer_end, stored_variant, stored_propensity, stored_version,
      variant_exists, variants, latest_weights, version) = row
     if status == "stopped":

@@ -18,20 +18,21 @@ from __future__ import annotations
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from abflow.core.errors import Conflict, ExperimentNotFound
 from bandit_service.allocations import publish_allocation
-from bandit_service.report import build_report, load_report_input
-from bandit_service.rollout import COMPLETED
+from bandit_service.report.build import build_report, load_report_input
+from bandit_service.rollouts.machine import COMPLETED
 from bandit_service.stats.decision import SHIP
 from producers.publisher import Publisher
-from storage.experiment_config import ExperimentConfig, parse_config
+from abflow.core.config import ExperimentConfig, parse_config
 from storage.models import Champion, Experiment
-from storage.registry import ExperimentNotFound, new_experiment
+from storage.registry import new_experiment
 from storage.queries import AGGREGATES_CHANNEL
 
 PROMOTED_PHASE = "promoted"
 
 
-class PromotionRefused(ValueError):
+class PromotionRefused(Conflict):
     """The promotion is not allowed (no evidence, not a challenger, already promoted)."""
 
 
@@ -79,7 +80,7 @@ def promote(engine: Engine, publisher: Publisher, topic: str, experiment_id: str
         experiment = session.scalars(select(Experiment).where(Experiment.experiment_id == experiment_id)
                                      .with_for_update()).first()
         if experiment is None:
-            raise ExperimentNotFound(f"no experiment {experiment_id!r}")
+            raise ExperimentNotFound(experiment_id)
         config = parse_config(experiment.config)
         if experiment.winner is not None:
             raise PromotionRefused(f"{experiment_id!r} already promoted {experiment.winner!r}")

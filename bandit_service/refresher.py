@@ -24,13 +24,13 @@ import time
 import psycopg
 
 from abflow.settings import Settings
-from abflow.text import json_safe
+from abflow.core.text import json_safe
 from bandit_service.policies import ArmStats, PolicyConfig, PolicyInputError, allocate
 from bandit_service.allocations import (allocation_record, latest_allocation, publish_allocation, same_weights,
                                         serving_context)
-from bandit_service.rollout_controller import RolloutController
+from bandit_service.rollouts.controller import RolloutController
 from producers.publisher import Publisher
-from storage.experiment_config import parse_config
+from abflow.core.config import parse_config
 from storage.queries import AGGREGATES_CHANNEL
 
 log = logging.getLogger("abflow.refresher")

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from abflow.localstack import free_port, wait_for_port  # noqa: E402
+from abflow.local.stack import free_port, wait_for_port  # noqa: E402
 from abflow.settings import libpq_url  # noqa: E402
 from bandit_service.policies import PolicyConfig  # noqa: E402
 from bandit_service.simulation import simulate_regret  # noqa: E402
@@ -139,7 +139,7 @@ async def load(url: str, method: str, body_of, requests: int, concurrency: int, 
 def api(stack: Stack, requests: int, concurrency: int, rate: float) -> dict:
     import subprocess
 
-    from storage.experiment_config import parse_config
+    from abflow.core.config import parse_config
     from storage.registry import create_experiment
 
     tag = uuid.uuid4().hex[:6]

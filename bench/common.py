@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from abflow.localstack import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
+from abflow.local.stack import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
 from abflow.settings import Settings  # noqa: E402
 from storage.db import make_engine, upgrade  # noqa: E402
 

@@ -43,7 +43,7 @@ from abflow.settings import Topics, libpq_url  # noqa: E402
 from common import Stack, save_results  # noqa: E402
 from producers.contracts import Invocation, Conversion, encode  # noqa: E402
 from producers.publisher import Publisher, ensure_topics  # noqa: E402
-from storage.experiment_config import parse_config  # noqa: E402
+from abflow.core.config import parse_config  # noqa: E402
 from storage.registry import create_experiment  # noqa: E402
 
 

@@ -39,13 +39,13 @@ from common import ROOT, Stack, save_results
 from pipeline import run_env, start_worker, stop_worker
 
 from abflow.settings import libpq_url
-from bandit_service.assignment import choose, hash_point
-from bandit_service.rollout import guardrails
+from abflow.core.buckets import choose, hash_point
+from bandit_service.rollouts.machine import guardrails
 from producers.contracts import Invocation, encode
 from producers.publisher import Publisher, ensure_topics
-from storage.experiment_config import load_config_text, parse_config
+from abflow.core.config import load_config_text, parse_config
 from storage.registry import create_experiment
-from stream_jobs.windowing import LATENCY_BUCKETS, latency_bucket
+from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 
 WARMUP_SECONDS = 8.0  # healthy traffic at 5 % before the fault
 BASE_ERROR_RATE = 0.01

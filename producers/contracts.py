@@ -15,6 +15,8 @@ from datetime import datetime
 
 import orjson
 
+from abflow.core.errors import Invalid
+
 INVOCATION = "invocation"
 CONVERSION = "conversion"
 SHADOW = "shadow"
@@ -38,11 +40,12 @@ REASONS = (
 )
 
 
-class InvalidEvent(ValueError):
-    def __init__(self, reason: str, detail: str):
+class InvalidEvent(Invalid):
+    def __init__(self, reason: str, detail: str, field: str | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.field = field
 
 
 @dataclass(slots=True)

@@ -8,11 +8,12 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from abflow.core.errors import AbflowError
 from abflow.settings import Topics
 from producers.contracts import CONVERSION, INVOCATION, Event, encode
 
 
-class PublishError(RuntimeError):
+class PublishError(AbflowError):
     """Some records could not be delivered."""
 
 

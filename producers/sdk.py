@@ -40,7 +40,8 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from abflow.settings import Topics
-from bandit_service.assignment import DEFAULT_SALT, LAYER_BUCKETS, choose, hash_point, layer_bucket
+from abflow.core.errors import ExperimentNotFound
+from abflow.core.buckets import DEFAULT_SALT, LAYER_BUCKETS, choose, hash_point, layer_bucket
 from producers.contracts import Conversion, Invocation, Shadow
 from producers.publisher import Publisher
 
@@ -81,10 +82,6 @@ class _Serving:
     champion: str | None
     layer: str
     buckets: tuple[int, int]
-
-
-class UnknownExperiment(LookupError):
-    pass
 
 
 class ServingClient:
@@ -144,8 +141,8 @@ class ServingClient:
             raise self._unknown(experiment_id)
         return found
 
-    def _unknown(self, experiment_id: str) -> UnknownExperiment:
-        return UnknownExperiment(f"no weights for experiment {experiment_id!r} on {self.topics.allocations}")
+    def _unknown(self, experiment_id: str) -> ExperimentNotFound:
+        return ExperimentNotFound(experiment_id, f"no weights for it on {self.topics.allocations}")
 
     def weights(self, experiment_id: str) -> tuple[int, dict[str, float]]:
         """(version, weights) of the newest allocation."""

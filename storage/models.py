@@ -38,7 +38,7 @@ class Experiment(Base):
     reward_model: Mapped[str] = mapped_column(String(16), default="binary")
     status: Mapped[str] = mapped_column(String(16), default="running")
     config: Mapped[dict] = mapped_column(JSONB)
-    # The buckets [layer_start, layer_end) of its layer's hash space that it holds (see bandit_service.layers).
+    # The buckets [layer_start, layer_end) of its layer's hash space that it holds (see abflow.core.buckets).
     layer: Mapped[str] = mapped_column(String(128))
     layer_start: Mapped[int] = mapped_column(Integer, default=0)
     layer_end: Mapped[int] = mapped_column(Integer, default=10_000)
@@ -90,7 +90,7 @@ class VariantWindow(Base):
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     latency_count: Mapped[int] = mapped_column(BigInteger, default=0)
     latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
-    # Counts per bucket of stream_jobs.windowing.LATENCY_BUCKET_EDGES_MS.
+    # Counts per bucket of abflow.core.windowing.LATENCY_BUCKET_EDGES_MS.
     latency_hist: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -198,7 +198,7 @@ class Assignment(Base):
 
 
 class Rollout(Base):
-    """The durable state of a progressive rollout (``bandit_service.rollout``)."""
+    """The durable state of a progressive rollout (``bandit_service.rollouts.machine``)."""
 
     __tablename__ = "rollouts"
     __table_args__ = (ForeignKeyConstraint(["experiment_id"], ["experiments.experiment_id"], ondelete="CASCADE"),)

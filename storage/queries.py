@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 from sqlalchemy import Engine, text
 
 # The sink notifies this channel, with the experiment id as payload, when it commits new aggregates.
@@ -19,7 +20,17 @@ def variant_totals(engine: Engine, experiment_id: str | None = None) -> list[dic
         params["experiment_id"] = experiment_id
     query += " ORDER BY experiment_id, variant"
     with engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(text(query), params)]
+        return [with_rates(dict(row._mapping)) for row in conn.execute(text(query), params)]
+
+
+def with_rates(totals: dict) -> dict:
+    """A totals row with its per-invocation rates (None before the first invocation)."""
+    n, timed = totals["invocations"], totals["latency_count"]
+    return {**totals,
+            "conversion_rate": totals["conversions"] / n if n else None,
+            "reward_per_invocation": totals["reward_sum"] / n if n else None,
+            "error_rate": totals["errors"] / n if n else None,
+            "mean_latency_ms": totals["latency_ms_sum"] / timed if timed else None}
 
 
 def dead_letter_totals(engine: Engine) -> list[dict]:
@@ -136,3 +147,33 @@ def shadow_totals(engine: Engine, experiment_id: str, buckets: int) -> list[dict
             found.append({"variant": row[0], "served_variant": row[1], **dict(zip(SHADOW_TOTALS, sums)),
                           "latency_hist": hists[:buckets], "served_latency_hist": hists[buckets:]})
         return found
+
+
+def refresh_lags(conn: psycopg.Connection) -> dict[str, float]:
+    """Per running experiment: newest aggregate update minus newest weights computation, in seconds (>= 0)."""
+    rows = conn.execute(
+        "SELECT e.experiment_id, extract(epoch FROM (SELECT max(updated_at) FROM variant_windows w "
+        "WHERE w.experiment_id = e.experiment_id) - (SELECT max(computed_at) FROM allocations a "
+        "WHERE a.experiment_id = e.experiment_id)) FROM experiments e WHERE e.status = 'running'").fetchall()
+    return {experiment_id: max(float(lag), 0.0) if lag is not None else 0.0 for experiment_id, lag in rows}
+
+
+def stored_config(conn: psycopg.Connection, experiment_id: str) -> dict | None:
+    """The experiment's config as stored at creation, or None without the experiment."""
+    row = conn.execute("SELECT config FROM experiments WHERE experiment_id = %s", (experiment_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def notify_aggregates(conn: psycopg.Connection, experiment_id: str) -> None:
+    """Wake the weight refresher for the experiment (on commit, when in a transaction)."""
+    conn.execute("SELECT pg_notify(%s, %s)", (AGGREGATES_CHANNEL, experiment_id))
+
+
+def listen_for_aggregates(conn: psycopg.Connection) -> None:
+    conn.execute(f"LISTEN {AGGREGATES_CHANNEL}")
+
+
+def rollout_state(engine: Engine, experiment_id: str) -> str | None:
+    """The state of the experiment's rollout, None when it has none (or it has not started)."""
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT state FROM rollouts WHERE experiment_id = :e"), {"e": experiment_id}).scalar()

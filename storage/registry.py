@@ -1,4 +1,4 @@
-"""The experiment registry in PostgreSQL."""
+"""The experiment registry in PostgreSQL: create, read, and the status state machine."""
 
 from __future__ import annotations
 
@@ -6,21 +6,14 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from bandit_service.assignment import LAYER_BUCKETS, free_range, layer_size
-from storage.experiment_config import ExperimentConfig
+from abflow.core.errors import Conflict, ExperimentExists, ExperimentNotFound
+from abflow.core.buckets import LAYER_BUCKETS, free_range, layer_size
+from abflow.core.config import ExperimentConfig
 from storage.models import Champion, Experiment, Variant
 from storage.queries import AGGREGATES_CHANNEL
 
 
-class ExperimentExists(ValueError):
-    pass
-
-
-class ExperimentNotFound(LookupError):
-    pass
-
-
-class LayerFull(ValueError):
+class LayerFull(Conflict):
     """The experiment's share of its layer does not fit beside the running experiments there."""
 
 
@@ -48,7 +41,7 @@ def new_experiment(session: Session, config: ExperimentConfig, lineage: str | No
                    prefer: tuple[int, int] | None = None) -> Experiment:
     """Add the experiment to the session, holding its share of its layer."""
     if session.get(Experiment, config.experiment_id) is not None:
-        raise ExperimentExists(f"experiment {config.experiment_id!r} already exists")
+        raise ExperimentExists(config.experiment_id)
     layer = config.layer or config.experiment_id
     start, end = claim_buckets(session, layer, config.traffic, prefer)
     experiment = Experiment(
@@ -95,7 +88,7 @@ def create_experiment(engine: Engine, config: ExperimentConfig) -> Experiment:
             session.execute(select(func.pg_notify(AGGREGATES_CHANNEL, config.experiment_id)))
             session.commit()
         except IntegrityError:
-            raise ExperimentExists(f"experiment {config.experiment_id!r} already exists") from None
+            raise ExperimentExists(config.experiment_id) from None
         session.refresh(experiment, ["variants"])
     return experiment
 
@@ -115,5 +108,52 @@ def get_experiment(engine: Engine, experiment_id: str) -> Experiment:
         )
         experiment = session.scalars(query).first()
     if experiment is None:
-        raise ExperimentNotFound(f"no experiment {experiment_id!r}")
+        raise ExperimentNotFound(experiment_id)
     return experiment
+
+
+# action -> (the status it needs, None for any; the status it leads to)
+STATUS_CHANGES = {"pause": ("running", "paused"), "resume": ("paused", "running"), "stop": (None, "stopped")}
+
+
+def next_status(experiment_id: str, status: str, action: str) -> str:
+    """The status ``action`` leads to from ``status``; ``Conflict`` when the status refuses it."""
+    required, target = STATUS_CHANGES[action]
+    if status == "stopped" and target != "stopped":
+        raise Conflict(f"experiment {experiment_id!r} is stopped; it cannot {action}")
+    if required is not None and status != required:
+        raise Conflict(f"experiment {experiment_id!r} is {status}; {action} needs {required}")
+    return target
+
+
+def change_status(engine: Engine, experiment_id: str, action: str) -> Experiment:
+    """Pause, resume or stop an experiment (row-locked, so concurrent changes serialise)."""
+    with Session(engine) as session, session.begin():
+        experiment = session.get(Experiment, experiment_id, with_for_update=True)
+        if experiment is None:
+            raise ExperimentNotFound(experiment_id)
+        experiment.status = next_status(experiment_id, experiment.status, action)
+        experiment.updated_at = func.now()
+    return get_experiment(engine, experiment_id)
+
+
+def lock_experiment(session: Session, experiment_id: str) -> Experiment | None:
+    """The experiment, row-locked until the session's transaction ends; None when there is none."""
+    return session.scalars(select(Experiment).where(Experiment.experiment_id == experiment_id)
+                           .with_for_update()).first()
+
+
+def add_champion(session: Session, **fields) -> None:
+    """Add a row to the champions history of a lineage (flushed, so it is in the transaction)."""
+    session.add(Champion(**fields))
+    session.flush()
+
+
+def champion_history(engine: Engine, lineage: str) -> list[dict]:
+    """The lineage's champions, first to newest."""
+    with Session(engine) as session:
+        rows = session.scalars(select(Champion).where(Champion.lineage == lineage).order_by(Champion.version))
+        return [{"lineage": c.lineage, "version": c.version, "experiment_id": c.experiment_id, "variant": c.variant,
+                 "model_version": c.model_version, "promoted_from": c.promoted_from,
+                 "promoted_at": c.promoted_at.isoformat(), "actor": c.actor, "reason": c.reason,
+                 "evidence": c.evidence} for c in rows]

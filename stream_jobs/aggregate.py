@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from producers.contracts import INVOCATION, SHADOW, Event, InvalidEvent, Shadow, parse_event
-from stream_jobs.windowing import LATENCY_BUCKETS, latency_bucket, window_start
+from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket, window_start
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from abflow.localstack import EmbeddedBroker, EmbeddedPostgres, die_with_parent
+from abflow.local.stack import EmbeddedBroker, EmbeddedPostgres, die_with_parent
 
 
 @dataclass

@@ -12,7 +12,7 @@ import orjson
 from sqlalchemy import text
 
 from producers.publisher import Publisher
-from storage.experiment_config import parse_config
+from abflow.core.config import parse_config
 from storage.registry import create_experiment
 
 WINDOW = 60

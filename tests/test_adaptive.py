@@ -27,7 +27,7 @@ from bandit_service.stats.decision import (
     decide,
 )
 from bandit_service.stats.frequentist import MeanSummary, StatsInputError
-from storage.experiment_config import ConfigError, parse_config
+from abflow.core.config import ConfigError, parse_config
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

@@ -13,8 +13,10 @@ from psycopg.types.json import Jsonb
 from scipy import stats
 
 from abflow.settings import libpq_url
-from bandit_service.assignment import ExperimentUnavailable, assign, choose, hash_point
-from storage.experiment_config import parse_config
+from abflow.core.buckets import choose, hash_point
+from abflow.core.errors import ExperimentNotFound
+from bandit_service.assignment import assign
+from abflow.core.config import parse_config
 from storage.registry import create_experiment
 
 
@@ -116,5 +118,5 @@ def test_paused_stopped_and_removed_variants(engine, conn):
     after = {u: assign(conn, experiment_id, u) for u in users}
     assert all(a.variant == "Champion" for a in after.values())
     assert all(after[u].new for u in users if before[u] == "Challenger")  # re-assigned, explicitly
-    with pytest.raises(ExperimentUnavailable):
+    with pytest.raises(ExperimentNotFound):
         assign(conn, "no-such-experiment", "u")

@@ -13,7 +13,7 @@ from bandit_service.stats.guardrails import (
     mann_whitney_from_histograms,
     rate_non_inferiority,
 )
-from stream_jobs.windowing import LATENCY_BUCKETS, latency_bucket
+from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 
 
 def histogram(latencies) -> list[int]:

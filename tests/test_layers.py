@@ -14,10 +14,11 @@ from sqlalchemy import text
 
 from abflow.settings import libpq_url
 from bandit_service.allocations import publish_allocation
-from bandit_service.assignment import LAYER_BUCKETS, assign, choose, free_range, hash_point, layer_size
+from abflow.core.buckets import LAYER_BUCKETS, choose, free_range, hash_point, layer_size
+from bandit_service.assignment import assign
 from producers.publisher import Publisher, ensure_topics
 from producers.sdk import ServingClient
-from storage.experiment_config import ConfigError, parse_config
+from abflow.core.config import ConfigError, parse_config
 from storage.registry import LayerFull, create_experiment
 from tests.conftest import wait_until
 

@@ -15,7 +15,7 @@ from bandit_service.api import create_app
 from bandit_service.assignment import assign
 from bandit_service.lifecycle import champion_history, next_version_config
 from producers.publisher import ensure_topics
-from storage.experiment_config import parse_config
+from abflow.core.config import parse_config
 from storage.registry import create_experiment, get_experiment
 from tests.test_refresher import topic_records
 from tests.test_report import fixed_split

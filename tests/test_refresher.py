@@ -10,7 +10,7 @@ from confluent_kafka import Consumer
 from sqlalchemy import text
 
 from producers.publisher import Publisher, ensure_topics
-from storage.experiment_config import parse_config
+from abflow.core.config import parse_config
 from storage.queries import allocation_history
 from storage.registry import create_experiment
 from tests.conftest import wait_until

@@ -14,11 +14,12 @@ import pytest
 from sqlalchemy import text
 from statsmodels.stats import proportion as sm_proportion
 
-from bandit_service.report import build_report, load_report_input
-from bandit_service.report_render import render_html, render_text
-from storage.experiment_config import parse_config
-from storage.registry import ExperimentNotFound, create_experiment
-from stream_jobs.windowing import LATENCY_BUCKETS, latency_bucket
+from bandit_service.report.build import build_report, load_report_input
+from bandit_service.report.render import render_html, render_text
+from abflow.core.config import parse_config
+from abflow.core.errors import ExperimentNotFound
+from storage.registry import create_experiment
+from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 
 START = datetime(2026, 1, 5, tzinfo=timezone.utc)
 WINDOW = 60

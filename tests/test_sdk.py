@@ -9,9 +9,10 @@ from collections import Counter
 import pytest
 from sqlalchemy import text
 
-from bandit_service.assignment import choose, hash_point
+from abflow.core.buckets import choose, hash_point
 from producers.publisher import ensure_topics
-from producers.sdk import ServingClient, UnknownExperiment
+from abflow.core.errors import ExperimentNotFound
+from producers.sdk import ServingClient
 from tests.conftest import wait_until
 from tests.helpers import counted_events, make_experiment
 from tests.test_refresher import latest, thompson_experiment
@@ -42,7 +43,7 @@ def has_weights(client: ServingClient, experiment_id: str) -> bool:
     try:
         client.weights(experiment_id)
         return True
-    except UnknownExperiment:
+    except ExperimentNotFound:
         return False
 
 
@@ -55,7 +56,7 @@ def test_sdk_routes_by_the_refreshed_weights_and_logs_propensities(settings, eng
         wait_until(lambda: has_weights(client, experiment_id), 30, message="the first weights in the SDK",
                    workers=[worker, refresher])
         assert client.weights(experiment_id) == (1, {"Champion": 0.5, "Challenger": 0.5})
-        with pytest.raises(UnknownExperiment):
+        with pytest.raises(ExperimentNotFound):
             client.assign("no-such-experiment", "u")
 
         rng = random.Random(1)
@@ -107,5 +108,5 @@ def test_unknown_experiment_without_weights(settings, engine):
     experiment_id = make_experiment(engine)
     with ServingClient(settings.kafka_bootstrap, settings.topics) as client:
         assert client.wait_ready(30)
-        with pytest.raises(UnknownExperiment, match=experiment_id):
+        with pytest.raises(ExperimentNotFound, match=experiment_id):
             client.weights(experiment_id)  # no refresher ran: nothing on the topic yet

@@ -10,10 +10,12 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint, proportions_ztest
 
+from abflow.core.errors import Invalid
+
 ALTERNATIVES = ("two-sided", "larger", "smaller")  # "larger": B's parameter above A's
 
 
-class StatsInputError(ValueError):
+class StatsInputError(Invalid):
     """The summaries cannot give this statistic (e.g. an empty group); the message says why."""
 
 
@@ -117,7 +119,7 @@ def paired_rate_difference_interval(both: int, only_a: int, only_b: int, n: int,
     a, b = wilson_interval(both + only_a, n, level), wilson_interval(both + only_b, n, level)
     margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
     # The pairs' correlation, its positive part shrunk by n/2 as Newcombe does (wider, never narrower).
-    association = both * neither - only_a * only_b
+    association: float = both * neither - only_a * only_b
     if association > 0:
         association = max(0.0, association - n / 2)
     phi = association / math.sqrt(margins) if margins else 0.0

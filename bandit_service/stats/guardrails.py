@@ -21,7 +21,7 @@ import numpy as np
 from scipy import stats
 
 from bandit_service.stats.frequentist import StatsInputError, TestResult, _check_counts
-from stream_jobs.windowing import LATENCY_BUCKET_EDGES_MS, histogram_quantile
+from abflow.core.windowing import LATENCY_BUCKET_EDGES_MS, histogram_quantile
 
 
 @dataclass(frozen=True)

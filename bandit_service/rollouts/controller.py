@@ -1,4 +1,4 @@
-"""The rollout controller: runs ``bandit_service.rollout``'s state machine on PostgreSQL.
+"""The rollout controller: runs ``bandit_service.rollouts.machine``'s state machine on PostgreSQL.
 
 It runs inside the weight refresher's leader (one leader at a time, by an
 advisory lock), which calls ``check`` for a rollout experiment whenever its
@@ -29,11 +29,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from bandit_service import rollout, webhooks
+from abflow.core.errors import NotFound
+from bandit_service.rollouts import machine as rollout, webhooks
 from bandit_service.allocations import latest_allocation, publish_allocation, same_weights
-from storage.experiment_config import ExperimentConfig, parse_config
+from abflow.core.config import ExperimentConfig, parse_config
 from storage.queries import AGGREGATES_CHANNEL, bucket_sums
-from stream_jobs.windowing import LATENCY_BUCKETS
+from abflow.core.windowing import LATENCY_BUCKETS
 
 log = logging.getLogger("abflow.rollout")
 
@@ -41,7 +42,7 @@ STRATEGY = "Rollout"
 _STATE_COLUMNS = "state, stage, stage_started_at, deadline_at, failed_checks"
 
 
-class NoRollout(LookupError):
+class NoRollout(NotFound):
     pass
 
 

@@ -12,8 +12,8 @@ from datetime import datetime
 import numpy as np
 from scipy import stats
 
-from abflow.text import json_safe
-from bandit_service.evidence import RATE_METRICS, guardrail_row, metric_cells, stratified_difference
+from abflow.core.text import json_safe
+from bandit_service.report.evidence import RATE_METRICS, guardrail_row, metric_cells, stratified_difference
 from bandit_service.policies import BINARY, ArmStats, thompson_probabilities
 from bandit_service.stats.adaptive import (
     EMPTY,
@@ -32,9 +32,9 @@ from bandit_service.stats.frequentist import (MeanSummary, StatsInputError, mcne
 from bandit_service.stats.power import sample_size_means, sample_size_proportions
 from bandit_service.stats.sequential import msprt
 from storage import queries
-from storage.experiment_config import ExperimentConfig, MetricConfig, parse_config
+from abflow.core.config import ExperimentConfig, MetricConfig, parse_config
 from storage.registry import get_experiment
-from stream_jobs.windowing import LATENCY_BUCKETS, histogram_quantile
+from abflow.core.windowing import LATENCY_BUCKETS, histogram_quantile
 
 SRM_THRESHOLD = 0.001
 POSTERIOR_DRAWS = 20_000

@@ -10,6 +10,7 @@ directory that survives restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,12 +21,15 @@ from pathlib import Path
 
 import psycopg
 
+from abflow.core.errors import AbflowError
+from abflow.settings import Settings, SettingsError
+
 STACK_FILE = "stack.json"
 DATABASE_NAME = "abflow"
 POSTGRES_OS_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 
 
-class StackError(RuntimeError):
+class StackError(AbflowError):
     """The embedded stack could not be started."""
 
 
@@ -288,3 +292,21 @@ def stop_recorded_stack(home: Path, timeout: float = 60.0) -> list[str]:
         time.sleep(0.1)
     path.unlink(missing_ok=True)
     return sorted(alive)
+
+
+def with_local_stack(settings: Settings) -> Settings:
+    """``settings`` with the addresses of the running local stack where the environment names none."""
+    if settings.kafka_bootstrap and settings.database_url:
+        return settings
+    stack = read_stack_file(settings.home)
+    if stack is None:
+        raise SettingsError(
+            "no Kafka/PostgreSQL configured: set ABFLOW_KAFKA_BOOTSTRAP and ABFLOW_DATABASE_URL, "
+            f"or start the local stack with `abflow up` (looked for {settings.home / STACK_FILE})"
+        )
+    return dataclasses.replace(
+        settings,
+        kafka_bootstrap=settings.kafka_bootstrap or stack["kafka_bootstrap"],
+        database_url=settings.database_url or stack["database_url"],
+        api_token=settings.api_token or stack.get("api_token"),
+    )

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
+from abflow.core.errors import Invalid
+
 STRATEGIES = ("WeightedSampling", "EpsilonGreedy", "UCB1", "ThompsonSampling")
 ROLES = ("champion", "challenger")
 UNITS = ("user", "session")
@@ -42,7 +44,7 @@ _ROLLOUT = {"challenger", "stages", "min_duration_seconds", "min_sample", "max_d
 DEFAULT_STAGES = (5.0, 10.0, 25.0, 50.0, 100.0)
 
 
-class ConfigError(ValueError):
+class ConfigError(Invalid):
     """The config breaks a rule; the message names the field."""
 
 
@@ -106,6 +108,7 @@ class RolloutPlan:
 def default_metrics(reward_model: str) -> tuple[MetricConfig, ...]:
     """Binary rewards: the conversion rate decides. Continuous rewards: the reward per invocation
     decides, and the conversion rate is watched. Errors and p95 latency are guarded either way."""
+    decisive: tuple[MetricConfig, ...]
     if reward_model == "binary":
         decisive = (MetricConfig("conversion_rate", "primary"),)
     else:
@@ -243,6 +246,21 @@ def _analysis(data) -> AnalysisConfig:
     return AnalysisConfig(alpha, power, mde, correction, min_sample)
 
 
+def check_policy_parameters(strategy: str, epsilon: float, min_weight: float, reward_model: str,
+                            variants: int) -> None:
+    """The rules of the allocation policy's parameters, for the config and the policies alike."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r} (unknown strategy)")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ConfigError(f"epsilon must be in [0, 1], got {epsilon}")
+    if min_weight < 0:
+        raise ConfigError(f"min_weight must be >= 0, got {min_weight}")
+    if min_weight * variants > 1.0:
+        raise ConfigError(f"min_weight {min_weight} x {variants} variants exceeds 1 (at most 1/{variants})")
+    if reward_model not in REWARD_MODELS:
+        raise ConfigError(f"reward_model must be one of {', '.join(REWARD_MODELS)}, got {reward_model!r}")
+
+
 def parse_config(data) -> ExperimentConfig:
     """Validate a config already decoded into Python objects."""
     if not isinstance(data, dict):
@@ -254,11 +272,7 @@ def parse_config(data) -> ExperimentConfig:
     if not isinstance(experiment_id, str) or not ID_PATTERN.match(experiment_id):
         raise ConfigError(f"experiment_id must match {ID_PATTERN.pattern}, got {experiment_id!r}")
     strategy = data.get("strategy", "WeightedSampling")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     epsilon = _number(data.get("epsilon", 0.1), "epsilon")
-    if not 0.0 <= epsilon <= 1.0:
-        raise ConfigError(f"epsilon must be in [0, 1], got {epsilon}")
     warmup = data.get("warmup", 0)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be a whole number >= 0, got {warmup!r}")
@@ -279,11 +293,8 @@ def parse_config(data) -> ExperimentConfig:
     if sum(v.initial_weight for v in variants) <= 0:
         raise ConfigError("the initial weights must not all be zero")
     min_weight = _number(data.get("min_weight", 0.0), "min_weight")
-    if not 0.0 <= min_weight * len(variants) <= 1.0:
-        raise ConfigError(f"min_weight must be in [0, 1/{len(variants)}] for {len(variants)} variants, got {min_weight}")
     reward_model = data.get("reward_model", "binary")
-    if reward_model not in REWARD_MODELS:
-        raise ConfigError(f"reward_model must be one of {', '.join(REWARD_MODELS)}, got {reward_model!r}")
+    check_policy_parameters(strategy, epsilon, min_weight, reward_model, len(variants))
     description = data.get("description")
     champion = champions[0]
     layer = data.get("layer")
@@ -316,7 +327,7 @@ def _shadows(data, variant_names: list[str]) -> tuple[ShadowConfig, ...]:
         return ()
     if not isinstance(data, list):
         raise ConfigError("shadows must be a list of {name, model_version}")
-    shadows = []
+    shadows: list[ShadowConfig] = []
     for index, item in enumerate(data):
         where = f"shadows[{index}]"
         _check_object(item, {"name", "model_version"}, where, "'name' and optionally 'model_version'")

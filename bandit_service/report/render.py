@@ -7,7 +7,7 @@ import html
 import io
 from datetime import datetime
 
-from abflow.text import format_table
+from abflow.core.text import format_table
 
 
 def _pct(value, digits: int = 2) -> str:

@@ -25,16 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from abflow.text import json_safe
-from bandit_service.evidence import guardrail_row, metric_cell
-from storage.experiment_config import ExperimentConfig, MetricConfig
+from abflow.core.errors import Conflict
+from abflow.core.text import json_safe
+from bandit_service.report.evidence import guardrail_row, metric_cell
+from abflow.core.config import ExperimentConfig, MetricConfig
 
 RUNNING, PAUSED, COMPLETED, ROLLED_BACK, ABORTED = "running", "paused", "completed", "rolled_back", "aborted"
 FINAL_STATES = (COMPLETED, ROLLED_BACK, ABORTED)
 HOLD, ADVANCE, ROLLBACK, PAUSE = "hold", "advance", "rollback", "pause"
 
 
-class TransitionRefused(ValueError):
+class TransitionRefused(Conflict):
     """An operator asked for a transition the rollout's state does not allow."""
 
 

@@ -1,0 +1,3 @@
+from abflow.cli import main
+
+main()

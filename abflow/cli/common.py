@@ -1,0 +1,52 @@
+"""What every command shares: settings, one database context, one logging set-up, and the group
+that turns every ``AbflowError`` into a one-line error and a non-zero exit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+
+from abflow.core.errors import AbflowError
+from abflow.settings import Settings
+
+
+class AbflowGroup(click.Group):
+    """A command group whose commands may raise ``AbflowError``: the user sees its message, exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AbflowError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def load_settings(stack: bool = True) -> Settings:
+    """Settings from the environment; with ``stack``, addresses of the local stack fill the gaps."""
+    settings = Settings.from_env()
+    if not stack:
+        return settings
+    from abflow.local.stack import with_local_stack
+
+    return with_local_stack(settings)
+
+
+@contextmanager
+def database(settings: Settings | None = None) -> Iterator:
+    """An engine on the configured PostgreSQL for one command, closed at the end."""
+    from storage.db import engine_for
+
+    settings = settings or load_settings()
+    with engine_for(settings.require_database_url()) as engine:
+        yield engine
+
+
+def setup_logging(level: str = "info") -> None:
+    """The one log format of every long-running abflow process."""
+    logging.basicConfig(level=level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+
+
+def json_option(help_text: str = "Print JSON."):
+    return click.option("--json", "as_json", is_flag=True, help=help_text)

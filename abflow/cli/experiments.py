@@ -1,0 +1,151 @@
+"""`abflow experiment …`: the registry (create, list, show) and champion promotion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from abflow.cli.common import database, json_option, load_settings
+from abflow.core.text import format_table
+
+
+@click.group()
+def experiment() -> None:
+    """The experiment registry."""
+
+
+@experiment.command("create")
+@click.option("-f", "--file", "path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Experiment config, JSON or YAML.")
+@click.option("--id", "experiment_id", help="Register it under this id instead of the file's experiment_id.")
+def experiment_create(path: Path, experiment_id: str | None) -> None:
+    """Register an experiment from a config file."""
+    from abflow.core.buckets import LAYER_BUCKETS
+    from abflow.core.config import ConfigError, load_config_text, parse_config
+    from storage.registry import create_experiment
+
+    try:
+        config = load_config_text(path.read_text(), path.name)
+        if experiment_id is not None:
+            config = parse_config({**config.to_dict(), "experiment_id": experiment_id})
+    except ConfigError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    with database() as engine:
+        created = create_experiment(engine, config)
+    click.echo(f"created experiment {config.experiment_id!r} with variants "
+               + ", ".join(f"{v.name} ({v.role}, weight {w:.3g})" for v, w in zip(config.variants, config.normalised_weights.values())))
+    if config.layer is not None or config.traffic < 1:
+        click.echo(f"layer {created.layer!r}: buckets {created.layer_start}-{created.layer_end} "
+                   f"({(created.layer_end - created.layer_start) / LAYER_BUCKETS:.1%} of its units)")
+
+
+@experiment.command("list")
+def experiment_list() -> None:
+    """List experiments."""
+    from storage.registry import list_experiments
+
+    with database() as engine:
+        rows = [
+            {"experiment_id": e.experiment_id, "strategy": e.strategy, "status": e.status,
+             "variants": ", ".join(v.name for v in e.variants), "created_at": e.created_at.strftime("%Y-%m-%d %H:%M:%S")}
+            for e in list_experiments(engine)
+        ]
+    if not rows:
+        click.echo("no experiments yet; create one with `abflow experiment create -f FILE`")
+        return
+    click.echo(format_table(rows, ["experiment_id", "strategy", "status", "variants", "created_at"]))
+
+
+@experiment.command("show")
+@click.argument("experiment_id")
+@json_option()
+def experiment_show(experiment_id: str, as_json: bool) -> None:
+    """Show one experiment: config, variants and current totals."""
+    from storage.queries import variant_totals
+    from storage.registry import get_experiment
+
+    with database() as engine:
+        e = get_experiment(engine, experiment_id)
+        totals = {row["variant"]: row for row in variant_totals(engine, experiment_id)}
+    variants = []
+    for v in e.variants:
+        t = totals.get(v.name, {})
+        variants.append({"variant": v.name, "role": v.role, "initial_weight": v.initial_weight,
+                         "model_version": v.model_version, "invocations": t.get("invocations", 0),
+                         "conversions": t.get("conversions", 0), "reward_sum": t.get("reward_sum", 0.0),
+                         "errors": t.get("errors", 0)})
+    if as_json:
+        click.echo(json.dumps({"experiment_id": e.experiment_id, "strategy": e.strategy, "epsilon": e.epsilon,
+                               "warmup": e.warmup, "unit": e.unit, "status": e.status,
+                               "created_at": e.created_at.isoformat(), "variants": variants}, indent=2))
+        return
+    click.echo(f"experiment {e.experiment_id}  strategy {e.strategy}  epsilon {e.epsilon}  warmup {e.warmup}  "
+               f"unit {e.unit}  status {e.status}")
+    click.echo(format_table(variants, ["variant", "role", "initial_weight", "model_version", "invocations",
+                                       "conversions", "reward_sum", "errors"]))
+
+
+@experiment.command("promote")
+@click.argument("experiment_id", metavar="EXPERIMENT")
+@click.argument("variant")
+@click.option("--challenger", "challengers", multiple=True, metavar="NAME[=MODEL_VERSION]",
+              help="A new challenger for the next version (repeatable).")
+@click.option("--reason", help="Why; stored in the champions history.")
+@click.option("--force", is_flag=True, help="Promote without a completed rollout or a SHIP decision for VARIANT.")
+@json_option("Print the result as JSON.")
+def experiment_promote(experiment_id: str, variant: str, challengers: tuple[str, ...], reason: str | None,
+                       force: bool, as_json: bool) -> None:
+    """Make VARIANT, a challenger that won, the champion of EXPERIMENT's lineage.
+
+    Needs evidence: a completed rollout of VARIANT, or a SHIP decision for it in
+    `abflow report` (or --force with a --reason). EXPERIMENT stops and serves
+    VARIANT to everyone; the next version `<lineage>-v<N>` starts with VARIANT as
+    champion, the other challengers and any --challenger, in the same share of
+    the same layer. `abflow experiment champions` lists the lineage's history.
+    """
+    from bandit_service.lifecycle import promote
+    from producers.publisher import Publisher
+
+    new = {}
+    for item in challengers:
+        name, _, model_version = item.partition("=")
+        new[name] = model_version or None
+    settings = load_settings()
+    with database(settings) as engine, Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
+        result = promote(engine, publisher, settings.topics.allocations, experiment_id, variant, new,
+                         "operator", reason, force)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    click.echo(f"{variant} is champion {result['version']} of lineage {result['lineage']!r} "
+               f"(evidence: {result['evidence']['source']}); {experiment_id} is stopped and serves it to everyone")
+    if result["next_experiment_id"]:
+        click.echo(f"next version: {result['next_experiment_id']} with {', '.join(result['next_variants'])}")
+    else:
+        click.echo("no challenger left, so no next version; add challengers with --challenger next time")
+
+
+@experiment.command("champions")
+@click.argument("experiment_id", metavar="EXPERIMENT")
+@json_option()
+def experiment_champions(experiment_id: str, as_json: bool) -> None:
+    """The champions of EXPERIMENT's lineage, first to newest, with who promoted them and why."""
+    from bandit_service.lifecycle import champion_history
+    from storage.registry import get_experiment
+
+    with database() as engine:
+        lineage = get_experiment(engine, experiment_id).lineage
+        history = champion_history(engine, lineage)
+    if as_json:
+        click.echo(json.dumps(history, indent=2, default=str))
+        return
+    rows = [{"version": c["version"], "champion": c["variant"], "model_version": c["model_version"] or "",
+             "experiment": c["experiment_id"], "won in": c["promoted_from"] or "", "evidence": c["evidence"].get("source", ""),
+             "at": c["promoted_at"][:19].replace("T", " "), "reason": c["reason"]} for c in history]
+    click.echo(f"lineage {lineage}")
+    click.echo(format_table(rows, list(rows[0])))
+
+
+COMMANDS = (experiment,)

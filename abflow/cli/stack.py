@@ -1,0 +1,101 @@
+"""`abflow up`, `down`, `env` and `db`: the local stack and the schema."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import click
+
+from abflow.cli.common import load_settings
+
+
+@click.command()
+@click.option("--demo/--no-demo", default=True, show_default=True, help="Register the demo experiment and simulate traffic.")
+@click.option("--events", "invocations", default=30_000, show_default=True, help="Invocations the demo simulates.")
+@click.option("--rate", default=3_000.0, show_default=True, help="Invocations per second (0: as fast as possible).")
+@click.option("--seed", default=1, show_default=True, help="Seed of the simulated traffic.")
+@click.option("--exit-when-done", is_flag=True, help="Stop the stack once the demo's aggregates are complete.")
+def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: bool) -> None:
+    """Start the stack (worker, API, weight refresher) and run the demo; Ctrl-C stops everything.
+
+    Without ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL it starts an embedded
+    Kafka-protocol broker and an embedded PostgreSQL whose data is kept in
+    $ABFLOW_HOME (default ./.abflow). The demo routes simulated users through
+    the serving SDK on the live bandit weights and prints how they moved.
+    """
+    from abflow.local.run import LocalRun
+    from abflow.local.stack import read_stack_file, stop_recorded_stack
+
+    settings = load_settings(stack=False)
+    if read_stack_file(settings.home) is not None:
+        raise click.ClickException(f"a stack is already running from {settings.home} (see `abflow env`; stop it with `abflow down`)")
+    leftovers = stop_recorded_stack(settings.home)  # of an `abflow up` that was killed
+    if leftovers:
+        click.echo(f"stopped leftovers of an earlier run: {', '.join(leftovers)}", err=True)
+    run = LocalRun(settings)
+
+    def on_signal(signum, frame):  # noqa: ARG001 - SIGTERM (`abflow down`) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        run.start()
+        if demo:
+            run.run_demo(invocations, rate, seed)
+        if not exit_when_done:
+            click.echo("\nThe stack is running. Ctrl-C stops it. In another shell:")
+            click.echo("  eval \"$(abflow env)\"   # or: abflow totals, abflow experiment list")
+            while True:
+                run.check_alive()
+                time.sleep(1)
+    except KeyboardInterrupt:
+        click.echo("\nstopping…", err=True)
+    finally:
+        run.stop()
+
+
+@click.command()
+def down() -> None:
+    """Stop the stack that `abflow up` started."""
+    from abflow.local.stack import STACK_FILE, stop_recorded_stack
+
+    settings = load_settings(stack=False)
+    if not (settings.home / STACK_FILE).exists():
+        raise click.ClickException(f"no stack recorded in {settings.home / STACK_FILE}")
+    stopped = stop_recorded_stack(settings.home)
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@click.command()
+def env() -> None:
+    """Print the exports that point other shells and tools at the running stack."""
+    from abflow.local.stack import read_stack_file
+
+    settings = load_settings()
+    click.echo(f"export ABFLOW_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}")
+    click.echo(f"export ABFLOW_DATABASE_URL={settings.database_url}")
+    stack = read_stack_file(settings.home) or {}
+    if stack.get("api_url"):
+        click.echo(f"export ABFLOW_API_URL={stack['api_url']}")
+    if settings.api_token:
+        click.echo(f"export ABFLOW_API_TOKEN={settings.api_token}")
+
+
+@click.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply the migrations (up to REVISION, default: the newest)."""
+    from storage.db import current_revision, upgrade
+
+    settings = load_settings()
+    upgrade(settings.require_database_url(), revision)
+    click.echo(f"database at revision {current_revision(settings.require_database_url())}")
+
+
+COMMANDS = (up, down, env, db)

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test bench clean
+.PHONY: up test lint bench clean
 
 $(BIN)/abflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,14 @@ $(BIN)/abflow: pyproject.toml
 up: $(BIN)/abflow
 	$(BIN)/abflow up $(ARGS)
 
-test: $(BIN)/abflow
+# The layers (import-linter), style (ruff) and types of the pure parts (mypy), then the tests.
+test: lint
 	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(BIN)/abflow
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(BIN)/abflow
 	$(BIN)/python bench/pipeline.py

@@ -1,5 +1,5 @@
-"""The allocations history and its topic: every change of an experiment's weights, by the bandit
-or by a rollout, is a new version in ``allocations`` and a record on the compacted topic."""
+"""Every change of an experiment's weights, by the bandit or by a rollout, is a new version in the
+``allocations`` history and a record on the compacted allocations topic (key: experiment id)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,11 @@ from datetime import datetime, timezone
 
 import orjson
 import psycopg
-from psycopg.types.json import Jsonb
 
 from producers.publisher import Publisher
+from storage.allocations import insert_next_allocation, serving_context
 
 SAME_WEIGHTS_TOLERANCE = 1e-9
-
-
-# What a serving process needs beside the weights: the variant to serve units outside the
-# experiment's share of its layer, and that share (see bandit_service.assignment).
-SERVING_CONTEXT = (
-    "SELECT coalesce(e.winner, (SELECT name FROM variants v WHERE v.experiment_id = e.experiment_id "
-    "AND v.role = 'champion')), e.layer, e.layer_start, e.layer_end FROM experiments e WHERE e.experiment_id = %s"
-)
 
 
 def allocation_record(experiment_id: str, version: int, strategy: str, phase: str, weights: dict[str, float],
@@ -35,37 +27,23 @@ def allocation_record(experiment_id: str, version: int, strategy: str, phase: st
     return orjson.dumps(record)
 
 
-def serving_context(conn: psycopg.Connection, experiment_id: str) -> tuple[str | None, tuple[str, int, int] | None]:
-    """(champion, (layer, start, end)) of the experiment, for ``allocation_record``."""
-    row = conn.execute(SERVING_CONTEXT, (experiment_id,)).fetchone()
-    return (None, None) if row is None else (row[0], (row[1], row[2], row[3]))
-
-
 def publish_allocation(conn: psycopg.Connection, publisher: Publisher, topic: str, experiment_id: str,
                        strategy: str, phase: str, weights: dict[str, float], statistics: dict) -> int:
-    """Store the next allocation version and publish it, inside one transaction (see above); returns it."""
+    """Store the next allocation version and publish it; returns the version.
+
+    The record is published and flushed inside the transaction that inserts the row, so the
+    history never holds a version the topic did not get; a crash between the two can repeat a
+    version on the topic, never skip one.
+    """
     with conn.transaction():
-        latest = conn.execute("SELECT max(version) FROM allocations WHERE experiment_id = %s",
-                              (experiment_id,)).fetchone()[0]
-        version = 1 if latest is None else latest + 1
         computed_at = datetime.now(timezone.utc)
+        version = insert_next_allocation(conn, experiment_id, strategy, phase, weights, statistics, computed_at)
         champion, layer = serving_context(conn, experiment_id)
-        conn.execute(
-            "INSERT INTO allocations (experiment_id, version, strategy, phase, weights, statistics, computed_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (experiment_id, version, strategy, phase, Jsonb(weights), Jsonb(statistics), computed_at))
         publisher.produce(topic, allocation_record(experiment_id, version, strategy, phase, weights, computed_at,
                                                    champion, layer), key=experiment_id)
         publisher.flush(10)
     return version
 
 
-def latest_allocation(conn: psycopg.Connection, experiment_id: str) -> tuple[int, str, dict] | None:
-    """(version, phase, weights) of the newest allocation, or None."""
-    return conn.execute("SELECT version, phase, weights FROM allocations WHERE experiment_id = %s "
-                        "ORDER BY version DESC LIMIT 1", (experiment_id,)).fetchone()
-
-
 def same_weights(old: dict, new: dict[str, float]) -> bool:
     return old.keys() == new.keys() and all(abs(old[k] - new[k]) <= SAME_WEIGHTS_TOLERANCE for k in new)
-

@@ -15,19 +15,21 @@ from the report; ``force`` promotes without it (the reason is stored).
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from abflow.core.config import ExperimentConfig, parse_config
 from abflow.core.errors import Conflict, ExperimentNotFound
 from bandit_service.allocations import publish_allocation
-from bandit_service.report.build import build_report, load_report_input
+from bandit_service.report.build import build_report
+from bandit_service.report.load import load_report_input
 from bandit_service.rollouts.machine import COMPLETED
 from bandit_service.stats.decision import SHIP
 from producers.publisher import Publisher
-from abflow.core.config import ExperimentConfig, parse_config
-from storage.models import Champion, Experiment
-from storage.registry import new_experiment
-from storage.queries import AGGREGATES_CHANNEL
+from storage.queries import notify_aggregates, rollout_state
+from storage.registry import add_champion, champion_history, lock_experiment, new_experiment
+
+__all__ = ["PromotionRefused", "champion_history", "evidence_for", "next_version_config", "promote"]
 
 PROMOTED_PHASE = "promoted"
 
@@ -60,9 +62,7 @@ def next_version_config(config: ExperimentConfig, winner: str, experiment_id: st
 
 def evidence_for(engine: Engine, config: ExperimentConfig, variant: str) -> dict | None:
     """Why ``variant`` may be promoted: a completed rollout of it, or the report's SHIP for it."""
-    with engine.connect() as conn:
-        state = conn.execute(text("SELECT state FROM rollouts WHERE experiment_id = :e"),
-                             {"e": config.experiment_id}).scalar()
+    state = rollout_state(engine, config.experiment_id)
     if state == COMPLETED and config.rollout is not None and config.rollout.challenger == variant:
         return {"source": "rollout", "state": state}
     decision = build_report(load_report_input(engine, config.experiment_id))["decision"]
@@ -77,8 +77,7 @@ def promote(engine: Engine, publisher: Publisher, topic: str, experiment_id: str
     """Promote ``variant`` of ``experiment_id`` to champion (see the module's notes); returns what was done."""
     new_challengers = new_challengers or {}
     with Session(engine) as session:
-        experiment = session.scalars(select(Experiment).where(Experiment.experiment_id == experiment_id)
-                                     .with_for_update()).first()
+        experiment = lock_experiment(session, experiment_id)
         if experiment is None:
             raise ExperimentNotFound(experiment_id)
         config = parse_config(experiment.config)
@@ -109,31 +108,20 @@ def promote(engine: Engine, publisher: Publisher, topic: str, experiment_id: str
                            prefer=(experiment.layer_start, experiment.layer_end))
             session.flush()
         model_version = next(v.model_version for v in config.variants if v.name == variant)
-        session.add(Champion(lineage=lineage, version=version,
-                             experiment_id=next_id if next_config is not None else experiment_id,
-                             variant=variant, model_version=model_version, promoted_from=experiment_id, actor=actor,
-                             reason=reason or f"promoted by the {actor}", evidence=evidence))
-        session.flush()
+        add_champion(session, lineage=lineage, version=version,
+                     experiment_id=next_id if next_config is not None else experiment_id,
+                     variant=variant, model_version=model_version, promoted_from=experiment_id, actor=actor,
+                     reason=reason or f"promoted by the {actor}", evidence=evidence)
         # The promoted experiment's last weights: the winner for everyone, on the same channel as ever.
         conn = session.connection().connection.driver_connection
         weights = {v.name: 1.0 if v.name == variant else 0.0 for v in config.variants}
         allocation = publish_allocation(conn, publisher, topic, experiment_id, config.strategy, PROMOTED_PHASE,
                                         weights, {"promoted": variant})
         if next_config is not None:
-            session.execute(text("SELECT pg_notify(:c, :e)"), {"c": AGGREGATES_CHANNEL, "e": next_id})
+            notify_aggregates(conn, next_id)
         session.commit()
     return {"experiment_id": experiment_id, "champion": variant, "model_version": model_version,
             "lineage": lineage, "version": version, "allocation_version": allocation,
             "next_experiment_id": next_id if next_config is not None else None,
             "next_variants": [v.name for v in next_config.variants] if next_config is not None else [],
             "evidence": evidence}
-
-
-def champion_history(engine: Engine, lineage: str) -> list[dict]:
-    """The lineage's champions, first to newest."""
-    with Session(engine) as session:
-        rows = session.scalars(select(Champion).where(Champion.lineage == lineage).order_by(Champion.version))
-        return [{"lineage": c.lineage, "version": c.version, "experiment_id": c.experiment_id, "variant": c.variant,
-                 "model_version": c.model_version, "promoted_from": c.promoted_from,
-                 "promoted_at": c.promoted_at.isoformat(), "actor": c.actor, "reason": c.reason,
-                 "evidence": c.evidence} for c in rows]

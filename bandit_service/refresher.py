@@ -23,15 +23,15 @@ import time
 
 import psycopg
 
-from abflow.settings import Settings
+from abflow.core.config import parse_config
 from abflow.core.text import json_safe
+from abflow.settings import Settings
+from bandit_service.allocations import allocation_record, publish_allocation, same_weights
 from bandit_service.policies import ArmStats, PolicyConfig, PolicyInputError, allocate
-from bandit_service.allocations import (allocation_record, latest_allocation, publish_allocation, same_weights,
-                                        serving_context)
 from bandit_service.rollouts.controller import RolloutController
 from producers.publisher import Publisher
-from abflow.core.config import parse_config
-from storage.queries import AGGREGATES_CHANNEL
+from storage import allocations as store
+from storage.queries import listen_for_aggregates
 
 log = logging.getLogger("abflow.refresher")
 
@@ -67,7 +67,7 @@ class WeightRefresher:
     def _wait_for_lock(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
         announced = False
         while not stop.is_set():
-            if conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()[0]:
+            if store.try_leader_lock(conn, LEADER_LOCK):
                 return True
             if not announced:
                 log.info("standing by: another refresher leads")
@@ -76,7 +76,7 @@ class WeightRefresher:
         return False
 
     def _lead(self, conn: psycopg.Connection, stop: threading.Event) -> None:
-        conn.execute(f"LISTEN {AGGREGATES_CHANNEL}")
+        listen_for_aggregates(conn)
         self.leading.set()
         log.info("leading: refreshing allocation weights")
         self.republish_latest(conn)
@@ -107,26 +107,20 @@ class WeightRefresher:
         The topic is a cache of the history: a broker that lost it (the embedded
         one keeps topics in memory) gets it back when a leader starts.
         """
-        rows = conn.execute(
-            "SELECT DISTINCT ON (a.experiment_id) a.experiment_id, a.version, a.strategy, a.phase, a.weights, "
-            "a.computed_at FROM allocations a JOIN experiments e USING (experiment_id) "
-            "WHERE e.status = 'running' OR e.winner IS NOT NULL ORDER BY a.experiment_id, a.version DESC").fetchall()
-        for experiment_id, version, strategy, phase, weights, computed_at in rows:
-            champion, layer = serving_context(conn, experiment_id)
+        for experiment_id, version, strategy, phase, weights, computed_at in store.latest_of_served_experiments(conn):
+            champion, layer = store.serving_context(conn, experiment_id)
             self.publisher.produce(self.settings.topics.allocations,
                                    allocation_record(experiment_id, version, strategy, phase, weights, computed_at,
                                                      champion, layer), key=experiment_id)
         self.publisher.flush(10)
 
     def refresh_all(self, conn: psycopg.Connection) -> None:
-        for (experiment_id,) in conn.execute("SELECT experiment_id FROM experiments WHERE status = 'running'").fetchall():
+        for experiment_id in store.running_experiments(conn):
             self.refresh(conn, experiment_id)
 
     def refresh(self, conn: psycopg.Connection, experiment_id: str) -> int | None:
         """Recompute one experiment's weights; store and publish them if they changed. Returns the new version."""
-        experiment = conn.execute(
-            "SELECT strategy, epsilon, warmup, min_weight, reward_model, status, config FROM experiments "
-            "WHERE experiment_id = %s", (experiment_id,)).fetchone()
+        experiment = store.policy_settings(conn, experiment_id)
         if experiment is None or experiment[5] != "running":
             return None
         strategy, epsilon, warmup, min_weight, reward_model, _, raw_config = experiment
@@ -134,19 +128,14 @@ class WeightRefresher:
             # A rollout's controller owns its weights.
             self.rollouts.check(conn, parse_config(raw_config))
             return None
-        rows = conn.execute(
-            "SELECT v.name, v.initial_weight, coalesce(t.invocations, 0), coalesce(t.reward_sum, 0), "
-            "coalesce(t.reward_sq_sum, 0) FROM variants v LEFT JOIN variant_totals t "
-            "ON t.experiment_id = v.experiment_id AND t.variant = v.name "
-            "WHERE v.experiment_id = %s ORDER BY v.position", (experiment_id,)).fetchall()
-        arms = [ArmStats(name, weight, int(n), float(r), float(r2)) for name, weight, n, r, r2 in rows]
+        arms = [ArmStats(*row) for row in store.arm_totals(conn, experiment_id)]
         config = PolicyConfig(strategy, epsilon, warmup, min_weight, reward_model, self.seed)
         try:
             allocation = allocate(arms, config)
         except PolicyInputError as exc:
             log.warning("experiment %s: weights not refreshed: %s", experiment_id, exc)
             return None
-        latest = latest_allocation(conn, experiment_id)
+        latest = store.latest_allocation(conn, experiment_id)
         if latest is not None and latest[1] == allocation.phase and same_weights(latest[2], allocation.weights):
             return None
         statistics = {

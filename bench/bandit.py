@@ -33,12 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import Stack, save_results  # noqa: E402
+from pipeline import new_experiment, run_env, start_worker, stop_worker  # noqa: E402
+
 from abflow.local.stack import free_port, wait_for_port  # noqa: E402
 from abflow.settings import libpq_url  # noqa: E402
 from bandit_service.policies import PolicyConfig  # noqa: E402
 from bandit_service.simulation import simulate_regret  # noqa: E402
-from common import Stack, save_results  # noqa: E402
-from pipeline import new_experiment, run_env, start_worker, stop_worker  # noqa: E402
 from producers.contracts import Invocation, encode  # noqa: E402
 from producers.publisher import Publisher, ensure_topics  # noqa: E402
 
@@ -78,9 +79,10 @@ def regret(seeds: int, users: int) -> dict:
 # -- (c) SDK ----------------------------------------------------------------------------------
 
 def sdk(stack: Stack, calls: int) -> dict:
-    from producers.sdk import ServingClient
-    from bandit_service.allocations import allocation_record
     from datetime import datetime, timezone
+
+    from bandit_service.allocations import allocation_record
+    from producers.sdk import ServingClient
 
     tag = uuid.uuid4().hex[:6]
     env, topics = run_env(os.environ, stack.bootstrap, stack.database_url, stack.home, tag, 4)
@@ -155,11 +157,11 @@ def api(stack: Stack, requests: int, concurrency: int, rate: float) -> dict:
         wait_for_port(port, 60, server, "the API")
         base = f"http://127.0.0.1:{port}"
         headers = {"Authorization": f"Bearer {token}"}
-        asyncio.run(load(f"{base}/ping", "GET", lambda i: None, 500, concurrency, headers))  # warm up
+        asyncio.run(load(f"{base}/ping", "GET", lambda _: None, 500, concurrency, headers))  # warm up
         assign_url = f"{base}/experiments/{experiment_id}/assign"
         result = {"requests": requests, "concurrency": concurrency}
         for mode, pace in (("saturated", 0.0), (f"at_{rate:.0f}_per_s", rate)):
-            ping = asyncio.run(load(f"{base}/ping", "GET", lambda i: None, requests, concurrency, headers, pace))
+            ping = asyncio.run(load(f"{base}/ping", "GET", lambda _: None, requests, concurrency, headers, pace))
             new = asyncio.run(load(assign_url, "POST", lambda i, m=mode: {"unit_id": f"{m}-u{i}"}, requests,
                                    concurrency, headers, pace))
             returning = asyncio.run(load(assign_url, "POST", lambda i, m=mode: {"unit_id": f"{m}-u{i}"}, requests,
@@ -202,7 +204,8 @@ def freshness(stack: Stack, rate: float, seconds: float) -> dict:
                 return int(row[0] or 0) if row else 0
 
             # Warm up: one event through worker and refresher before the clock starts.
-            publisher.produce(topics.invocations, encode(Invocation("warm", experiment_id, "Champion", "w", time.time())), key="w")
+            warm = Invocation("warm", experiment_id, "Champion", "w", time.time())
+            publisher.produce(topics.invocations, encode(warm), key="w")
             publisher.flush()
             while used() < 1:
                 time.sleep(0.05)

@@ -39,11 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from abflow.settings import Topics, libpq_url  # noqa: E402
 from common import Stack, save_results  # noqa: E402
-from producers.contracts import Invocation, Conversion, encode  # noqa: E402
-from producers.publisher import Publisher, ensure_topics  # noqa: E402
+
 from abflow.core.config import parse_config  # noqa: E402
+from abflow.settings import Topics, libpq_url  # noqa: E402
+from producers.contracts import Conversion, Invocation, encode  # noqa: E402
+from producers.publisher import Publisher, ensure_topics  # noqa: E402
 from storage.registry import create_experiment  # noqa: E402
 
 
@@ -197,7 +198,8 @@ def freshness(args, bootstrap, database_url, home, engine) -> dict:
     log(f"(b) waiting for the worker, then publishing {total:,} events at {args.rate:,.0f}/s…")
     publish_times = np.zeros(total)
     visible_times = np.full(total, np.nan)
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn, Publisher(bootstrap, topics, {"linger.ms": 1}) as publisher:
+    with (psycopg.connect(libpq_url(database_url), autocommit=True) as conn,
+          Publisher(bootstrap, topics, {"linger.ms": 1}) as publisher):
         # Warm up: one event through, so the group has joined before the clock starts.
         warm = make_payloads(experiment_id, 1, 3, time.time(), 0)
         publish(publisher, warm)

@@ -35,15 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import save_results  # noqa: E402
+
+from abflow.core.config import parse_config  # noqa: E402
+from abflow.core.windowing import LATENCY_BUCKET_EDGES_MS, LATENCY_BUCKETS  # noqa: E402
 from abflow.local.stack import EmbeddedPostgres  # noqa: E402
 from abflow.settings import Settings, libpq_url  # noqa: E402
-from bandit_service.report.build import build_report, load_report_input  # noqa: E402
+from bandit_service.report.build import build_report  # noqa: E402
+from bandit_service.report.load import load_report_input  # noqa: E402
 from bandit_service.report.render import render_html, render_text  # noqa: E402
-from common import save_results  # noqa: E402
 from storage.db import make_engine, upgrade  # noqa: E402
-from abflow.core.config import parse_config  # noqa: E402
 from storage.registry import create_experiment  # noqa: E402
-from abflow.core.windowing import LATENCY_BUCKET_EDGES_MS, LATENCY_BUCKETS  # noqa: E402
 
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 COLUMNS = ("experiment_id", "variant", "window_start", "window_seconds", "invocations", "conversions", "reward_sum",

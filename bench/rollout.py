@@ -34,18 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
-
 from common import ROOT, Stack, save_results
 from pipeline import run_env, start_worker, stop_worker
 
-from abflow.settings import libpq_url
 from abflow.core.buckets import choose, hash_point
+from abflow.core.config import load_config_text, parse_config
+from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
+from abflow.settings import libpq_url
 from bandit_service.rollouts.machine import guardrails
 from producers.contracts import Invocation, encode
 from producers.publisher import Publisher, ensure_topics
-from abflow.core.config import load_config_text, parse_config
 from storage.registry import create_experiment
-from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 
 WARMUP_SECONDS = 8.0  # healthy traffic at 5 % before the fault
 BASE_ERROR_RATE = 0.01

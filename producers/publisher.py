@@ -114,7 +114,7 @@ def ensure_topics(bootstrap: str, topics: Topics, partitions: int, timeout: floa
     missing = [t for t in wanted if t.topic not in existing]
     if not missing:
         return
-    for topic, future in admin.create_topics(missing, operation_timeout=timeout).items():
+    for future in admin.create_topics(missing, operation_timeout=timeout).values():
         try:
             future.result()
         except KafkaException as exc:

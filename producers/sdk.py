@@ -39,12 +39,11 @@ from typing import Callable, TypeVar
 import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from abflow.settings import Topics
-from abflow.core.errors import ExperimentNotFound
 from abflow.core.buckets import DEFAULT_SALT, LAYER_BUCKETS, choose, hash_point, layer_bucket
+from abflow.core.errors import ExperimentNotFound
+from abflow.settings import Topics
 from producers.contracts import Conversion, Invocation, Shadow
 from producers.publisher import Publisher
-
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

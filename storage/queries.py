@@ -177,3 +177,8 @@ def rollout_state(engine: Engine, experiment_id: str) -> str | None:
     """The state of the experiment's rollout, None when it has none (or it has not started)."""
     with engine.connect() as conn:
         return conn.execute(text("SELECT state FROM rollouts WHERE experiment_id = :e"), {"e": experiment_id}).scalar()
+
+
+def ping(conn: psycopg.Connection) -> None:
+    """Raises unless PostgreSQL answers."""
+    conn.execute("SELECT 1")

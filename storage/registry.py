@@ -6,9 +6,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from abflow.core.errors import Conflict, ExperimentExists, ExperimentNotFound
 from abflow.core.buckets import LAYER_BUCKETS, free_range, layer_size
 from abflow.core.config import ExperimentConfig
+from abflow.core.errors import Conflict, ExperimentExists, ExperimentNotFound
 from storage.models import Champion, Experiment, Variant
 from storage.queries import AGGREGATES_CHANNEL
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from producers.contracts import INVOCATION, SHADOW, Event, InvalidEvent, Shadow, parse_event
 from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket, window_start
+from producers.contracts import INVOCATION, SHADOW, Event, InvalidEvent, Shadow, parse_event
 
 
 @dataclass(frozen=True)

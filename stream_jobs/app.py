@@ -1,7 +1,7 @@
 """The stream worker: a Faust app whose agent aggregates batches of records into PostgreSQL.
 
 Faust's per-record stream path tops out near 12k records/s on a 2-core
-machine (bench/README figures), so records do not enter Faust one by one: a
+machine (see the README's benchmark figures), so records do not enter Faust one by one: a
 confluent-kafka consumer thread (``BatchSource``) reads the event topics in
 batches and sends each batch, as one value, through an in-memory Faust channel
 to the ``aggregate_events`` agent. The agent validates, deduplicates and
@@ -20,21 +20,23 @@ import collections
 import concurrent.futures
 import gc
 import json
-import os
 import logging
+import os
 import threading
 import time
 
 import faust
-from faust.app.base import BootStrategy
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from faust.app.base import BootStrategy
 
 from abflow.settings import Settings
 from producers.contracts import CONVERSION, INVOCATION, SHADOW
 from producers.publisher import Publisher, PublishError, ensure_topics
 from stream_jobs.aggregate import Record
-from stream_jobs.sink import BatchResult, PostgresSink, TopicIds
+from stream_jobs.checkpoint import TopicIds
+from stream_jobs.dead_letters import KafkaDeadLetters
+from stream_jobs.sink import BatchResult, PostgresSink
 
 log = logging.getLogger("abflow.worker")
 
@@ -205,7 +207,8 @@ def create_app(settings: Settings) -> faust.App:
 
     def sink() -> PostgresSink:
         if "sink" not in state:
-            state["sink"] = PostgresSink(settings, Publisher(bootstrap, settings.topics), TopicIds(bootstrap))
+            dead_letters = KafkaDeadLetters(Publisher(bootstrap, settings.topics), settings.topics.dead_letters)
+            state["sink"] = PostgresSink(settings, dead_letters, TopicIds(bootstrap))
         return state["sink"]
 
     async def apply(records: list[Record]) -> BatchResult:

@@ -11,8 +11,8 @@ from datetime import datetime
 import orjson
 from sqlalchemy import text
 
-from producers.publisher import Publisher
 from abflow.core.config import parse_config
+from producers.publisher import Publisher
 from storage.registry import create_experiment
 
 WINDOW = 60

@@ -35,7 +35,8 @@ def experiment_create(path: Path, experiment_id: str | None) -> None:
     with database() as engine:
         created = create_experiment(engine, config)
     click.echo(f"created experiment {config.experiment_id!r} with variants "
-               + ", ".join(f"{v.name} ({v.role}, weight {w:.3g})" for v, w in zip(config.variants, config.normalised_weights.values())))
+               + ", ".join(f"{v.name} ({v.role}, weight {w:.3g})"
+                           for v, w in zip(config.variants, config.normalised_weights.values())))
     if config.layer is not None or config.traffic < 1:
         click.echo(f"layer {created.layer!r}: buckets {created.layer_start}-{created.layer_end} "
                    f"({(created.layer_end - created.layer_start) / LAYER_BUCKETS:.1%} of its units)")

@@ -28,7 +28,8 @@ def report(experiment_id: str, json_path: str | None, html_path: str | None) -> 
     the weights. Metrics, margins, alpha, power and the MDE come from the
     experiment config's `metrics` and `analysis` sections.
     """
-    from bandit_service.report.build import build_report, load_report_input
+    from bandit_service.report.build import build_report
+    from bandit_service.report.load import load_report_input
     from bandit_service.report.render import render_html, render_text
 
     with database() as engine:

@@ -13,7 +13,8 @@ from abflow.settings import Settings
 
 @click.command()
 @click.option("--loglevel", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--healthcheck", is_flag=True, help="Exit 0 if a worker with this ABFLOW_HOME polled Kafka in the last 30 s, else 1.")
+@click.option("--healthcheck", is_flag=True,
+              help="Exit 0 if a worker with this ABFLOW_HOME polled Kafka in the last 30 s, else 1.")
 def worker(loglevel: str, healthcheck: bool) -> None:
     """Run the stream worker (Faust): events from Kafka into window aggregates in PostgreSQL.
 

@@ -29,7 +29,8 @@ def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: boo
 
     settings = load_settings(stack=False)
     if read_stack_file(settings.home) is not None:
-        raise click.ClickException(f"a stack is already running from {settings.home} (see `abflow env`; stop it with `abflow down`)")
+        raise click.ClickException(f"a stack is already running from {settings.home} "
+                                   "(see `abflow env`; stop it with `abflow down`)")
     leftovers = stop_recorded_stack(settings.home)  # of an `abflow up` that was killed
     if leftovers:
         click.echo(f"stopped leftovers of an earlier run: {', '.join(leftovers)}", err=True)

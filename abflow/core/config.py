@@ -296,7 +296,6 @@ def parse_config(data) -> ExperimentConfig:
     reward_model = data.get("reward_model", "binary")
     check_policy_parameters(strategy, epsilon, min_weight, reward_model, len(variants))
     description = data.get("description")
-    champion = champions[0]
     layer = data.get("layer")
     if layer is not None and (not isinstance(layer, str) or not ID_PATTERN.match(layer)):
         raise ConfigError(f"layer must match {ID_PATTERN.pattern}, got {layer!r}")
@@ -315,7 +314,7 @@ def parse_config(data) -> ExperimentConfig:
         description=None if description is None else str(description),
         metrics=_metrics(data.get("metrics"), reward_model),
         analysis=_analysis(data.get("analysis")),
-        rollout=_rollout(data.get("rollout"), champion, [v.name for v in variants if v.role == "challenger"]),
+        rollout=_rollout(data.get("rollout"), [v.name for v in variants if v.role == "challenger"]),
         layer=layer,
         traffic=traffic,
         shadows=_shadows(data.get("shadows"), names),
@@ -341,7 +340,7 @@ def _shadows(data, variant_names: list[str]) -> tuple[ShadowConfig, ...]:
     return tuple(shadows)
 
 
-def _rollout(data, champion: str, challengers: list[str]) -> RolloutPlan | None:
+def _rollout(data, challengers: list[str]) -> RolloutPlan | None:
     if data is None:
         return None
     _check_object(data, _ROLLOUT, "rollout", ", ".join(sorted(_ROLLOUT)))

@@ -19,15 +19,25 @@ from collections import Counter
 from importlib import resources
 
 import click
-
 from tqdm import tqdm
 
 from abflow.core.config import load_config_text
 from abflow.core.errors import ExperimentExists, ExperimentNotFound
 from abflow.core.text import format_table
-from abflow.local.stack import (EmbeddedBroker, EmbeddedPostgres, StackError, die_with_parent, free_port,
-                                remove_stack_file, wait_for_port, write_stack_file)
+from abflow.local.stack import (
+    EmbeddedBroker,
+    EmbeddedPostgres,
+    StackError,
+    die_with_parent,
+    free_port,
+    remove_stack_file,
+    wait_for_port,
+    write_stack_file,
+)
 from abflow.settings import Settings
+from bandit_service.report.build import build_report
+from bandit_service.report.load import load_report_input
+from bandit_service.report.render import render_html, render_text
 from producers.publisher import ensure_topics
 from producers.sdk import ServingClient
 from producers.simulator import Scenario, VariantProfile, default_rates, run
@@ -135,7 +145,8 @@ class LocalRun:
             self._wait_for(engine, target, published.total)
             rows = variant_totals(engine, config.experiment_id)
             click.echo(f"\nvariant_totals for {config.experiment_id!r} (all runs so far):")
-            click.echo(format_table(rows, ["experiment_id", "variant", "invocations", "conversions", "conversion_rate", "reward_sum", "errors"]))
+            click.echo(format_table(rows, ["experiment_id", "variant", "invocations", "conversions", "conversion_rate",
+                                           "reward_sum", "errors"]))
             self._show_weights(engine, config.experiment_id, sum(row["invocations"] for row in rows))
             self._show_assignments(engine, config.experiment_id, served, [v.name for v in config.variants])
             click.echo("\nthis run published: " + ", ".join(
@@ -144,9 +155,6 @@ class LocalRun:
             self._show_report(engine, config.experiment_id)
 
     def _show_report(self, engine, experiment_id: str) -> None:
-        from bandit_service.report.build import build_report, load_report_input
-        from bandit_service.report.render import render_html, render_text
-
         report = build_report(load_report_input(engine, experiment_id))
         page = self.settings.home / f"{experiment_id}-report.html"
         page.write_text(render_html(report))

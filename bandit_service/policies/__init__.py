@@ -11,10 +11,19 @@ same weights.
 from __future__ import annotations
 
 from abflow.core.config import STRATEGIES
-from bandit_service.policies.base import (BINARY, GAUSSIAN, Allocation, ArmStats, Policy, PolicyConfig,
-                                          PolicyInputError, apply_floor, check_input, normalise)
-from bandit_service.policies.strategies import (EpsilonGreedy, ThompsonSampling, UCB1, WeightedSampling,
-                                                thompson_probabilities)
+from bandit_service.policies.base import (
+    BINARY,
+    GAUSSIAN,
+    Allocation,
+    ArmStats,
+    Policy,
+    PolicyConfig,
+    PolicyInputError,
+    apply_floor,
+    check_input,
+    normalise,
+)
+from bandit_service.policies.strategies import UCB1, EpsilonGreedy, ThompsonSampling, WeightedSampling, thompson_probabilities
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (WeightedSampling(), EpsilonGreedy(), UCB1(), ThompsonSampling())}
 # The config's strategy names (a public contract, kept in the kernel) and the policies must agree.

@@ -1,6 +1,7 @@
 """The experiment report: every variant's figures, each challenger against the champion, the
 guardrails, the sample-ratio check, the Bayesian view and the decision. Pure: ``ReportInput``
-holds what ``storage.queries.report_input`` read; ``build_report`` returns plain JSON-ready data.
+holds what ``bandit_service.report.load`` read from PostgreSQL (or what a test built in memory);
+``build_report`` returns plain JSON-ready data.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from datetime import datetime
 import numpy as np
 from scipy import stats
 
+from abflow.core.config import ExperimentConfig, MetricConfig
 from abflow.core.text import json_safe
-from bandit_service.report.evidence import RATE_METRICS, guardrail_row, metric_cells, stratified_difference
+from abflow.core.windowing import LATENCY_BUCKETS, histogram_quantile
 from bandit_service.policies import BINARY, ArmStats, thompson_probabilities
+from bandit_service.report.evidence import RATE_METRICS, guardrail_row, metric_cells, stratified_difference
 from bandit_service.stats.adaptive import (
     EMPTY,
     merge_thin_periods,
-    period_starts,
     pooled,
     rate_cell,
     stratified_means,
@@ -26,15 +28,16 @@ from bandit_service.stats.adaptive import (
 from bandit_service.stats.bayesian import BetaPosterior, expected_loss, prob_b_beats_a
 from bandit_service.stats.checks import adjust_p_values, expected_shares_from_history, sample_ratio_mismatch
 from bandit_service.stats.decision import ChallengerEvidence, GuardrailEvidence, decide
-from bandit_service.stats.frequentist import (MeanSummary, StatsInputError, mcnemar_test,
-                                              paired_rate_difference_interval, relative_lift_interval,
-                                              wilson_interval)
+from bandit_service.stats.frequentist import (
+    MeanSummary,
+    StatsInputError,
+    mcnemar_test,
+    paired_rate_difference_interval,
+    relative_lift_interval,
+    wilson_interval,
+)
 from bandit_service.stats.power import sample_size_means, sample_size_proportions
 from bandit_service.stats.sequential import msprt
-from storage import queries
-from abflow.core.config import ExperimentConfig, MetricConfig, parse_config
-from storage.registry import get_experiment
-from abflow.core.windowing import LATENCY_BUCKETS, histogram_quantile
 
 SRM_THRESHOLD = 0.001
 POSTERIOR_DRAWS = 20_000
@@ -100,7 +103,8 @@ class _Experiment:
             n = int(t.get("invocations", 0))
             conversions = int(t.get("conversions", 0))
             row = {"variant": v.name, "role": v.role, "model_version": v.model_version,
-                   "initial_weight": self.config.normalised_weights[v.name], "weight": current.get(v.name, 0.0), "invocations": n, "conversions": conversions,
+                   "initial_weight": self.config.normalised_weights[v.name], "weight": current.get(v.name, 0.0),
+                   "invocations": n, "conversions": conversions,
                    "conversion_rate": None, "conversion_rate_low": None, "conversion_rate_high": None,
                    "conversion_rate_adjusted": None,
                    "reward_per_invocation": None, "error_rate": None, "latency_p95_ms": None, "latency_p99_ms": None}
@@ -357,19 +361,3 @@ class _Experiment:
 def build_report(data: ReportInput) -> dict:
     """The whole report as JSON-ready data (no inf or nan)."""
     return json_safe(_Experiment(data).build())
-
-
-def load_report_input(engine, experiment_id: str) -> ReportInput:
-    """Read what the report needs; raises ``ExperimentNotFound`` for an unknown experiment."""
-    experiment = get_experiment(engine, experiment_id)
-    config = parse_config(experiment.config)
-    allocations = queries.allocation_versions(engine, experiment_id)
-    starts = period_starts(config.normalised_weights, [(at, weights) for _, at, weights in allocations])
-    periods: dict[int, dict[str, dict]] = {}
-    for row in queries.period_sums(engine, experiment_id, starts):
-        periods.setdefault(row.pop("period"), {})[row.pop("variant")] = row
-    return ReportInput(config=config, status=experiment.status, periods=periods, allocations=allocations,
-                       histograms=queries.latency_histograms(engine, experiment_id, LATENCY_BUCKETS),
-                       assignments=queries.assignment_counts(engine, experiment_id),
-                       series=queries.time_series(engine, experiment_id),
-                       shadows=queries.shadow_totals(engine, experiment_id, LATENCY_BUCKETS))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from abflow.core.config import MetricConfig
 from bandit_service.stats.adaptive import merge_thin_periods, rate_cell, stratified_means
 from bandit_service.stats.decision import GuardrailEvidence
 from bandit_service.stats.frequentist import MeanSummary, StatsInputError
 from bandit_service.stats.guardrails import slower_share, slower_share_variance
 from bandit_service.stats.sequential import msprt
-from abflow.core.config import MetricConfig
 
 RATE_METRICS = {"conversion_rate": "conversions", "error_rate": "errors"}
 QUANTILES = {"latency_p95": 0.95, "latency_p99": 0.99}

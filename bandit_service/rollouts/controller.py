@@ -26,24 +26,24 @@ import time
 from datetime import datetime, timezone
 
 import psycopg
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
-from abflow.core.errors import NotFound
-from bandit_service.rollouts import machine as rollout, webhooks
-from bandit_service.allocations import latest_allocation, publish_allocation, same_weights
 from abflow.core.config import ExperimentConfig, parse_config
-from storage.queries import AGGREGATES_CHANNEL, bucket_sums
+from abflow.core.errors import ExperimentNotFound, NotFound
 from abflow.core.windowing import LATENCY_BUCKETS
+from bandit_service.allocations import publish_allocation, same_weights
+from bandit_service.rollouts import machine as rollout
+from bandit_service.rollouts import webhooks
+from storage import rollouts as store
+from storage.allocations import latest_allocation
+from storage.queries import notify_aggregates, stored_config
 
 log = logging.getLogger("abflow.rollout")
 
 STRATEGY = "Rollout"
-_STATE_COLUMNS = "state, stage, stage_started_at, deadline_at, failed_checks"
 
 
 class NoRollout(NotFound):
-    pass
+    """The experiment exists but has no rollout plan."""
 
 
 def _now() -> datetime:
@@ -51,8 +51,7 @@ def _now() -> datetime:
 
 
 def _load_state(conn: psycopg.Connection, experiment_id: str) -> tuple[rollout.RolloutState, datetime | None] | None:
-    row = conn.execute(f"SELECT {_STATE_COLUMNS}, last_check_at FROM rollouts WHERE experiment_id = %s FOR UPDATE",
-                       (experiment_id,)).fetchone()
+    row = store.lock_state(conn, experiment_id)
     if row is None:
         return None
     return rollout.RolloutState(*row[:5]), row[5]
@@ -64,11 +63,8 @@ def _ensure_started(conn: psycopg.Connection, config: ExperimentConfig, now: dat
     if found is not None:
         return found
     state = rollout.start(config.rollout, now)
-    inserted = conn.execute(
-        f"INSERT INTO rollouts (experiment_id, {_STATE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
-        "ON CONFLICT DO NOTHING RETURNING 1",
-        (config.experiment_id, state.state, state.stage, state.stage_started_at, state.deadline_at, 0)).fetchone()
-    if inserted:
+    if store.insert_state(conn, config.experiment_id, state.state, state.stage, state.stage_started_at,
+                          state.deadline_at):
         _record(conn, config, "controller", "start", None, state,
                 f"rollout of {config.rollout.challenger} started at {config.rollout.stages[0]:g}%", {})
     return _load_state(conn, config.experiment_id)
@@ -76,36 +72,17 @@ def _ensure_started(conn: psycopg.Connection, config: ExperimentConfig, now: dat
 
 def _save(conn: psycopg.Connection, experiment_id: str, state: rollout.RolloutState, checked_at: datetime | None = None,
           figures: dict | None = None) -> None:
-    conn.execute(
-        "UPDATE rollouts SET state = %s, stage = %s, stage_started_at = %s, deadline_at = %s, failed_checks = %s, "
-        "last_check_at = coalesce(%s, last_check_at), last_check = coalesce(%s, last_check), updated_at = now() "
-        "WHERE experiment_id = %s",
-        (state.state, state.stage, state.stage_started_at, state.deadline_at, state.failed_checks, checked_at,
-         None if figures is None else Jsonb(figures), experiment_id))
+    store.save_state(conn, experiment_id, state.state, state.stage, state.stage_started_at, state.deadline_at,
+                     state.failed_checks, checked_at, figures)
 
 
 def _record(conn: psycopg.Connection, config: ExperimentConfig, actor: str, action: str,
             before: rollout.RolloutState | None, after: rollout.RolloutState, reason: str, figures: dict) -> None:
-    conn.execute(
-        "INSERT INTO rollout_transitions (experiment_id, actor, action, from_state, to_state, from_stage, to_stage, "
-        "reason, figures, notified_at, notification) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (config.experiment_id, actor, action, before and before.state, after.state, before and before.stage,
-         after.stage, reason, Jsonb({**figures, "weights": rollout.stage_weights(config, after.state, after.stage)}),
-         # Without a webhook there is nothing to send.
-         None if config.rollout.webhook_url else _now(), None if config.rollout.webhook_url else "no webhook"))
-
-
-def stage_aggregates(conn: psycopg.Connection, experiment_id: str, since: datetime):
-    """Sums per variant, and latency histograms, of the windows that overlap [since, now)."""
-    rows = conn.execute(
-        "SELECT variant, sum(invocations)::bigint, sum(conversions)::bigint, sum(reward_sum), sum(reward_sq_sum), "
-        f"sum(errors)::bigint, {bucket_sums(LATENCY_BUCKETS)} FROM variant_windows WHERE experiment_id = %s "
-        "AND window_start + make_interval(secs => window_seconds) > %s GROUP BY variant",
-        (experiment_id, since)).fetchall()
-    sums = {row[0]: {"invocations": int(row[1]), "conversions": int(row[2]), "reward_sum": float(row[3]),
-                     "reward_sq_sum": float(row[4]), "errors": int(row[5])} for row in rows}
-    histograms = {row[0]: [int(c) for c in row[6:]] for row in rows}
-    return sums, histograms
+    quiet = not config.rollout.webhook_url  # without a webhook there is nothing to send
+    store.insert_transition(
+        conn, config.experiment_id, actor, action, before and before.state, after.state, before and before.stage,
+        after.stage, reason, {**figures, "weights": rollout.stage_weights(config, after.state, after.stage)},
+        _now() if quiet else None, "no webhook" if quiet else None)
 
 
 class RolloutController:
@@ -133,8 +110,7 @@ class RolloutController:
                     # Too soon after the last check: check again once the interval is over
                     # rather than at the next notification, which may come much later.
                     self._defer(experiment_id, wait)
-        state, stage = conn.execute("SELECT state, stage FROM rollouts WHERE experiment_id = %s",
-                                    (experiment_id,)).fetchone()
+        state, stage = store.state_and_stage(conn, experiment_id)
         self.reconcile(conn, config, state, stage)
         if config.rollout.webhook_url:
             self._notify_pending(config)
@@ -159,7 +135,7 @@ class RolloutController:
         return due
 
     def _judge(self, conn, config: ExperimentConfig, current: rollout.RolloutState, now: datetime) -> None:
-        sums, histograms = stage_aggregates(conn, config.experiment_id, current.stage_started_at)
+        sums, histograms = store.stage_aggregates(conn, config.experiment_id, current.stage_started_at, LATENCY_BUCKETS)
         judgement = rollout.judge(config, current, now, sums, histograms)
         after = rollout.apply(config, current, judgement, now)
         figures = {**judgement.figures, "action": judgement.action, "reasons": list(judgement.reasons)}
@@ -170,9 +146,7 @@ class RolloutController:
                                     plan.webhook_timeout_seconds)
             if not gate.delivered:
                 waiting = f"waiting for confirmation at {plan.confirm_url} ({gate.detail})"
-                last = conn.execute("SELECT action FROM rollout_transitions WHERE experiment_id = %s "
-                                    "ORDER BY id DESC LIMIT 1", (config.experiment_id,)).fetchone()
-                if last is None or last[0] != "await":
+                if store.last_action(conn, config.experiment_id) != "await":
                     _record(conn, config, "gate", "await", current, current, waiting, figures)
                 _save(conn, config.experiment_id, current, now, {**figures, "reasons": [waiting]})
                 return
@@ -210,26 +184,21 @@ class RolloutController:
     def _send(self, config: ExperimentConfig) -> None:
         plan = config.rollout
         try:
-            with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
+            with psycopg.connect(self.database_url, autocommit=True) as conn:
                 while True:
                     with self._lock:
                         if config.experiment_id not in self._again:
                             self._sending.discard(config.experiment_id)
                             return
                         self._again.discard(config.experiment_id)
-                    pending = conn.execute(
-                        "SELECT id, at, actor, action, from_state, to_state, from_stage, to_stage, reason, figures "
-                        "FROM rollout_transitions WHERE experiment_id = %s AND notified_at IS NULL ORDER BY id",
-                        (config.experiment_id,)).fetchall()
-                    for transition in pending:
+                    for transition in store.unsent_transitions(conn, config.experiment_id):
                         payload = {"experiment_id": config.experiment_id, "challenger": plan.challenger,
                                    **transition, "at": transition["at"].isoformat()}
                         delivery = webhooks.post_json(plan.webhook_url, payload, plan.webhook_timeout_seconds,
                                                       plan.webhook_retries)
                         outcome = (f"delivered after {delivery.attempts} attempt(s)" if delivery.delivered else
                                    f"gave up after {delivery.attempts} attempt(s): {delivery.detail}")
-                        conn.execute("UPDATE rollout_transitions SET notified_at = now(), notification = %s "
-                                     "WHERE id = %s", (outcome, transition["id"]))
+                        store.mark_sent(conn, transition["id"], outcome)
         except psycopg.Error as exc:
             log.warning("rollout %s: webhooks not sent: %s", config.experiment_id, exc)
         with self._lock:
@@ -239,10 +208,10 @@ class RolloutController:
 # -- operator commands and status (any process) ------------------------------------------------
 
 def _config(conn: psycopg.Connection, experiment_id: str) -> ExperimentConfig:
-    row = conn.execute("SELECT config FROM experiments WHERE experiment_id = %s", (experiment_id,)).fetchone()
-    if row is None:
-        raise NoRollout(f"no experiment {experiment_id!r}")
-    config = parse_config(row[0])
+    raw = stored_config(conn, experiment_id)
+    if raw is None:
+        raise ExperimentNotFound(experiment_id)
+    config = parse_config(raw)
     if config.rollout is None:
         raise NoRollout(f"experiment {experiment_id!r} has no rollout plan (add 'rollout:' to its config)")
     return config
@@ -259,7 +228,7 @@ def operate(conn: psycopg.Connection, experiment_id: str, action: str, actor: st
         after = rollout.operate(config, current, action, now)
         _save(conn, experiment_id, after)
         _record(conn, config, actor, action, current, after, reason or f"{action} by the {actor}", {})
-        conn.execute("SELECT pg_notify(%s, %s)", (AGGREGATES_CHANNEL, experiment_id))
+        notify_aggregates(conn, experiment_id)
     return status(conn, experiment_id)
 
 
@@ -267,13 +236,8 @@ def status(conn: psycopg.Connection, experiment_id: str, transitions: int = 50) 
     """The plan, the state, the newest check's figures, the weights in force and the transitions."""
     config = _config(conn, experiment_id)
     plan = config.rollout
-    row = conn.execute("SELECT state, stage, stage_started_at, deadline_at, failed_checks, last_check_at, last_check "
-                       "FROM rollouts WHERE experiment_id = %s", (experiment_id,)).fetchone()
+    row = store.status_row(conn, experiment_id)
     latest = latest_allocation(conn, experiment_id)
-    history = conn.execute(
-        "SELECT id, at, actor, action, from_state, to_state, from_stage, to_stage, reason, figures, notification "
-        "FROM rollout_transitions WHERE experiment_id = %s ORDER BY id DESC LIMIT %s",
-        (experiment_id, transitions)).fetchall()
     result = {"experiment_id": experiment_id, "challenger": plan.challenger, "stages": list(plan.stages),
               "plan": config.to_dict()["rollout"], "state": "not started", "stage": None, "percent": None,
               "weights": None if latest is None else {"version": latest[0], "phase": latest[1], "weights": latest[2]},
@@ -283,10 +247,6 @@ def status(conn: psycopg.Connection, experiment_id: str, transitions: int = 50) 
         result.update(state=state, stage=stage, percent=plan.stages[stage], stage_started_at=started.isoformat(),
                       deadline_at=deadline.isoformat(), failed_checks=failed,
                       last_check_at=checked_at and checked_at.isoformat(), last_check=last_check)
-    columns = ("id", "at", "actor", "action", "from_state", "to_state", "from_stage", "to_stage", "reason", "figures",
-               "notification")
-    for values in reversed(history):
-        item = dict(zip(columns, values))
-        item["at"] = item["at"].isoformat()
-        result["transitions"].append(item)
+    for item in store.transitions(conn, experiment_id, transitions):
+        result["transitions"].append({**item, "at": item["at"].isoformat()})
     return result

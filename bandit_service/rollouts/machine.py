@@ -25,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
+from abflow.core.config import ExperimentConfig, MetricConfig
 from abflow.core.errors import Conflict
 from abflow.core.text import json_safe
 from bandit_service.report.evidence import guardrail_row, metric_cell
-from abflow.core.config import ExperimentConfig, MetricConfig
 
 RUNNING, PAUSED, COMPLETED, ROLLED_BACK, ABORTED = "running", "paused", "completed", "rolled_back", "aborted"
 FINAL_STATES = (COMPLETED, ROLLED_BACK, ABORTED)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from bandit_service.stats.frequentist import StatsInputError, TestResult, _check_counts
 from abflow.core.windowing import LATENCY_BUCKET_EDGES_MS, histogram_quantile
+from bandit_service.stats.frequentist import StatsInputError, TestResult, _check_counts
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,24 @@ from fastapi import APIRouter, Query
 from abflow.core.config import parse_config
 from abflow.core.text import json_safe
 from bandit_service.api.deps import AUTHORISED, ExistingExperiment, State
-from bandit_service.api.models import (CONFLICT, ERRORS, NOT_FOUND, AllocationOut, ChampionOut, ExperimentConfigIn,
-                                       ExperimentOut, PromoteOut, PromoteRequest, ReportOut, StatsOut, WeightsOut)
+from bandit_service.api.models import (
+    CONFLICT,
+    ERRORS,
+    NOT_FOUND,
+    AllocationOut,
+    ChampionOut,
+    ExperimentConfigIn,
+    ExperimentOut,
+    PromoteOut,
+    PromoteRequest,
+    ReportOut,
+    StatsOut,
+    WeightsOut,
+)
 from bandit_service.assignment import current_weights
 from bandit_service.lifecycle import champion_history, promote
-from bandit_service.report.build import build_report, load_report_input
+from bandit_service.report.build import build_report
+from bandit_service.report.load import load_report_input
 from storage.models import Experiment
 from storage.queries import allocation_history, variant_totals
 from storage.registry import change_status, create_experiment, get_experiment, list_experiments

@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bandit_service.api.deps import State
 from bandit_service.api.models import HealthOut
+from storage.queries import ping as database_ping
 from storage.queries import refresh_lags
 
 router = APIRouter(tags=["health"])
@@ -22,7 +23,7 @@ def ping() -> dict[str, str]:
 def healthz(state: State) -> HealthOut:
     """PostgreSQL answers."""
     with state.pool.connection() as conn:
-        conn.execute("SELECT 1")
+        database_ping(conn)
     return HealthOut(status="ok")
 
 

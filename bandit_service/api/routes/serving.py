@@ -8,8 +8,15 @@ import uuid
 from fastapi import APIRouter
 
 from bandit_service.api.deps import AUTHORISED, State
-from bandit_service.api.models import (ERRORS, NOT_FOUND, AssignRequest, AssignResponse, ConversionRequest,
-                                       EventAccepted, InvocationRequest)
+from bandit_service.api.models import (
+    ERRORS,
+    NOT_FOUND,
+    AssignRequest,
+    AssignResponse,
+    ConversionRequest,
+    EventAccepted,
+    InvocationRequest,
+)
 from bandit_service.assignment import assign
 from producers.contracts import CONVERSION, INVOCATION, InvalidEvent, event_from_dict
 from storage.registry import get_experiment

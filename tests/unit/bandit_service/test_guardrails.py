@@ -7,13 +7,13 @@ import pytest
 from scipy import stats
 from statsmodels.stats import proportion as sm_proportion
 
+from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from bandit_service.stats.frequentist import StatsInputError
 from bandit_service.stats.guardrails import (
     latency_quantile_non_inferiority,
     mann_whitney_from_histograms,
     rate_non_inferiority,
 )
-from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 
 
 def histogram(latencies) -> list[int]:

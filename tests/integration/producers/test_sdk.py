@@ -10,13 +10,12 @@ import pytest
 from sqlalchemy import text
 
 from abflow.core.buckets import choose, hash_point
-from producers.publisher import ensure_topics
 from abflow.core.errors import ExperimentNotFound
+from producers.publisher import ensure_topics
 from producers.sdk import ServingClient
 from tests.conftest import wait_until
 from tests.helpers import counted_events, make_experiment
-from tests.test_refresher import latest, thompson_experiment
-
+from tests.integration.bandit_service.test_refresher import latest, thompson_experiment
 
 REFRESH_POLL_SECONDS = 5.0  # the refresher recomputes every experiment at least this often
 

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from abflow.core.config import ConfigError, parse_config
 from bandit_service.policies import PolicyConfig
 from bandit_service.simulation import simulate_adaptive_estimates
 from bandit_service.stats.adaptive import (
@@ -27,7 +28,6 @@ from bandit_service.stats.decision import (
     decide,
 )
 from bandit_service.stats.frequentist import MeanSummary, StatsInputError
-from abflow.core.config import ConfigError, parse_config
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

@@ -59,7 +59,7 @@ def test_exact_aggregates_with_duplicates_late_and_bad_events(settings, engine, 
     t0 = now() - 600
     expected = Expected()
     good: list[tuple[str, dict]] = []
-    for i in range(3000):
+    for _ in range(3000):
         experiment_id, variants = rng.choice([(exp_a, ["Champion", "Challenger"]),
                                               (exp_b, ["Champion", "ChallengerX", "ChallengerY"])])
         variant = rng.choice(variants)
@@ -89,7 +89,8 @@ def test_exact_aggregates_with_duplicates_late_and_bad_events(settings, engine, 
         ("invocation", orjson.dumps({**valid_base, "variant": 7}), "wrong_type"),
         ("invocation", orjson.dumps({**valid_base, "propensity": 1.5}), "invalid_value"),
         ("conversion", orjson.dumps({**valid_base, "reward": 1}).replace(b'"reward":1', b'"reward":NaN'), "non_finite"),
-        ("invocation", orjson.dumps({**valid_base, "latency_ms": 1}).replace(b'"latency_ms":1', b'"latency_ms":1e999'), "non_finite"),
+        ("invocation", orjson.dumps({**valid_base, "latency_ms": 1}).replace(b'"latency_ms":1', b'"latency_ms":1e999'),
+         "non_finite"),
         ("invocation", orjson.dumps({**valid_base, "experiment_id": "no-such-experiment"}), "unknown_experiment"),
         ("conversion", orjson.dumps({**valid_base, "variant": "NoSuchVariant"}), "unknown_variant"),
         ("invocation", orjson.dumps({**valid_base, "timestamp": now() + 3600}), "timestamp_in_future"),

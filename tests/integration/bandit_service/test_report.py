@@ -14,12 +14,13 @@ import pytest
 from sqlalchemy import text
 from statsmodels.stats import proportion as sm_proportion
 
-from bandit_service.report.build import build_report, load_report_input
-from bandit_service.report.render import render_html, render_text
 from abflow.core.config import parse_config
 from abflow.core.errors import ExperimentNotFound
-from storage.registry import create_experiment
 from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
+from bandit_service.report.build import build_report
+from bandit_service.report.load import load_report_input
+from bandit_service.report.render import render_html, render_text
+from storage.registry import create_experiment
 
 START = datetime(2026, 1, 5, tzinfo=timezone.utc)
 WINDOW = 60
@@ -208,7 +209,8 @@ def test_cli_prints_writes_json_and_offline_html(engine, run_env, tmp_path):
     experiment_id = new_experiment(engine, analysis={"mde": 0.2})
     fixed_split(engine, experiment_id, rates=(0.05, 0.065))
     json_path, html_path = tmp_path / "report.json", tmp_path / "report.html"
-    result = subprocess.run([sys.executable, "-m", "abflow.cli", "report", experiment_id, "--json", str(json_path), "--html", str(html_path)],
+    result = subprocess.run([sys.executable, "-m", "abflow.cli", "report", experiment_id, "--json", str(json_path),
+                             "--html", str(html_path)],
                             env=run_env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "DECISION  SHIP: Challenger" in result.stdout
@@ -217,7 +219,8 @@ def test_cli_prints_writes_json_and_offline_html(engine, run_env, tmp_path):
     assert page.count("<svg") == 3  # rates, cumulative reward, posteriors (no weight history: a fixed split)
     assert "<script" not in page and "src=" not in page and "<link" not in page
 
-    missing = subprocess.run([sys.executable, "-m", "abflow.cli", "report", "no-such-experiment"], env=run_env, capture_output=True, text=True,
+    missing = subprocess.run([sys.executable, "-m", "abflow.cli", "report", "no-such-experiment"], env=run_env,
+                             capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 1 and "no-such-experiment" in missing.stderr
 

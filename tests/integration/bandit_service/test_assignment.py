@@ -12,11 +12,11 @@ import pytest
 from psycopg.types.json import Jsonb
 from scipy import stats
 
-from abflow.settings import libpq_url
 from abflow.core.buckets import choose, hash_point
-from abflow.core.errors import ExperimentNotFound
-from bandit_service.assignment import assign
 from abflow.core.config import parse_config
+from abflow.core.errors import ExperimentNotFound
+from abflow.settings import libpq_url
+from bandit_service.assignment import assign
 from storage.registry import create_experiment
 
 

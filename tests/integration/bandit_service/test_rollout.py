@@ -18,21 +18,21 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from bandit_service.rollouts import controller as rollout_controller
-from bandit_service.rollouts import machine as rollout
-from bandit_service.rollouts import webhooks
+from abflow.core.config import parse_config
+from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from bandit_service.api import create_app
 from bandit_service.assignment import assign
 from bandit_service.refresher import WeightRefresher
+from bandit_service.rollouts import controller as rollout_controller
+from bandit_service.rollouts import machine as rollout
+from bandit_service.rollouts import webhooks
 from bandit_service.rollouts.machine import RolloutState
 from producers.publisher import Publisher, ensure_topics
 from producers.simulator import Fault, Scenario, VariantProfile, generate, parse_fault, virtual_clock
-from abflow.core.config import parse_config
 from storage.queries import AGGREGATES_CHANNEL, allocation_history
 from storage.registry import create_experiment
-from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from tests.conftest import wait_until
-from tests.test_refresher import topic_records
+from tests.integration.bandit_service.test_refresher import topic_records
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 TOKEN = "test-token"

@@ -11,14 +11,14 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from abflow.core.config import parse_config
 from bandit_service.api import create_app
 from bandit_service.assignment import assign
 from bandit_service.lifecycle import champion_history, next_version_config
 from producers.publisher import ensure_topics
-from abflow.core.config import parse_config
 from storage.registry import create_experiment, get_experiment
-from tests.test_refresher import topic_records
-from tests.test_report import fixed_split
+from tests.integration.bandit_service.test_refresher import topic_records
+from tests.integration.bandit_service.test_report import fixed_split
 
 TOKEN = "lifecycle-token"
 

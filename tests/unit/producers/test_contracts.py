@@ -7,10 +7,10 @@ import math
 import orjson
 import pytest
 
-from producers.contracts import REASONS, Conversion, Invocation, InvalidEvent, encode, parse_event, parse_timestamp
 from abflow.core.config import ConfigError, load_config_text, parse_config
-from stream_jobs.aggregate import Limits, Record, aggregate, validate
 from abflow.core.windowing import LATENCY_BUCKET_EDGES_MS, LATENCY_BUCKETS, histogram_quantile, latency_bucket, window_start
+from producers.contracts import REASONS, Conversion, InvalidEvent, Invocation, encode, parse_event, parse_timestamp
+from stream_jobs.aggregate import Limits, Record, aggregate, validate
 
 BASE = {"event_id": "e1", "experiment_id": "exp", "variant": "A", "user_id": "u1", "timestamp": 1_700_000_000.5}
 

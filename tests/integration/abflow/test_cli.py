@@ -13,7 +13,6 @@ import urllib.request
 import uuid
 
 import pytest
-
 from click.testing import CliRunner
 
 from abflow.cli import main
@@ -193,7 +192,7 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
         if second.poll() is None:
             second.kill()
     reader.join(5)
-    for name, pid in stack["pids"].items():
+    for pid in stack["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # every process `abflow up` started is gone
     assert not (home / "stack.json").exists()

@@ -12,13 +12,13 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from scipy import stats
 from sqlalchemy import text
 
+from abflow.core.buckets import LAYER_BUCKETS, choose, free_range, hash_point, layer_size
+from abflow.core.config import ConfigError, parse_config
 from abflow.settings import libpq_url
 from bandit_service.allocations import publish_allocation
-from abflow.core.buckets import LAYER_BUCKETS, choose, free_range, hash_point, layer_size
 from bandit_service.assignment import assign
 from producers.publisher import Publisher, ensure_topics
 from producers.sdk import ServingClient
-from abflow.core.config import ConfigError, parse_config
 from storage.registry import LayerFull, create_experiment
 from tests.conftest import wait_until
 

@@ -11,7 +11,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from producers.contracts import CONVERSION, INVOCATION
 from producers.publisher import Publisher, ensure_topics
 from stream_jobs.aggregate import Record
-from stream_jobs.sink import PartitionDedup, PostgresSink, TopicIds
+from stream_jobs.checkpoint import PartitionDedup, TopicIds
+from stream_jobs.dead_letters import KafkaDeadLetters
+from stream_jobs.sink import PostgresSink
 from tests.helpers import conversion, counted_events, invocation, make_experiment, now
 
 
@@ -21,7 +23,8 @@ def new_sink(settings):
     made = []
 
     def make() -> PostgresSink:
-        sink = PostgresSink(settings, Publisher(settings.kafka_bootstrap, settings.topics), TopicIds(settings.kafka_bootstrap))
+        dead_letters = KafkaDeadLetters(Publisher(settings.kafka_bootstrap, settings.topics), settings.topics.dead_letters)
+        sink = PostgresSink(settings, dead_letters, TopicIds(settings.kafka_bootstrap))
         made.append(sink)
         return sink
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVER_SIDE = ["psycopg", "psycopg_pool", "sqlalchemy", "alembic", "faust", "scipy", "statsmodels", "matplotlib",
                "fastapi", "uvicorn"]
 

@@ -12,14 +12,15 @@ import pytest
 from sqlalchemy import text
 from statsmodels.stats.contingency_tables import mcnemar
 
+from abflow.core.config import ConfigError, parse_config
 from bandit_service.allocations import publish_allocation
-from bandit_service.report.build import build_report, load_report_input
+from bandit_service.report.build import build_report
+from bandit_service.report.load import load_report_input
 from bandit_service.report.render import render_text
 from producers.contracts import SHADOW, InvalidEvent, Invocation, Shadow, parse_event
 from producers.publisher import Publisher, ensure_topics
 from producers.sdk import ServingClient, loggable
 from producers.simulator import Scenario, VariantProfile, generate, parse_shadow, virtual_clock
-from abflow.core.config import ConfigError, parse_config
 from storage.registry import create_experiment
 from stream_jobs.aggregate import aggregate_shadows
 from tests.conftest import wait_until

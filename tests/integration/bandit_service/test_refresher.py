@@ -9,8 +9,8 @@ import orjson
 from confluent_kafka import Consumer
 from sqlalchemy import text
 
-from producers.publisher import Publisher, ensure_topics
 from abflow.core.config import parse_config
+from producers.publisher import Publisher, ensure_topics
 from storage.queries import allocation_history
 from storage.registry import create_experiment
 from tests.conftest import wait_until

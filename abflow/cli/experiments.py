@@ -1,4 +1,5 @@
-"""`abflow experiment …`: the registry (create, list, show) and champion promotion."""
+"""`abflow experiment …`: the registry (create, list, show), status changes (pause, resume, stop)
+and champion promotion."""
 
 from __future__ import annotations
 
@@ -86,6 +87,22 @@ def experiment_show(experiment_id: str, as_json: bool) -> None:
                f"unit {e.unit}  status {e.status}")
     click.echo(format_table(variants, ["variant", "role", "initial_weight", "model_version", "invocations",
                                        "conversions", "reward_sum", "errors"]))
+
+
+def _status_command(action: str, summary: str) -> None:
+    @experiment.command(action, help=summary)
+    @click.argument("experiment_id", metavar="EXPERIMENT")
+    def command(experiment_id: str) -> None:
+        from storage.registry import change_status
+
+        with database() as engine:
+            changed = change_status(engine, experiment_id, action)
+        click.echo(f"experiment {experiment_id!r} is {changed.status}")
+
+
+_status_command("pause", "Pause: assigned units keep their variant, new units get the champion (unstored).")
+_status_command("resume", "Resume a paused experiment.")
+_status_command("stop", "Stop: everyone gets the champion (or the promoted winner); frees its share of its layer.")
 
 
 @experiment.command("promote")

@@ -28,7 +28,8 @@ def healthz(state: State) -> HealthOut:
 
 
 @router.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
 def prometheus(state: State) -> Response:
     with state.pool.connection() as conn:
         lags = refresh_lags(conn)

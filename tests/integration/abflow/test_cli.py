@@ -81,6 +81,21 @@ def test_bad_config_and_unknown_experiment_are_clear_errors(settings, tmp_path):
     assert missing.exit_code == 1 and "no experiment 'no-such-experiment'" in missing.output
 
 
+def test_pause_resume_stop_follow_the_same_rules_as_the_api(settings, tmp_path):
+    experiment_id = f"cli-{uuid.uuid4().hex[:6]}"
+    invoke("experiment", "create", "-f", write_config(tmp_path, experiment_id))
+    resume_running = CliRunner().invoke(main, ["experiment", "resume", experiment_id])
+    assert resume_running.exit_code == 1 and "is running; resume needs paused" in resume_running.output
+    assert f"experiment '{experiment_id}' is paused" in invoke("experiment", "pause", experiment_id).output
+    assert f"experiment '{experiment_id}' is running" in invoke("experiment", "resume", experiment_id).output
+    assert f"experiment '{experiment_id}' is stopped" in invoke("experiment", "stop", experiment_id).output
+    assert json.loads(invoke("experiment", "show", experiment_id, "--json").output)["status"] == "stopped"
+    restart = CliRunner().invoke(main, ["experiment", "resume", experiment_id])
+    assert restart.exit_code == 1 and "is stopped; it cannot resume" in restart.output
+    missing = CliRunner().invoke(main, ["experiment", "pause", "no-such-experiment"])
+    assert missing.exit_code == 1 and "no experiment 'no-such-experiment'" in missing.output
+
+
 def test_env_prints_the_settings(settings):
     output = invoke("env").output
     assert f"export ABFLOW_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}" in output

@@ -1,0 +1,57 @@
+"""The OpenAPI schema describes every body, and the config model names the field that is wrong.
+Built from the app without starting it: no database or broker needed."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from abflow.core.config import parse_config
+from abflow.settings import Settings
+from bandit_service.api import create_app
+from bandit_service.api.models import ExperimentConfigIn
+
+SPEC = create_app(Settings.from_env(), "token").openapi()
+OPERATIONS = [(method.upper(), path, op) for path, ops in SPEC["paths"].items() for method, op in ops.items()]
+OPEN = {("GET", "/ping"), ("GET", "/healthz"), ("GET", "/metrics")}
+
+
+@pytest.mark.parametrize("method, path, op", OPERATIONS, ids=[f"{m} {p}" for m, p, _ in OPERATIONS])
+def test_every_operation_documents_its_bodies(method, path, op):
+    success = [r for code, r in op["responses"].items() if code.startswith("2")]
+    assert len(success) == 1
+    content = success[0].get("content", {})
+    assert content, "no response body documented"
+    for media in content.values():
+        assert media.get("schema") not in (None, {}), "an empty response schema"
+    if method == "POST" and "requestBody" in op:
+        assert op["requestBody"]["content"]["application/json"]["schema"] not in (None, {})
+    if (method, path) not in OPEN and "{experiment_id}" in path:
+        assert "404" in op["responses"], "unknown experiments are 404: say so"
+    if method == "POST":
+        assert {"401", "403"} <= set(op["responses"]), "state changes need the token: say so"
+
+
+def test_the_experiment_config_body_has_a_schema_with_every_field():
+    schema = SPEC["components"]["schemas"]["ExperimentConfigIn"]
+    assert {"experiment_id", "strategy", "variants", "metrics", "analysis", "rollout", "layer", "traffic",
+            "shadows"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_config_errors_name_the_field_path():
+    data = {"experiment_id": "x", "strategy": "UCB1",
+            "variants": [{"name": "A"}, {"name": "B", "initial_weight": "heavy"}]}
+    with pytest.raises(ValidationError) as wrong_type:
+        ExperimentConfigIn.model_validate(data)
+    assert ("variants", 1, "initial_weight") in [e["loc"] for e in wrong_type.value.errors()]
+    with pytest.raises(ValidationError) as unknown:
+        ExperimentConfigIn.model_validate({**data, "variants": [{"name": "A", "colour": "red"}]})
+    assert ("variants", 0, "colour") in [e["loc"] for e in unknown.value.errors()]
+
+
+def test_the_model_passes_on_exactly_what_was_sent():
+    """Absent keys stay absent, so the defaults are the config's own (one place decides them)."""
+    sent = {"experiment_id": "x", "strategy": "UCB1", "variants": [{"name": "A"}, {"name": "B"}]}
+    assert ExperimentConfigIn.model_validate(sent).as_config_data() == sent
+    assert parse_config(ExperimentConfigIn.model_validate(sent).as_config_data()) == parse_config(sent)

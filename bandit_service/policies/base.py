@@ -1,6 +1,6 @@
-"""What every allocation policy shares: the statistics in, the weights out, the checks, and the steps
-around the rule itself (one variant, warm-up, minimum weight). Pure and seeded: no I/O, and the same
-statistics with the same seed give the same weights.
+"""What every allocation policy shares: the statistics in (``ArmStats``), the parameters
+(``PolicyConfig``, checked by the same rules as the experiment config), the weights out
+(``Allocation``), the ``Policy`` interface and the helpers the strategies use. Pure: no I/O.
 """
 
 from __future__ import annotations

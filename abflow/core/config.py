@@ -36,6 +36,7 @@ METRIC_ROLES = ("primary", "secondary", "guardrail")
 DEFAULT_MARGINS = {"error_rate": 0.01, "latency_p95": 0.01, "latency_p99": 0.005,
                    "conversion_rate": 0.005, "reward_per_invocation": 0.01}
 CORRECTIONS = ("holm", "benjamini-hochberg")
+CORRECTION_ALIASES = {"bh": "benjamini-hochberg"}
 _METRIC = {"name", "role", "margin"}
 _ANALYSIS = {"alpha", "power", "mde", "correction", "min_sample"}
 _ROLLOUT = {"challenger", "stages", "min_duration_seconds", "min_sample", "max_duration_seconds",
@@ -238,6 +239,7 @@ def _analysis(data) -> AnalysisConfig:
     if mde <= 0:
         raise ConfigError(f"analysis.mde (relative lift) must be > 0, got {mde}")
     correction = data.get("correction", defaults.correction)
+    correction = CORRECTION_ALIASES.get(correction, correction)
     if correction not in CORRECTIONS:
         raise ConfigError(f"analysis.correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
     min_sample = data.get("min_sample")

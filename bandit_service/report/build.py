@@ -221,8 +221,7 @@ class _Experiment:
             source = "invocations, against the fixed weights"
         try:
             shares = expected_shares_from_history(history)
-            positive = {n: s for n, s in shares.items() if s > 0}
-            check = sample_ratio_mismatch(observed, positive, SRM_THRESHOLD)
+            check = sample_ratio_mismatch(observed, shares, SRM_THRESHOLD)
         except StatsInputError as exc:
             return {"checked": False, "reason": str(exc)}
         return {"checked": True, "source": source, "observed": check.observed, "expected_shares": check.expected,

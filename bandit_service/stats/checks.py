@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,14 +52,24 @@ def expected_shares_from_history(periods: list[tuple[int, dict[str, float]]]) ->
 
 def sample_ratio_mismatch(observed: dict[str, int], expected_shares: dict[str, float],
                           threshold: float = 0.001) -> SampleRatioCheck:
-    """Chi-square goodness of fit of the observed counts to the expected shares (mismatch below ``threshold``)."""
-    names = list(expected_shares)
-    counts = np.array([observed.get(n, 0) for n in names], dtype=float)
-    shares = np.array([expected_shares[n] for n in names], dtype=float)
-    if counts.sum() == 0:
+    """Chi-square goodness of fit of the observed counts to the expected shares (mismatch below ``threshold``).
+
+    Units in a variant whose expected share is 0 (or that is not expected at all) cannot happen
+    under the design: any of them is a mismatch, whatever the other counts say.
+    """
+    names = list(dict.fromkeys([*expected_shares, *observed]))
+    shares = {n: float(expected_shares.get(n, 0.0)) for n in names}
+    counts = {n: int(observed.get(n, 0)) for n in names}
+    if any(share < 0 for share in shares.values()):
+        raise StatsInputError("expected shares must not be negative")
+    if sum(counts.values()) == 0:
         raise StatsInputError("no observations")
-    if (shares <= 0).any():
-        raise StatsInputError("every expected share must be positive")
-    statistic, p_value = stats.chisquare(counts, counts.sum() * shares / shares.sum())
-    return SampleRatioCheck({n: int(c) for n, c in zip(names, counts)}, dict(expected_shares), float(statistic),
-                            float(p_value), bool(p_value < threshold))
+    if any(counts[n] > 0 and shares[n] == 0 for n in names):
+        return SampleRatioCheck(counts, shares, math.inf, 0.0, True)
+    possible = [n for n in names if shares[n] > 0]
+    if not possible:
+        raise StatsInputError("every expected share is 0")
+    expected = np.array([shares[n] for n in possible])
+    observed_counts = np.array([counts[n] for n in possible], dtype=float)
+    statistic, p_value = stats.chisquare(observed_counts, observed_counts.sum() * expected / expected.sum())
+    return SampleRatioCheck(counts, shares, float(statistic), float(p_value), bool(p_value < threshold))

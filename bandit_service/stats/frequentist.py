@@ -172,7 +172,12 @@ class MeanSummary:
         """Sample variance (n − 1 denominator)."""
         if self.n < 2:
             raise StatsInputError(f"a variance needs at least 2 observations, got {self.n}")
-        return max(self.total_sq - self.total**2 / self.n, 0.0) / (self.n - 1)
+        squares = self.total_sq - self.total**2 / self.n
+        # Σy² − (Σy)²/n cancels catastrophically when every value is the same: what is left is
+        # rounding (up to n·ε·Σy² when the sums were added one value at a time), not spread.
+        if squares <= 1e-10 * self.total_sq:
+            return 0.0
+        return squares / (self.n - 1)
 
 
 def welch_t_test(a: MeanSummary, b: MeanSummary, alternative: str = "two-sided") -> TestResult:

@@ -96,9 +96,9 @@ def mann_whitney_from_histograms(hist_a: list[int], hist_b: list[int], alternati
     n = n_a + n_b
     tie_term = float((totals**3 - totals).sum())
     variance = n_a * n_b / 12 * ((n + 1) - tie_term / (n * (n - 1)))
-    if variance <= 0:
-        return TestResult(0.0, 1.0, alternative)
     mean = n_a * n_b / 2
+    if variance <= 0:  # every value in one bucket: all ties, U sits at its mean
+        return TestResult(float(u_b), 1.0, alternative)
     # Continuity correction of 0.5 toward the mean, as scipy's asymptotic method does.
     if alternative == "two-sided":
         z = (abs(u_b - mean) - 0.5) / math.sqrt(variance)

@@ -34,8 +34,10 @@ def sample_size_proportions(p_a: float, p_b: float, alpha: float = 0.05, power: 
     k = ratio
     pooled = (p_a + k * p_b) / (1 + k)
     z_a, z_b = _z_alpha(alpha, two_sided), stats.norm.ppf(power)
-    n_a = (z_a * math.sqrt(pooled * (1 - pooled) * (1 + 1 / k))
-           + z_b * math.sqrt(p_a * (1 - p_a) + p_b * (1 - p_b) / k)) ** 2 / (p_b - p_a) ** 2
+    root = z_a * math.sqrt(pooled * (1 - pooled) * (1 + 1 / k)) + z_b * math.sqrt(p_a * (1 - p_a) + p_b * (1 - p_b) / k)
+    if root <= 0:  # a power this low is reached with no data at all (statsmodels says 0 too)
+        return 0, 0
+    n_a = root**2 / (p_b - p_a) ** 2
     return math.ceil(n_a), math.ceil(k * n_a)
 
 
@@ -60,10 +62,13 @@ def mde_proportions(p_a: float, n_a: int, n_b: int, alpha: float = 0.05, power: 
     def shortfall(delta: float) -> float:
         return power_proportions(p_a, p_a + delta, n_a, n_b, alpha, two_sided) - power
 
-    upper = 1 - p_a - 1e-9
+    lower, upper = 1e-12, 1 - p_a - 1e-9
     if shortfall(upper) < 0:
         raise StatsInputError("no lift up to a rate of 100 % reaches that power with these group sizes")
-    return float(optimize.brentq(shortfall, 1e-12, upper, xtol=1e-12))
+    if shortfall(lower) > 0:
+        raise StatsInputError(f"power {power} is below what a test at alpha {alpha} has with no lift at all: "
+                              "ask for a power above alpha")
+    return float(optimize.brentq(shortfall, lower, upper, xtol=1e-12))
 
 
 def sample_size_means(difference: float, std: float, alpha: float = 0.05, power: float = 0.8, ratio: float = 1.0,

@@ -108,3 +108,42 @@ def test_stratified_by_the_period_of_exposure_under_moving_weights():
     assert figures[0] > 0.008, figures  # the pooled comparison credits B with the drift
     assert abs(figures[1]) < 0.0005, figures
     assert 0.935 <= figures[2] <= 0.965, figures
+
+
+def test_always_valid_p_under_peeking_holds_alpha_on_units_not_on_invocations():
+    """1,000 A/A experiments looked at 20 times each (every 200 users per arm), stopping at the first
+    always-valid p below α. With the delta-method variance of the units the mixture SPRT keeps
+    its promise; with invocations taken as independent trials it does not."""
+    from bandit_service.stats.sequential import msprt
+
+    rng = np.random.default_rng(6)
+    experiments, looks, step = 1_000, 20, 200
+    stopped = {"units": 0, "invocations": 0}
+    for _ in range(experiments):
+        arms = [users(rng, looks * step) for _ in range(2)]
+        rejected = {"units": False, "invocations": False}
+        for look in range(1, looks + 1):
+            n = look * step
+            (xa, ya), (xb, yb) = [(x[:n], y[:n]) for x, y in arms]
+            a, b = RatioSummary.of_units(xa, ya), RatioSummary.of_units(xb, yb)
+            difference = b.mean - a.mean
+            tau = 0.1 * (a.sum_y + b.sum_y) / (a.sum_x + b.sum_x)  # the report's: the MDE times the baseline
+            unit_variance = a.variance / a.n + b.variance / b.n
+            rejected["units"] |= msprt(difference, unit_variance, tau).p_value < ALPHA
+            trials_variance = a.mean * (1 - a.mean) / a.sum_x + b.mean * (1 - b.mean) / b.sum_x
+            rejected["invocations"] |= msprt(difference, trials_variance, tau).p_value < ALPHA
+        for name, hit in rejected.items():
+            stopped[name] += hit
+    rates = {name: count / experiments for name, count in stopped.items()}
+    assert rates["units"] <= ALPHA + 0.015, rates
+    assert rates["invocations"] > 2 * ALPHA, rates
+
+
+def test_seed_003_numbers_on_units():
+    """Seed 003's example: A 520 of 5,000 users converted, B 580 of 5,000, one invocation each."""
+    from statsmodels.stats.proportion import proportions_ztest
+
+    result = two_proportion_z_test(520, 5_000, 580, 5_000)
+    _, reference = proportions_ztest([580, 520], [5_000, 5_000])
+    assert result.p_value == pytest.approx(0.055161, abs=5e-7)
+    assert result.p_value == pytest.approx(reference, rel=1e-9)

@@ -31,6 +31,7 @@ from bandit_service.policies import ArmStats, PolicyConfig, PolicyInputError, al
 from bandit_service.rollouts.controller import RolloutController
 from producers.publisher import Publisher
 from storage import allocations as store
+from storage.db import connect
 from storage.queries import listen_for_aggregates
 
 log = logging.getLogger("abflow.refresher")
@@ -53,7 +54,7 @@ class WeightRefresher:
         """Lead when the lock is free, refresh until ``stop`` is set; survive PostgreSQL restarts."""
         while not stop.is_set():
             try:
-                with psycopg.connect(self.settings.libpq_url, autocommit=True, connect_timeout=5) as conn:
+                with connect(self.settings.libpq_url, connect_timeout=5) as conn:
                     if self._wait_for_lock(conn, stop):
                         self._lead(conn, stop)
             except psycopg.OperationalError as exc:

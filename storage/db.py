@@ -30,9 +30,9 @@ def engine_for(database_url: str, **kwargs) -> Iterator[Engine]:
         engine.dispose()
 
 
-def connect(database_url: str, autocommit: bool = True) -> psycopg.Connection:
+def connect(database_url: str, autocommit: bool = True, **kwargs) -> psycopg.Connection:
     """A psycopg connection (the hot-path driver; see the package's opening comment). Use it in a ``with``."""
-    return psycopg.connect(libpq_url(database_url), autocommit=autocommit)
+    return psycopg.connect(libpq_url(database_url), autocommit=autocommit, **kwargs)
 
 
 def alembic_config(database_url: str) -> Config:

@@ -34,6 +34,7 @@ import psycopg
 from abflow.settings import Settings
 from producers.contracts import InvalidEvent
 from storage import sink as store
+from storage.db import connect
 from stream_jobs.aggregate import Limits, Record, aggregate, aggregate_shadows, validate
 from stream_jobs.checkpoint import Checkpoints, TopicIds
 from stream_jobs.classify import classify
@@ -73,7 +74,7 @@ class PostgresSink:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.settings.libpq_url, connect_timeout=5)
+            self._conn = connect(self.settings.libpq_url, autocommit=False, connect_timeout=5)
         return self._conn
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from bandit_service.rollouts import machine as rollout
 from bandit_service.rollouts import webhooks
 from storage import rollouts as store
 from storage.allocations import latest_allocation
+from storage.db import connect
 from storage.queries import notify_aggregates, stored_config
 
 log = logging.getLogger("abflow.rollout")
@@ -184,7 +185,7 @@ class RolloutController:
     def _send(self, config: ExperimentConfig) -> None:
         plan = config.rollout
         try:
-            with psycopg.connect(self.database_url, autocommit=True) as conn:
+            with connect(self.database_url) as conn:
                 while True:
                     with self._lock:
                         if config.experiment_id not in self._again:

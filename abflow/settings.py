@@ -83,6 +83,7 @@ class Settings:
     kafka_session_timeout_seconds: float = 10.0
     kafka_commit_interval_seconds: float = 1.0
     api_token: str | None = None  # bearer token for the API's state-changing endpoints
+    exposure_wait_seconds: int = 3600  # how long an outcome waits for its unit's exposure
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -103,6 +104,7 @@ class Settings:
             kafka_session_timeout_seconds=_env_float("ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS", 10.0, minimum=1.0),
             kafka_commit_interval_seconds=_env_float("ABFLOW_KAFKA_COMMIT_INTERVAL_SECONDS", 1.0, minimum=0.1),
             api_token=os.environ.get("ABFLOW_API_TOKEN") or None,
+            exposure_wait_seconds=_env_int("ABFLOW_EXPOSURE_WAIT_SECONDS", 3600, minimum=1),
         )
 
     @property

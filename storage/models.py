@@ -7,10 +7,12 @@ from datetime import datetime
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
     ForeignKeyConstraint,
+    Identity,
     Index,
     Integer,
     String,
@@ -254,3 +256,50 @@ class Champion(Base):
     actor: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text)
     evidence: Mapped[dict] = mapped_column(JSONB)
+
+
+class UnitState(Base):
+    """A unit's exposure to an experiment and its attributed sums (``storage.units``)."""
+
+    __tablename__ = "unit_state"
+    __table_args__ = {"postgresql_with": {"fillfactor": 75}}
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    unit_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128))
+    exposed_at: Mapped[float] = mapped_column(Float)  # epoch seconds
+    exposure_window: Mapped[int] = mapped_column(BigInteger)  # epoch seconds
+    propensity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    multiple: Mapped[bool] = mapped_column(Boolean, default=False)
+    invocations: Mapped[float] = mapped_column(Float, default=0.0)
+    conversions: Mapped[float] = mapped_column(Float, default=0.0)
+    reward: Mapped[float] = mapped_column(Float, default=0.0)
+    errors: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class HeldOutcome(Base):
+    """An outcome that arrived before its unit's exposure, waiting for it."""
+
+    __tablename__ = "held_outcomes"
+    __table_args__ = (Index("held_outcomes_unit", "experiment_id", "unit_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    experiment_id: Mapped[str] = mapped_column(String(128))
+    unit_id: Mapped[str] = mapped_column(String(256))
+    variant: Mapped[str] = mapped_column(String(128))
+    ts: Mapped[float] = mapped_column(Float)
+    reward: Mapped[float] = mapped_column(Float)
+    attribution_seconds: Mapped[float] = mapped_column(Float)
+    held_at: Mapped[float] = mapped_column(Float)
+
+
+class AttributionCount(Base):
+    """Events that did not count as they claimed, per experiment, variant and reason."""
+
+    __tablename__ = "attribution_counts"
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

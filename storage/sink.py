@@ -69,14 +69,18 @@ def _many(conn: psycopg.Connection, sql: str, rows: list[tuple]) -> None:
         cur.executemany(sql, rows)
 
 
-def registry(conn: psycopg.Connection) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
-    """The variants and the declared shadows of every experiment: what the sink accepts."""
+def registry(conn: psycopg.Connection
+             ) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]], dict[str, float | None]]:
+    """What the sink needs of every experiment: its variants, its declared shadows, and its attribution
+    window in seconds (None: the config's default)."""
     known: dict[str, set[str]] = {}
     for experiment_id, name in conn.execute("SELECT experiment_id, name FROM variants"):
         known.setdefault(experiment_id, set()).add(name)
     shadows = {experiment_id: frozenset(s["name"] for s in declared) for experiment_id, declared in conn.execute(
         "SELECT experiment_id, config->'shadows' FROM experiments WHERE jsonb_typeof(config->'shadows') = 'array'")}
-    return {k: frozenset(v) for k, v in known.items()}, shadows
+    windows = {experiment_id: window for experiment_id, window in conn.execute(
+        "SELECT experiment_id, (config->>'attribution_window_seconds')::float8 FROM experiments")}
+    return {k: frozenset(v) for k, v in known.items()}, shadows, windows
 
 
 def lock_offsets(conn: psycopg.Connection, partitions: list[TopicPartition], topic_ids: dict[str, str]

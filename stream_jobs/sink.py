@@ -12,7 +12,8 @@ Exactly-once without Kafka transactions. Each batch, in one transaction:
    last, i.e. someone else wrote in between);
 4. adds the partial sums into ``variant_windows`` (and shadow events into ``shadow_windows``)
    (``ON CONFLICT … DO UPDATE SET n = variant_windows.n + excluded.n``),
-   counts dead letters, and stores each partition's next offset.
+5. exposes units and attributes their outcomes (``storage.units``),
+6. counts dead letters, and stores each partition's next offset.
 
 Kafka's committed offsets only say where to resume reading; the stored offsets
 decide what counts. A topic that was deleted and created again (a broker that
@@ -33,7 +34,9 @@ import psycopg
 
 from abflow.settings import Settings
 from producers.contracts import InvalidEvent
+from abflow.core.config import DEFAULT_ATTRIBUTION_WINDOW_SECONDS
 from storage import sink as store
+from storage import units as unit_store
 from storage.db import connect
 from stream_jobs.aggregate import Limits, Record, aggregate, aggregate_shadows, validate
 from stream_jobs.checkpoint import Checkpoints, TopicIds
@@ -43,6 +46,9 @@ from stream_jobs.dead_letters import DeadLetters
 log = logging.getLogger(__name__)
 
 REGISTRY_MAX_AGE_SECONDS = 30.0
+# How often a batch also looks at every held outcome: attributes those whose unit is exposed now,
+# gives up those that waited their time.
+HELD_SWEEP_SECONDS = 5.0
 
 
 @dataclass
@@ -68,7 +74,9 @@ class PostgresSink:
         self._conn: psycopg.Connection | None = None
         self._known: dict[str, frozenset[str]] = {}
         self._shadows: dict[str, frozenset[str]] = {}
+        self._attribution: dict[str, float] = {}
         self._known_at = 0.0
+        self._swept_at = 0.0
 
     # -- connection and registry -------------------------------------------------
 
@@ -84,8 +92,10 @@ class PostgresSink:
 
     def _load_registry(self) -> None:
         conn = self._connection()
-        self._known, self._shadows = store.registry(conn)
+        self._known, self._shadows, windows = store.registry(conn)
         conn.rollback()
+        self._attribution = {experiment_id: window or DEFAULT_ATTRIBUTION_WINDOW_SECONDS
+                             for experiment_id, window in windows.items()}
         self._known_at = time.monotonic()
 
     def _validate_all(self, records: list[Record], now: float) -> list:
@@ -149,6 +159,9 @@ class PostgresSink:
             (experiment_id, variant, start, window_seconds, t.invocations, t.conversions, t.reward_sum,
              t.reward_sq_sum, t.errors, t.latency.count, t.latency.ms_sum, t.latency.hist)
             for (experiment_id, variant, start), t in sorted(aggregate(batch.counted, window_seconds).items())])
+        sweep = time.monotonic() - self._swept_at > HELD_SWEEP_SECONDS
+        unit_store.apply_batch(conn, batch.counted, self._attribution, window_seconds, now,
+                               self.settings.exposure_wait_seconds, sweep)
         if batch.rejected:
             self.dead_letters.publish(batch.rejected)
             counts: dict[tuple[str, str], int] = {}
@@ -159,5 +172,7 @@ class PostgresSink:
         self.checkpoints.write(conn, batch.next_offsets, topic_ids, batch.new_ids, now)
         conn.commit()
         self.checkpoints.committed(batch.next_offsets, batch.new_ids, now)
+        if sweep:
+            self._swept_at = time.monotonic()
         return BatchResult(counted=len(batch.counted) + len(batch.shadows), duplicates=batch.duplicates,
                            replayed=batch.replayed, dead_letters=len(batch.rejected))

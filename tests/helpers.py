@@ -67,6 +67,7 @@ class Expected:
     def __init__(self) -> None:
         self.windows = defaultdict(lambda: defaultdict(float))
         self._seen: set[tuple[str, str]] = set()
+        self._unique: list[tuple[str, dict, float]] = []  # in publish order, with epoch timestamps
 
     def add(self, kind: str, event: dict) -> None:
         if (kind, event["event_id"]) in self._seen:
@@ -75,6 +76,7 @@ class Expected:
         ts = event["timestamp"]
         if isinstance(ts, str):
             ts = datetime.fromisoformat(ts).timestamp()
+        self._unique.append((kind, event, ts))
         start = int(ts // WINDOW) * WINDOW
         row = self.windows[(event["experiment_id"], event["variant"], start)]
         if kind == "invocation":
@@ -99,6 +101,41 @@ class Expected:
     @property
     def events(self) -> int:
         return len(self._seen)
+
+    def unit_moments(self, attribution_seconds: float = 24 * 3600) -> dict[tuple[str, str, int], tuple]:
+        """Per (experiment, variant, exposure window): (units, sums, products), the plain way. A unit's
+        exposure is its first invocation published (a user's invocations keep their order on their
+        partition); every event of the unit within the attribution window counts for it, conversions
+        published before the exposure included; a unit never exposed counts nowhere."""
+        exposure: dict[tuple[str, str], tuple[str, float]] = {}
+        for kind, event, ts in self._unique:
+            key = (event["experiment_id"], event["user_id"])
+            if kind == "invocation" and key not in exposure:
+                exposure[key] = (event["variant"], ts)
+        values: dict[tuple[str, str], list[float]] = {key: [0.0] * 5 for key in exposure}
+        for kind, event, ts in self._unique:
+            key = (event["experiment_id"], event["user_id"])
+            if key not in exposure or ts > exposure[key][1] + attribution_seconds:
+                continue
+            v = values[key]
+            if kind == "invocation":
+                v[0] += 1
+                v[3] += bool(event.get("error", False))
+            else:
+                v[1] += 1
+                v[2] += event.get("reward", 1.0)
+                v[4] = 1.0
+        cells: dict[tuple[str, str, int], list] = {}
+        for key, (variant, ts) in exposure.items():
+            v = values[key]
+            cell = cells.setdefault((key[0], variant, int(ts // WINDOW) * WINDOW), [0, [0.0] * 5, [0.0] * 15])
+            cell[0] += 1
+            for i in range(5):
+                cell[1][i] += v[i]
+            pairs = [(i, j) for i in range(5) for j in range(i, 5)]
+            for p, (i, j) in enumerate(pairs):
+                cell[2][p] += v[i] * v[j]
+        return {key: tuple(cell) for key, cell in cells.items()}
 
 
 COLUMNS = ["invocations", "conversions", "reward_sum", "reward_sq_sum", "errors", "latency_count", "latency_ms_sum"]
@@ -141,6 +178,35 @@ def assert_windows_match(engine, expected: Expected) -> None:
                 assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (key, column, got, want)
             else:
                 assert got == want, (key, column, got, want)
+
+
+def read_unit_moments(engine, experiment_ids) -> dict:
+    """The units' moments as the report reads them (storage.units.unit_moments)."""
+    from storage.units import unit_moments
+
+    found = {}
+    raw = engine.raw_connection()
+    try:
+        for experiment_id in experiment_ids:
+            for row in unit_moments(raw.driver_connection, experiment_id):
+                variant, window, units, _, *moments = row
+                found[(experiment_id, variant, int(window))] = (units, list(moments[:5]), list(moments[5:]))
+        raw.driver_connection.rollback()
+    finally:
+        raw.close()
+    return found
+
+
+def assert_units_match(engine, expected: Expected) -> None:
+    """Every unit-level moment equals the plain recount: no unit, value or product lost or counted twice."""
+    want = expected.unit_moments()
+    got = read_unit_moments(engine, {key[0] for key in expected.windows})
+    assert set(got) == set(want), (sorted(set(want) - set(got))[:5], [(k, got[k]) for k in sorted(set(got) - set(want))[:3]])
+    for key, (units, sums, products) in want.items():
+        assert got[key][0] == units, (key, got[key][0], units)
+        for name, have, should in (("sums", got[key][1], sums), ("products", got[key][2], products)):
+            for i, (a, b) in enumerate(zip(have, should)):
+                assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (key, name, i, a, b)
 
 
 def now() -> float:

@@ -17,7 +17,8 @@ UNITS = ("user", "session")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variants", "description", "min_weight",
-              "reward_model", "metrics", "analysis", "rollout", "layer", "traffic", "shadows"}
+              "reward_model", "metrics", "analysis", "rollout", "layer", "traffic", "shadows",
+              "attribution_window_seconds"}
 REWARD_MODELS = ("binary", "gaussian")
 _VARIANT = {"name", "initial_weight", "model_version", "role"}
 
@@ -43,6 +44,7 @@ _ROLLOUT = {"challenger", "stages", "min_duration_seconds", "min_sample", "max_d
             "check_interval_seconds", "rollback_after", "primary_margin", "webhook_url", "confirm_url",
             "webhook_timeout_seconds", "webhook_retries"}
 DEFAULT_STAGES = (5.0, 10.0, 25.0, 50.0, 100.0)
+DEFAULT_ATTRIBUTION_WINDOW_SECONDS = 24 * 3600.0
 
 
 class ConfigError(Invalid):
@@ -135,6 +137,8 @@ class ExperimentConfig:
     layer: str | None = None  # experiments of one layer never share a unit; None: a layer of its own
     traffic: float = 1.0  # the share of the layer's units in this experiment
     shadows: tuple[ShadowConfig, ...] = ()
+    # How long after a unit's exposure its events count for it (storage.units).
+    attribution_window_seconds: float = DEFAULT_ATTRIBUTION_WINDOW_SECONDS
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -304,6 +308,10 @@ def parse_config(data) -> ExperimentConfig:
     traffic = _number(data.get("traffic", 1.0), "traffic")
     if not 0 < traffic <= 1:
         raise ConfigError(f"traffic (the share of the layer's units) must be in (0, 1], got {traffic}")
+    attribution = _number(data.get("attribution_window_seconds", DEFAULT_ATTRIBUTION_WINDOW_SECONDS),
+                          "attribution_window_seconds")
+    if attribution <= 0:
+        raise ConfigError(f"attribution_window_seconds must be > 0, got {attribution}")
     return ExperimentConfig(
         experiment_id=experiment_id,
         strategy=strategy,
@@ -320,6 +328,7 @@ def parse_config(data) -> ExperimentConfig:
         layer=layer,
         traffic=traffic,
         shadows=_shadows(data.get("shadows"), names),
+        attribution_window_seconds=attribution,
     )
 
 

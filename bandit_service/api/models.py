@@ -83,6 +83,8 @@ class ExperimentConfigIn(_Strict):
     layer: str | None = None
     traffic: float | None = None
     shadows: list[ShadowIn] | None = None
+    attribution_window_seconds: float | None = Field(None, description="How long after a unit's exposure its "
+                                                                       "events count for it; default 24 h")
 
     def as_config_data(self) -> dict:
         """What the user sent, as plain data for ``parse_config`` (absent keys stay absent)."""

@@ -13,6 +13,7 @@ from stream_jobs.app import event_topics
 from tests.conftest import wait_until
 from tests.helpers import (
     Expected,
+    assert_units_match,
     assert_windows_match,
     conversion,
     counted_events,
@@ -82,6 +83,7 @@ def assert_exact_and_stable(engine, expected: Expected, workers_alive, timeout: 
     time.sleep(2)  # anything still in flight would show up as a double count now
     assert counted_events(engine, experiment_ids) == expected.events
     assert_windows_match(engine, expected)
+    assert_units_match(engine, expected)
 
 
 def test_worker_killed_mid_stream_twice_stays_exact(settings, engine, workers, run_env):

@@ -17,6 +17,7 @@ from producers.publisher import Publisher, ensure_topics
 from tests.conftest import wait_until
 from tests.helpers import (
     Expected,
+    assert_units_match,
     assert_windows_match,
     conversion,
     counted_events,
@@ -131,6 +132,7 @@ def test_exact_aggregates_with_duplicates_late_and_bad_events(settings, engine, 
     assert stream_counters(engine, topics) == {"counted": expected.events, "duplicates": 300 + 200 + 20,
                                                "dead_letters": len(bad)}
     assert_windows_match(engine, expected)
+    assert_units_match(engine, expected)
     totals = read_totals(engine, [exp_a, exp_b])
     for key, row in expected.totals().items():
         assert totals[key]["invocations"] == row["invocations"]

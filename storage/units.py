@@ -1,0 +1,194 @@
+"""Units, exposures and attributed outcomes, kept by the sink in its batch transaction; and the
+units' moments the report reads.
+
+The unit is what was randomized: the user (or the session), the events' ``user_id``.
+
+- **Exposure.** A unit is exposed to an experiment by its first invocation there that the sink
+  counts, or by the assignment the API stored for it when that came first. The exposure fixes
+  the unit's variant, time, propensity and exposure window for good.
+- **Multiple exposure.** A later invocation in another variant does not move the unit: it stays
+  in its first variant (the comparison stays the one that was randomized: intention to treat)
+  and is flagged as exposed to more than one variant.
+- **Attribution.** Every event of the unit counts for its exposure when its timestamp is at most
+  the experiment's ``attribution_window_seconds`` after the exposure's (one a little before it
+  counts too: the clocks of different services differ), whatever variant it claims (a claim that
+  disagrees is counted as a ``variant_mismatch``) and whenever it arrives. An event after the
+  window does not count (``outside_window``).
+- **Outcomes before their exposure.** Conversions travel on their own topic and may be counted
+  before the unit's first invocation: they wait in ``held_outcomes`` and are attributed when the
+  exposure arrives, or given up (``no_exposure``) once they have waited ``hold_seconds``.
+
+Exactly once comes from the sink: these statements run in the batch's transaction, with the
+offsets and the dedup ids, on the events the batch counts. They are set-based (one COPY of the
+batch into a temporary table, then one statement per step), so a batch costs a few round trips
+whatever its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import psycopg
+
+from abflow.core.config import DEFAULT_ATTRIBUTION_WINDOW_SECONDS as DEFAULT_WINDOW
+from producers.contracts import INVOCATION, Event
+
+# Why an event did not count as it claimed (per experiment and variant).
+HELD = "held"  # waited for its exposure (a count of arrivals, not of what still waits)
+VARIANT_MISMATCH = "variant_mismatch"  # counted, for the exposure's variant
+OUTSIDE_WINDOW = "outside_window"  # after the attribution window: not counted
+NO_EXPOSURE = "no_exposure"  # its unit was never exposed in time: not counted
+REASONS = (HELD, VARIANT_MISMATCH, OUTSIDE_WINDOW, NO_EXPOSURE)
+
+# The per-unit variables whose sums and cross-products the report reads, as SQL over ``unit_state``.
+VARIABLES = {
+    "invocations": "invocations",
+    "conversions": "conversions",
+    "reward": "reward",
+    "errors": "errors",
+    "converted": "(conversions > 0)::int",
+}
+
+_BATCH = ("CREATE TEMPORARY TABLE IF NOT EXISTS unit_batch (seq int, kind smallint, experiment_id text, unit_id text, "
+          "variant text, ts float8, propensity float8, reward float8, error bool, attribution_seconds float8) "
+          "ON COMMIT DELETE ROWS")
+_INVOCATION, _OUTCOME = 0, 1
+
+_EXPOSE = """
+INSERT INTO unit_state (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity)
+SELECT f.experiment_id, f.unit_id,
+       CASE WHEN a.at IS NULL THEN f.variant ELSE a.variant END,
+       coalesce(a.at, f.ts),
+       floor(coalesce(a.at, f.ts) / %(window)s) * %(window)s,
+       CASE WHEN a.at IS NULL THEN f.propensity ELSE a.propensity END
+FROM (SELECT DISTINCT ON (experiment_id, unit_id) experiment_id, unit_id, variant, ts, propensity
+      FROM unit_batch b WHERE kind = 0
+        AND NOT EXISTS (SELECT 1 FROM unit_state s WHERE s.experiment_id = b.experiment_id AND s.unit_id = b.unit_id)
+      ORDER BY experiment_id, unit_id, seq) f
+LEFT JOIN LATERAL (SELECT a.variant, extract(epoch FROM a.assigned_at)::float8 AS at, a.propensity FROM assignments a
+                   WHERE a.experiment_id = f.experiment_id AND a.unit_id = f.unit_id
+                     AND extract(epoch FROM a.assigned_at) <= f.ts) a ON true
+ON CONFLICT (experiment_id, unit_id) DO NOTHING
+"""
+
+# The held outcomes of units that have an exposure now join the batch: the batch's units, or all of
+# them on a sweep (which also catches an exposure another worker committed meanwhile).
+_RELEASE = """
+WITH released AS (
+  DELETE FROM held_outcomes h USING unit_state s
+  WHERE s.experiment_id = h.experiment_id AND s.unit_id = h.unit_id
+    AND (%(sweep)s OR (h.experiment_id, h.unit_id) IN (SELECT experiment_id, unit_id FROM unit_batch WHERE kind = 0))
+  RETURNING h.experiment_id, h.unit_id, h.variant, h.ts, h.reward, h.attribution_seconds)
+INSERT INTO unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, attribution_seconds)
+SELECT -1, 1, experiment_id, unit_id, variant, ts, NULL, reward, false, attribution_seconds FROM released
+"""
+
+_ATTRIBUTE = """
+WITH joined AS MATERIALIZED (
+  SELECT b.experiment_id, b.unit_id, b.kind, b.variant AS claimed, s.variant, b.reward, b.error,
+         b.ts <= s.exposed_at + b.attribution_seconds AS inside
+  FROM unit_batch b JOIN unit_state s ON s.experiment_id = b.experiment_id AND s.unit_id = b.unit_id),
+per_unit AS (
+  SELECT experiment_id, unit_id,
+         count(*) FILTER (WHERE inside AND kind = 0) AS invocations,
+         count(*) FILTER (WHERE inside AND kind = 1) AS conversions,
+         coalesce(sum(reward) FILTER (WHERE inside AND kind = 1), 0) AS reward,
+         count(*) FILTER (WHERE inside AND kind = 0 AND error) AS errors,
+         bool_or(kind = 0 AND claimed <> variant) AS other_variant
+  FROM joined GROUP BY experiment_id, unit_id),
+updated AS (
+  UPDATE unit_state s SET invocations = s.invocations + d.invocations, conversions = s.conversions + d.conversions,
+         reward = s.reward + d.reward, errors = s.errors + d.errors, multiple = s.multiple OR d.other_variant
+  FROM per_unit d WHERE s.experiment_id = d.experiment_id AND s.unit_id = d.unit_id)
+SELECT experiment_id, variant,
+       count(*) FILTER (WHERE NOT inside),
+       count(*) FILTER (WHERE inside AND kind = 1 AND claimed <> variant)
+FROM joined GROUP BY experiment_id, variant
+"""
+
+_HOLD = """
+WITH held AS (
+  INSERT INTO held_outcomes (experiment_id, unit_id, variant, ts, reward, attribution_seconds, held_at)
+  SELECT experiment_id, unit_id, variant, ts, reward, attribution_seconds, %(now)s FROM unit_batch b
+  WHERE kind = 1
+    AND NOT EXISTS (SELECT 1 FROM unit_state s WHERE s.experiment_id = b.experiment_id AND s.unit_id = b.unit_id)
+  RETURNING experiment_id, variant)
+SELECT experiment_id, variant, count(*) FROM held GROUP BY experiment_id, variant
+"""
+
+_GIVE_UP = """
+WITH gone AS (DELETE FROM held_outcomes WHERE held_at < %(before)s RETURNING experiment_id, variant)
+SELECT experiment_id, variant, count(*) FROM gone GROUP BY experiment_id, variant
+"""
+
+
+def apply_batch(conn: psycopg.Connection, events: Iterable[Event], attribution_seconds: dict[str, float],
+                window_seconds: int, now: float, hold_seconds: float, sweep: bool) -> dict[tuple[str, str, str], int]:
+    """Expose, attribute and hold the batch's counted invocations and conversions (in the caller's
+    transaction; shadow events do not belong here). ``attribution_seconds`` is per experiment. A
+    ``sweep`` also attributes every held outcome whose unit is exposed now and gives up those held
+    for longer than ``hold_seconds``. Returns the counters added, per (experiment, variant, reason)."""
+    counters: dict[tuple[str, str, str], int] = {}
+
+    def add(experiment_id: str, variant: str, reason: str, count: int) -> None:
+        if count:
+            counters[(experiment_id, variant, reason)] = counters.get((experiment_id, variant, reason), 0) + count
+
+    attribution = attribution_seconds
+    with conn.cursor() as cur:
+        cur.execute(_BATCH)
+        rows = 0
+        with cur.copy("COPY unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, "
+                      "attribution_seconds) FROM STDIN") as copy:
+            for seq, e in enumerate(events):
+                if e.kind == INVOCATION:
+                    row = (seq, _INVOCATION, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0,
+                           e.error, attribution.get(e.experiment_id, DEFAULT_WINDOW))
+                else:
+                    row = (seq, _OUTCOME, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False,
+                           attribution.get(e.experiment_id, DEFAULT_WINDOW))
+                copy.write_row(row)
+                rows += 1
+        if rows:
+            cur.execute(_EXPOSE, {"window": window_seconds})
+        if rows or sweep:
+            cur.execute(_RELEASE, {"sweep": sweep})
+            for experiment_id, variant, outside, mismatched in cur.execute(_ATTRIBUTE).fetchall():
+                add(experiment_id, variant, OUTSIDE_WINDOW, outside)
+                add(experiment_id, variant, VARIANT_MISMATCH, mismatched)
+            for experiment_id, variant, count in cur.execute(_HOLD, {"now": now}).fetchall():
+                add(experiment_id, variant, HELD, count)
+        if sweep:
+            for experiment_id, variant, count in cur.execute(_GIVE_UP, {"before": now - hold_seconds}).fetchall():
+                add(experiment_id, variant, NO_EXPOSURE, count)
+        if counters:
+            cur.executemany(
+                "INSERT INTO attribution_counts AS c (experiment_id, variant, reason, count) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (experiment_id, variant, reason) DO UPDATE SET count = c.count + excluded.count, "
+                "updated_at = now()",
+                [(e, v, r, n) for (e, v, r), n in sorted(counters.items())])
+    return counters
+
+
+def attribution_counts(conn: psycopg.Connection, experiment_id: str) -> dict[tuple[str, str], int]:
+    """Per (variant, reason)."""
+    return {(variant, reason): int(count) for variant, reason, count in conn.execute(
+        "SELECT variant, reason, count FROM attribution_counts WHERE experiment_id = %s", (experiment_id,))}
+
+
+def held_count(conn: psycopg.Connection, experiment_id: str) -> int:
+    """Outcomes waiting for their unit's exposure now."""
+    return int(conn.execute("SELECT count(*) FROM held_outcomes WHERE experiment_id = %s", (experiment_id,)).fetchone()[0])
+
+
+def unit_moments(conn: psycopg.Connection, experiment_id: str) -> list[tuple]:
+    """Per (variant, exposure window) of the exposed units: (variant, window start in epoch seconds,
+    units, units exposed to another variant too, the sums of each of ``VARIABLES``, and the sums of
+    the products of every pair i <= j in that order)."""
+    columns = list(VARIABLES.values())
+    sums = ", ".join(f"sum({c})" for c in columns)
+    products = ", ".join(f"sum({a} * {b})" for i, a in enumerate(columns) for b in columns[i:])
+    return conn.execute(
+        f"SELECT variant, exposure_window, count(*), count(*) FILTER (WHERE multiple), {sums}, {products} "
+        "FROM unit_state WHERE experiment_id = %s GROUP BY 1, 2 ORDER BY 1, 2",
+        (experiment_id,)).fetchall()

@@ -52,12 +52,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def make_payloads(experiment_id: str, count: int, seed: int, start: float, span: float) -> list[tuple[str, bytes, bytes]]:
-    """(kind, key, value) of ``count`` events: 90 % invocations, 10 % conversions."""
+def make_payloads(experiment_id: str, count: int, seed: int, start: float, span: float, users: int
+                  ) -> list[tuple[str, bytes, bytes]]:
+    """(kind, key, value) of ``count`` events from ``users`` possible units: 90 % invocations, 10 % conversions."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
-        user = f"user-{rng.randrange(100_000)}"
+        user = f"user-{rng.randrange(users)}"
         variant = "Champion" if rng.random() < 0.5 else "Challenger"
         ts = start + span * i / count
         if rng.random() < 0.9:
@@ -147,7 +148,8 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
     ensure_topics(bootstrap, topics, args.partitions)
     experiment_id = new_experiment(engine, tag)
     log(f"(a) generating and publishing {args.events:,} events…")
-    payloads = make_payloads(experiment_id, args.events, 1, time.time() - 3600, 3000)
+    payloads = make_payloads(experiment_id, args.events, 1, time.time() - 3600, 3000, args.users)
+    distinct_units = len({key for _, key, _ in payloads})
     started = time.perf_counter()
     with Publisher(bootstrap, topics) as publisher:
         publish(publisher, payloads)
@@ -172,12 +174,19 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
             if worker.poll() is not None:
                 raise SystemExit(f"worker exited; see {home}/worker-{tag}.log")
             time.sleep(0.05)
+        units, unit_events = conn.execute(
+            "SELECT count(*), coalesce(sum(invocations + conversions), 0) FROM unit_state WHERE experiment_id = %s",
+            (experiment_id,)).fetchone()
     stop_worker(worker)
     assert n == args.events, (n, args.events)
+    log(f"    {units:,} exposed units of {distinct_units:,} distinct, {int(unit_events):,} events attributed")
     steady_rate = (args.events - first_n) / (done_at - first_at) if done_at > first_at else float("nan")
     return {
         "events": args.events,
         "partitions": args.partitions,
+        "distinct_units": distinct_units,
+        "exposed_units": units,
+        "attributed_events": int(unit_events),
         "publish_events_per_s": round(publish_rate),
         "baseline_events_per_s": round(args.events / baseline_s),
         "worker_events_per_s": round(steady_rate),
@@ -193,7 +202,7 @@ def freshness(args, bootstrap, database_url, home, engine) -> dict:
     ensure_topics(bootstrap, topics, args.partitions)
     experiment_id = new_experiment(engine, tag)
     total = int(args.rate * args.seconds)
-    payloads = make_payloads(experiment_id, total, 2, time.time(), args.seconds)
+    payloads = make_payloads(experiment_id, total, 2, time.time(), args.seconds, args.users)
     worker = start_worker(env, home / f"worker-{tag}.log")
     log(f"(b) waiting for the worker, then publishing {total:,} events at {args.rate:,.0f}/s…")
     publish_times = np.zeros(total)
@@ -201,7 +210,7 @@ def freshness(args, bootstrap, database_url, home, engine) -> dict:
     with (psycopg.connect(libpq_url(database_url), autocommit=True) as conn,
           Publisher(bootstrap, topics, {"linger.ms": 1}) as publisher):
         # Warm up: one event through, so the group has joined before the clock starts.
-        warm = make_payloads(experiment_id, 1, 3, time.time(), 0)
+        warm = make_payloads(experiment_id, 1, 3, time.time(), 0, args.users)
         publish(publisher, warm)
         while counted(conn, experiment_id) < 1:
             time.sleep(0.05)
@@ -250,6 +259,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=5_000, help="events/s for the freshness run")
     parser.add_argument("--seconds", type=float, default=30, help="length of the freshness run")
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--users", type=int, default=250_000,
+                        help="units the events come from (about 245,000 distinct in 1,000,000 events)")
     parser.add_argument("--only", choices=["throughput", "freshness"])
     args = parser.parse_args()
 

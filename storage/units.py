@@ -54,40 +54,48 @@ _BATCH = ("CREATE TEMPORARY TABLE IF NOT EXISTS unit_batch (seq int, kind smalli
           "ON COMMIT DELETE ROWS")
 _INVOCATION, _OUTCOME = 0, 1
 
-_EXPOSE = """
-INSERT INTO unit_state (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity)
-SELECT f.experiment_id, f.unit_id,
-       CASE WHEN a.at IS NULL THEN f.variant ELSE a.variant END,
-       coalesce(a.at, f.ts),
-       floor(coalesce(a.at, f.ts) / %(window)s) * %(window)s,
-       CASE WHEN a.at IS NULL THEN f.propensity ELSE a.propensity END
-FROM (SELECT DISTINCT ON (experiment_id, unit_id) experiment_id, unit_id, variant, ts, propensity
-      FROM unit_batch b WHERE kind = 0
-        AND NOT EXISTS (SELECT 1 FROM unit_state s WHERE s.experiment_id = b.experiment_id AND s.unit_id = b.unit_id)
-      ORDER BY experiment_id, unit_id, seq) f
-LEFT JOIN LATERAL (SELECT a.variant, extract(epoch FROM a.assigned_at)::float8 AS at, a.propensity FROM assignments a
-                   WHERE a.experiment_id = f.experiment_id AND a.unit_id = f.unit_id
-                     AND extract(epoch FROM a.assigned_at) <= f.ts) a ON true
-ON CONFLICT (experiment_id, unit_id) DO NOTHING
-"""
-
-# The held outcomes of units that have an exposure now join the batch: the batch's units, or all of
-# them on a sweep (which also catches an exposure another worker committed meanwhile).
+# Held outcomes join the batch when their unit is exposed by now: those of the batch's invoked units
+# (exposed by this batch at the latest), or on a sweep every one whose unit is exposed (which also
+# catches an exposure that another worker committed while this one held the outcome).
 _RELEASE = """
 WITH released AS (
-  DELETE FROM held_outcomes h USING unit_state s
-  WHERE s.experiment_id = h.experiment_id AND s.unit_id = h.unit_id
-    AND (%(sweep)s OR (h.experiment_id, h.unit_id) IN (SELECT experiment_id, unit_id FROM unit_batch WHERE kind = 0))
+  DELETE FROM held_outcomes h
+  WHERE (h.experiment_id, h.unit_id) IN (SELECT experiment_id, unit_id FROM unit_batch WHERE kind = 0)
+     OR (%(sweep)s AND EXISTS (SELECT 1 FROM unit_state s WHERE s.experiment_id = h.experiment_id
+                                                          AND s.unit_id = h.unit_id))
   RETURNING h.experiment_id, h.unit_id, h.variant, h.ts, h.reward, h.attribution_seconds)
 INSERT INTO unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, attribution_seconds)
 SELECT -1, 1, experiment_id, unit_id, variant, ts, NULL, reward, false, attribution_seconds FROM released
 """
 
-_ATTRIBUTE = """
-WITH joined AS MATERIALIZED (
-  SELECT b.experiment_id, b.unit_id, b.kind, b.variant AS claimed, s.variant, b.reward, b.error,
-         b.ts <= s.exposed_at + b.attribution_seconds AS inside
-  FROM unit_batch b JOIN unit_state s ON s.experiment_id = b.experiment_id AND s.unit_id = b.unit_id),
+# One statement per batch: each unit's exposure (stored, or made now by its first invocation, or by
+# the API's assignment when that came first), its events attributed, its row written once, the
+# outcomes of units without an exposure held; returns the counters per (experiment, variant).
+_APPLY = """
+WITH stored AS (
+  SELECT s.experiment_id, s.unit_id, s.variant, s.exposed_at, s.propensity
+  FROM (SELECT DISTINCT experiment_id, unit_id FROM unit_batch) k
+  JOIN unit_state s ON s.experiment_id = k.experiment_id AND s.unit_id = k.unit_id),
+first_invocation AS (
+  SELECT DISTINCT ON (experiment_id, unit_id) experiment_id, unit_id, variant, ts, propensity
+  FROM unit_batch b WHERE kind = 0
+    AND NOT EXISTS (SELECT 1 FROM stored s WHERE s.experiment_id = b.experiment_id AND s.unit_id = b.unit_id)
+  ORDER BY experiment_id, unit_id, seq),
+made AS (
+  SELECT f.experiment_id, f.unit_id,
+         CASE WHEN a.at IS NULL THEN f.variant ELSE a.variant END AS variant,
+         coalesce(a.at, f.ts) AS exposed_at,
+         CASE WHEN a.at IS NULL THEN f.propensity ELSE a.propensity END AS propensity
+  FROM first_invocation f
+  LEFT JOIN LATERAL (SELECT a.variant, extract(epoch FROM a.assigned_at)::float8 AS at, a.propensity
+                     FROM assignments a WHERE a.experiment_id = f.experiment_id AND a.unit_id = f.unit_id
+                       AND extract(epoch FROM a.assigned_at) <= f.ts) a ON true),
+exposure AS (
+  SELECT * FROM stored UNION ALL SELECT * FROM made),
+joined AS MATERIALIZED (
+  SELECT b.experiment_id, b.unit_id, b.kind, b.variant AS claimed, e.variant, b.reward, b.error,
+         b.ts <= e.exposed_at + b.attribution_seconds AS inside
+  FROM unit_batch b JOIN exposure e ON e.experiment_id = b.experiment_id AND e.unit_id = b.unit_id),
 per_unit AS (
   SELECT experiment_id, unit_id,
          count(*) FILTER (WHERE inside AND kind = 0) AS invocations,
@@ -96,24 +104,27 @@ per_unit AS (
          count(*) FILTER (WHERE inside AND kind = 0 AND error) AS errors,
          bool_or(kind = 0 AND claimed <> variant) AS other_variant
   FROM joined GROUP BY experiment_id, unit_id),
-updated AS (
-  UPDATE unit_state s SET invocations = s.invocations + d.invocations, conversions = s.conversions + d.conversions,
-         reward = s.reward + d.reward, errors = s.errors + d.errors, multiple = s.multiple OR d.other_variant
-  FROM per_unit d WHERE s.experiment_id = d.experiment_id AND s.unit_id = d.unit_id)
-SELECT experiment_id, variant,
-       count(*) FILTER (WHERE NOT inside),
-       count(*) FILTER (WHERE inside AND kind = 1 AND claimed <> variant)
-FROM joined GROUP BY experiment_id, variant
-"""
-
-_HOLD = """
-WITH held AS (
+written AS (
+  INSERT INTO unit_state AS s (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity, multiple,
+                               invocations, conversions, reward, errors)
+  SELECT d.experiment_id, d.unit_id, e.variant, e.exposed_at, floor(e.exposed_at / %(window)s) * %(window)s,
+         e.propensity, d.other_variant, d.invocations, d.conversions, d.reward, d.errors
+  FROM per_unit d JOIN exposure e ON e.experiment_id = d.experiment_id AND e.unit_id = d.unit_id
+  ON CONFLICT (experiment_id, unit_id) DO UPDATE SET
+    invocations = s.invocations + excluded.invocations, conversions = s.conversions + excluded.conversions,
+    reward = s.reward + excluded.reward, errors = s.errors + excluded.errors,
+    multiple = s.multiple OR excluded.multiple),
+held AS (
   INSERT INTO held_outcomes (experiment_id, unit_id, variant, ts, reward, attribution_seconds, held_at)
   SELECT experiment_id, unit_id, variant, ts, reward, attribution_seconds, %(now)s FROM unit_batch b
   WHERE kind = 1
-    AND NOT EXISTS (SELECT 1 FROM unit_state s WHERE s.experiment_id = b.experiment_id AND s.unit_id = b.unit_id)
+    AND NOT EXISTS (SELECT 1 FROM exposure e WHERE e.experiment_id = b.experiment_id AND e.unit_id = b.unit_id)
   RETURNING experiment_id, variant)
-SELECT experiment_id, variant, count(*) FROM held GROUP BY experiment_id, variant
+SELECT experiment_id, variant,
+       count(*) FILTER (WHERE NOT inside), count(*) FILTER (WHERE inside AND kind = 1 AND claimed <> variant), 0
+FROM joined GROUP BY experiment_id, variant
+UNION ALL
+SELECT experiment_id, variant, 0, 0, count(*) FROM held GROUP BY experiment_id, variant
 """
 
 _GIVE_UP = """
@@ -149,15 +160,13 @@ def apply_batch(conn: psycopg.Connection, events: Iterable[Event], attribution_s
                            attribution.get(e.experiment_id, DEFAULT_WINDOW))
                 copy.write_row(row)
                 rows += 1
-        if rows:
-            cur.execute(_EXPOSE, {"window": window_seconds})
         if rows or sweep:
             cur.execute(_RELEASE, {"sweep": sweep})
-            for experiment_id, variant, outside, mismatched in cur.execute(_ATTRIBUTE).fetchall():
+            for experiment_id, variant, outside, mismatched, held in cur.execute(
+                    _APPLY, {"window": window_seconds, "now": now}).fetchall():
                 add(experiment_id, variant, OUTSIDE_WINDOW, outside)
                 add(experiment_id, variant, VARIANT_MISMATCH, mismatched)
-            for experiment_id, variant, count in cur.execute(_HOLD, {"now": now}).fetchall():
-                add(experiment_id, variant, HELD, count)
+                add(experiment_id, variant, HELD, held)
         if sweep:
             for experiment_id, variant, count in cur.execute(_GIVE_UP, {"before": now - hold_seconds}).fetchall():
                 add(experiment_id, variant, NO_EXPOSURE, count)

@@ -29,9 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import psycopg
-
-from abflow.core.config import DEFAULT_ATTRIBUTION_WINDOW_SECONDS as DEFAULT_WINDOW
-from producers.contracts import INVOCATION, Event
+from sqlalchemy import Engine
 
 # Why an event did not count as it claimed (per experiment and variant).
 HELD = "held"  # waited for its exposure (a count of arrivals, not of what still waits)
@@ -52,7 +50,9 @@ VARIABLES = {
 _BATCH = ("CREATE TEMPORARY TABLE IF NOT EXISTS unit_batch (seq int, kind smallint, experiment_id text, unit_id text, "
           "variant text, ts float8, propensity float8, reward float8, error bool, attribution_seconds float8) "
           "ON COMMIT DELETE ROWS")
-_INVOCATION, _OUTCOME = 0, 1
+# A row of a batch: (kind, experiment_id, unit_id, variant, timestamp in epoch seconds, propensity,
+# reward, error, attribution window in seconds), in the order the events were read.
+INVOCATION_KIND, OUTCOME_KIND = 0, 1
 
 # Held outcomes join the batch when their unit is exposed by now: those of the batch's invoked units
 # (exposed by this batch at the latest), or on a sweep every one whose unit is exposed (which also
@@ -133,34 +133,27 @@ SELECT experiment_id, variant, count(*) FROM gone GROUP BY experiment_id, varian
 """
 
 
-def apply_batch(conn: psycopg.Connection, events: Iterable[Event], attribution_seconds: dict[str, float],
-                window_seconds: int, now: float, hold_seconds: float, sweep: bool) -> dict[tuple[str, str, str], int]:
-    """Expose, attribute and hold the batch's counted invocations and conversions (in the caller's
-    transaction; shadow events do not belong here). ``attribution_seconds`` is per experiment. A
-    ``sweep`` also attributes every held outcome whose unit is exposed now and gives up those held
-    for longer than ``hold_seconds``. Returns the counters added, per (experiment, variant, reason)."""
+def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], window_seconds: int, now: float,
+                hold_seconds: float, sweep: bool) -> dict[tuple[str, str, str], int]:
+    """Expose, attribute and hold the batch's counted invocations and outcomes (``rows``, see
+    ``INVOCATION_KIND``), in the caller's transaction. A ``sweep`` also attributes every held outcome
+    whose unit is exposed now and gives up those held for longer than ``hold_seconds``. Returns the
+    counters added, per (experiment, variant, reason)."""
     counters: dict[tuple[str, str, str], int] = {}
 
     def add(experiment_id: str, variant: str, reason: str, count: int) -> None:
         if count:
             counters[(experiment_id, variant, reason)] = counters.get((experiment_id, variant, reason), 0) + count
 
-    attribution = attribution_seconds
     with conn.cursor() as cur:
         cur.execute(_BATCH)
-        rows = 0
+        copied = 0
         with cur.copy("COPY unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, "
                       "attribution_seconds) FROM STDIN") as copy:
-            for seq, e in enumerate(events):
-                if e.kind == INVOCATION:
-                    row = (seq, _INVOCATION, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0,
-                           e.error, attribution.get(e.experiment_id, DEFAULT_WINDOW))
-                else:
-                    row = (seq, _OUTCOME, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False,
-                           attribution.get(e.experiment_id, DEFAULT_WINDOW))
-                copy.write_row(row)
-                rows += 1
-        if rows or sweep:
+            for seq, row in enumerate(rows):
+                copy.write_row((seq, *row))
+                copied += 1
+        if copied or sweep:
             cur.execute(_RELEASE, {"sweep": sweep})
             for experiment_id, variant, outside, mismatched, held in cur.execute(
                     _APPLY, {"window": window_seconds, "now": now}).fetchall():
@@ -190,14 +183,26 @@ def held_count(conn: psycopg.Connection, experiment_id: str) -> int:
     return int(conn.execute("SELECT count(*) FROM held_outcomes WHERE experiment_id = %s", (experiment_id,)).fetchone()[0])
 
 
-def unit_moments(conn: psycopg.Connection, experiment_id: str) -> list[tuple]:
-    """Per (variant, exposure window) of the exposed units: (variant, window start in epoch seconds,
-    units, units exposed to another variant too, the sums of each of ``VARIABLES``, and the sums of
-    the products of every pair i <= j in that order)."""
+def unit_moments(conn: psycopg.Connection, experiment_id: str, exposed_since: float | None = None) -> list[tuple]:
+    """Per (variant, exposure window) of the exposed units (those exposed at or after ``exposed_since``,
+    epoch seconds, when given): (variant, window start in epoch seconds, units, units exposed to
+    another variant too, the sums of each of ``VARIABLES``, and the sums of the products of every
+    pair i <= j in that order)."""
     columns = list(VARIABLES.values())
     sums = ", ".join(f"sum({c})" for c in columns)
     products = ", ".join(f"sum({a} * {b})" for i, a in enumerate(columns) for b in columns[i:])
     return conn.execute(
         f"SELECT variant, exposure_window, count(*), count(*) FILTER (WHERE multiple), {sums}, {products} "
-        "FROM unit_state WHERE experiment_id = %s GROUP BY 1, 2 ORDER BY 1, 2",
-        (experiment_id,)).fetchall()
+        "FROM unit_state WHERE experiment_id = %s AND exposed_at >= %s GROUP BY 1, 2 ORDER BY 1, 2",
+        (experiment_id, -1e300 if exposed_since is None else exposed_since)).fetchall()
+
+
+def read_unit_moments(engine: Engine, experiment_id: str) -> list[tuple]:
+    """``unit_moments`` through a SQLAlchemy engine (the report's)."""
+    raw = engine.raw_connection()
+    try:
+        rows = unit_moments(raw.driver_connection, experiment_id)
+        raw.driver_connection.rollback()
+        return rows
+    finally:
+        raw.close()

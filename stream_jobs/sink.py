@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import psycopg
 
-from abflow.settings import Settings
-from producers.contracts import InvalidEvent
 from abflow.core.config import DEFAULT_ATTRIBUTION_WINDOW_SECONDS
+from abflow.settings import Settings
+from producers.contracts import INVOCATION, InvalidEvent
 from storage import sink as store
 from storage import units as unit_store
 from storage.db import connect
@@ -139,6 +139,19 @@ class PostgresSink:
                     self.close()
             raise
 
+    def _unit_rows(self, events: list) -> list[tuple]:
+        """The counted invocations and conversions as ``storage.units`` rows."""
+        rows = []
+        for e in events:
+            window = self._attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS)
+            if e.kind == INVOCATION:
+                rows.append((unit_store.INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp,
+                             e.propensity, 0.0, e.error, window))
+            else:
+                rows.append((unit_store.OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None,
+                             e.reward, False, window))
+        return rows
+
     def _apply(self, records: list[Record], results: list, now: float) -> BatchResult:
         conn = self._connection()
         lowest: dict[tuple[str, int], int] = {}
@@ -160,7 +173,7 @@ class PostgresSink:
              t.reward_sq_sum, t.errors, t.latency.count, t.latency.ms_sum, t.latency.hist)
             for (experiment_id, variant, start), t in sorted(aggregate(batch.counted, window_seconds).items())])
         sweep = time.monotonic() - self._swept_at > HELD_SWEEP_SECONDS
-        unit_store.apply_batch(conn, batch.counted, self._attribution, window_seconds, now,
+        unit_store.apply_batch(conn, self._unit_rows(batch.counted), window_seconds, now,
                                self.settings.exposure_wait_seconds, sweep)
         if batch.rejected:
             self.dead_letters.publish(batch.rejected)

@@ -182,18 +182,12 @@ def assert_windows_match(engine, expected: Expected) -> None:
 
 def read_unit_moments(engine, experiment_ids) -> dict:
     """The units' moments as the report reads them (storage.units.unit_moments)."""
-    from storage.units import unit_moments
+    from storage.units import read_unit_moments as read
 
     found = {}
-    raw = engine.raw_connection()
-    try:
-        for experiment_id in experiment_ids:
-            for row in unit_moments(raw.driver_connection, experiment_id):
-                variant, window, units, _, *moments = row
-                found[(experiment_id, variant, int(window))] = (units, list(moments[:5]), list(moments[5:]))
-        raw.driver_connection.rollback()
-    finally:
-        raw.close()
+    for experiment_id in experiment_ids:
+        for variant, window, units, _, *moments in read(engine, experiment_id):
+            found[(experiment_id, variant, int(window))] = (units, list(moments[:5]), list(moments[5:]))
     return found
 
 

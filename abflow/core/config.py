@@ -22,20 +22,40 @@ _TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variant
 REWARD_MODELS = ("binary", "gaussian")
 _VARIANT = {"name", "initial_weight", "model_version", "role"}
 
-# The metrics the aggregates can give, with the direction that is better.
-# A rate or a mean per invocation; a latency quantile from the histograms.
-METRICS = {
-    "conversion_rate": "higher",
-    "reward_per_invocation": "higher",
-    "error_rate": "lower",
-    "latency_p95": "lower",
-    "latency_p99": "lower",
+# The built-in metrics: the direction that is better, and how each is computed on the units
+# (the per-unit sums the stream keeps: storage.units.VARIABLES), or from the latency histograms.
+#   proportion: the share of exposed units whose variable is > 0 (z-test on units);
+#   mean: the per-unit sum of a variable (Welch on units);
+#   ratio: Σ numerator / Σ denominator over units (the delta method on units);
+#   quantile: of the request latencies (a guardrail, request-level).
+
+
+@dataclass(frozen=True)
+class MetricDefinition:
+    kind: str  # proportion, mean, ratio or quantile
+    direction: str  # higher or lower
+    numerator: str | None = None  # the unit variable (proportion, mean, ratio)
+    denominator: str | None = None  # ratio only
+    quantile: float | None = None  # quantile only
+
+
+METRIC_DEFINITIONS = {
+    "converted_units": MetricDefinition("proportion", "higher", "conversions"),
+    "conversion_rate": MetricDefinition("ratio", "higher", "conversions", "invocations"),
+    "conversions_per_unit": MetricDefinition("mean", "higher", "conversions"),
+    "reward_per_invocation": MetricDefinition("ratio", "higher", "reward", "invocations"),
+    "reward_per_unit": MetricDefinition("mean", "higher", "reward"),
+    "error_rate": MetricDefinition("ratio", "lower", "errors", "invocations"),
+    "latency_p95": MetricDefinition("quantile", "lower", quantile=0.95),
+    "latency_p99": MetricDefinition("quantile", "lower", quantile=0.99),
 }
+METRICS = {name: definition.direction for name, definition in METRIC_DEFINITIONS.items()}
 METRIC_ROLES = ("primary", "secondary", "guardrail")
 # Default non-inferiority margins of guardrails: absolute points of error rate, or of the
 # challenger's share of requests slower than the champion's quantile.
-DEFAULT_MARGINS = {"error_rate": 0.01, "latency_p95": 0.01, "latency_p99": 0.005,
-                   "conversion_rate": 0.005, "reward_per_invocation": 0.01}
+DEFAULT_MARGINS = {"error_rate": 0.01, "latency_p95": 0.01, "latency_p99": 0.005, "converted_units": 0.005,
+                   "conversion_rate": 0.005, "conversions_per_unit": 0.01, "reward_per_invocation": 0.01,
+                   "reward_per_unit": 0.01}
 CORRECTIONS = ("holm", "benjamini-hochberg")
 CORRECTION_ALIASES = {"bh": "benjamini-hochberg"}
 _METRIC = {"name", "role", "margin"}
@@ -77,6 +97,10 @@ class MetricConfig:
     def higher_is_better(self) -> bool:
         return METRICS[self.name] == "higher"
 
+    @property
+    def definition(self) -> MetricDefinition:
+        return METRIC_DEFINITIONS[self.name]
+
 
 @dataclass(frozen=True)
 class AnalysisConfig:
@@ -109,13 +133,14 @@ class RolloutPlan:
 
 
 def default_metrics(reward_model: str) -> tuple[MetricConfig, ...]:
-    """Binary rewards: the conversion rate decides. Continuous rewards: the reward per invocation
-    decides, and the conversion rate is watched. Errors and p95 latency are guarded either way."""
+    """Binary rewards: the share of exposed units that converted decides, and the conversions per
+    invocation are watched. Continuous rewards: the reward per invocation decides, and the share of
+    units that converted is watched. Errors and p95 latency are guarded either way."""
     decisive: tuple[MetricConfig, ...]
     if reward_model == "binary":
-        decisive = (MetricConfig("conversion_rate", "primary"),)
+        decisive = (MetricConfig("converted_units", "primary"), MetricConfig("conversion_rate", "secondary"))
     else:
-        decisive = (MetricConfig("reward_per_invocation", "primary"), MetricConfig("conversion_rate", "secondary"))
+        decisive = (MetricConfig("reward_per_invocation", "primary"), MetricConfig("converted_units", "secondary"))
     return decisive + (MetricConfig("error_rate", "guardrail", DEFAULT_MARGINS["error_rate"]),
                        MetricConfig("latency_p95", "guardrail", DEFAULT_MARGINS["latency_p95"]))
 
@@ -216,7 +241,7 @@ def _metrics(data, reward_model: str) -> tuple[MetricConfig, ...]:
                 raise ConfigError(f"{where}.margin must be in (0, 1), got {margin}")
         elif margin is not None:
             raise ConfigError(f"{where}.margin applies to guardrails only")
-        if role != "guardrail" and name.startswith("latency_"):
+        if role != "guardrail" and METRIC_DEFINITIONS[name].kind == "quantile":
             raise ConfigError(f"{where}: {name} can only be a guardrail")
         metrics.append(MetricConfig(name, role, margin))
     names = [m.name for m in metrics]

@@ -17,12 +17,19 @@ from abflow.core.config import ExperimentConfig, MetricConfig
 from abflow.core.text import json_safe
 from abflow.core.windowing import LATENCY_BUCKETS, histogram_quantile
 from bandit_service.policies import BINARY, ArmStats, thompson_probabilities
-from bandit_service.report.evidence import RATE_METRICS, guardrail_row, metric_cells, stratified_difference
+from bandit_service.report.evidence import (
+    EMPTY_UNITS,
+    UnitMoments,
+    guardrail_row,
+    metric_cells,
+    stratified_difference,
+)
 from bandit_service.stats.adaptive import (
     EMPTY,
     merge_thin_periods,
+    period_index,
+    period_starts,
     pooled,
-    rate_cell,
     stratified_means,
 )
 from bandit_service.stats.bayesian import BetaPosterior, expected_loss, prob_b_beats_a
@@ -30,10 +37,15 @@ from bandit_service.stats.checks import adjust_p_values, expected_shares_from_hi
 from bandit_service.stats.decision import ChallengerEvidence, GuardrailEvidence, decide
 from bandit_service.stats.frequentist import (
     MeanSummary,
+    RatioSummary,
     StatsInputError,
     mcnemar_test,
+    mean_difference_interval,
     paired_rate_difference_interval,
+    ratio_difference_test,
     relative_lift_interval,
+    two_proportion_z_test,
+    welch_t_test,
     wilson_interval,
 )
 from bandit_service.stats.power import sample_size_means, sample_size_proportions
@@ -47,13 +59,15 @@ POSTERIOR_DRAWS = 20_000
 class ReportInput:
     config: ExperimentConfig
     status: str
-    # Sums per variant and allocation period (0 before the first period start, k from the k-th on).
+    # Sums of the invocations and conversions per variant and allocation period (0 before the
+    # first period start, k from the k-th on), by the time of each event: the traffic.
     periods: dict[int, dict[str, dict]]
     # (version, computed_at, weights) in version order.
     allocations: list[tuple[int, datetime, dict[str, float]]]
     histograms: dict[str, list[int]] = field(default_factory=dict)  # latency, over the whole experiment
-    # First assignments per (variant, allocation version or None): the units the API assigned.
-    assignments: dict[tuple[str, int | None], int] = field(default_factory=dict)
+    # The exposed units per (exposure window start, variant), with their attributed sums: what the
+    # comparisons and the sample-ratio check analyse (storage.units.unit_moments).
+    units: dict[tuple[datetime, str], UnitMoments] = field(default_factory=dict)
     # Cumulative series for the plots: (bucket start, variant, invocations, conversions, reward_sum).
     series: list[tuple[datetime, str, int, int, float]] = field(default_factory=list)
     # Shadow releases: per (shadow, served variant), storage.queries.shadow_totals.
@@ -87,6 +101,14 @@ class _Experiment:
                 bucket = self.totals.setdefault(name, {})
                 for key, value in sums.items():
                     bucket[key] = bucket.get(key, 0) + (value or 0)
+        # The units by the allocation period in effect when they were exposed.
+        starts = period_starts(self.config.normalised_weights, [(at, w) for _, at, w in data.allocations])
+        by_period: dict[int, dict[str, UnitMoments]] = {}
+        for (window, variant), moments in data.units.items():
+            period = by_period.setdefault(period_index(starts, window), {})
+            period[variant] = period.get(variant, EMPTY_UNITS) + moments
+        self.unit_periods = [by_period[k] for k in sorted(by_period)]
+        self.units = pooled_units(self.unit_periods)
         self.notes: list[str] = []
 
     # -- per variant -------------------------------------------------------------------------
@@ -96,27 +118,32 @@ class _Experiment:
 
     def variants(self) -> list[dict]:
         current = self.data.allocations[-1][2] if self.data.allocations else self.config.normalised_weights
-        adjusted = self.adjusted_rates()
+        converted = self.adjusted_converted()
         rows = []
         for v in self.config.variants:
             t = self.totals.get(v.name, {})
             n = int(t.get("invocations", 0))
             conversions = int(t.get("conversions", 0))
+            units = self.units.get(v.name, EMPTY_UNITS)
             row = {"variant": v.name, "role": v.role, "model_version": v.model_version,
                    "initial_weight": self.config.normalised_weights[v.name], "weight": current.get(v.name, 0.0),
-                   "invocations": n, "conversions": conversions,
-                   "conversion_rate": None, "conversion_rate_low": None, "conversion_rate_high": None,
-                   "conversion_rate_adjusted": None,
+                   "units": units.n, "multiple_exposures": units.multiple,
+                   "converted_units": int(units.sums.get("converted", 0)),
+                   "converted_share": None, "converted_share_low": None, "converted_share_high": None,
+                   "converted_share_adjusted": None,
+                   "invocations": n, "conversions": conversions, "conversion_rate": None,
                    "reward_per_invocation": None, "error_rate": None, "latency_p95_ms": None, "latency_p99_ms": None}
+            if units.n:
+                interval = wilson_interval(int(units.sums.get("converted", 0)), units.n, 1 - self.alpha)
+                row.update(converted_share=interval.estimate, converted_share_low=interval.low,
+                           converted_share_high=interval.high,
+                           converted_share_adjusted=converted[v.name].mean if converted[v.name].n else None)
             if n:
-                interval = wilson_interval(min(conversions, n), n, 1 - self.alpha)
                 hist = self._hist(v.name)
-                row.update(conversion_rate=interval.estimate, conversion_rate_low=interval.low,
-                           conversion_rate_high=interval.high, reward_per_invocation=t.get("reward_sum", 0.0) / n,
+                row.update(conversion_rate=conversions / n, reward_per_invocation=t.get("reward_sum", 0.0) / n,
                            error_rate=int(t.get("errors", 0)) / n,
                            latency_p95_ms=_number(histogram_quantile(hist, 0.95)),
-                           latency_p99_ms=_number(histogram_quantile(hist, 0.99)),
-                           conversion_rate_adjusted=adjusted[v.name].mean if adjusted[v.name].n else None)
+                           latency_p99_ms=_number(histogram_quantile(hist, 0.99)))
             rows.append(row)
         return rows
 
@@ -154,27 +181,30 @@ class _Experiment:
 
     # -- comparisons -------------------------------------------------------------------------
 
-    def _cells(self, metric: str) -> list[dict[str, MeanSummary]]:
-        return metric_cells(metric, self.ordered_periods)
+    def _cells(self, metric: MetricConfig) -> list[dict]:
+        return metric_cells(metric, self.unit_periods)
 
-    def _tau(self, metric: str, scale: float) -> float:
+    def _tau(self, metric: MetricConfig, scale: float) -> float:
         """The mixture scale of the mSPRT: the smallest effect worth finding."""
-        cells = pooled(self._cells(metric))
-        everyone = sum(cells.values(), EMPTY)
-        baseline = abs(everyone.mean) if everyone.n else 0.0
+        try:
+            everyone = sum(pooled(self._cells(metric)).values(), EMPTY)
+            baseline = abs(everyone.mean) if everyone.n else 0.0
+        except StatsInputError:
+            baseline = 0.0
         return scale * baseline if baseline > 0 else scale
 
     def comparison(self, metric: MetricConfig, challenger: str) -> dict:
         row = {"metric": metric.name, "role": metric.role, "variant": challenger, "against": self.champion}
         try:
-            found = stratified_difference(self._cells(metric.name), self.champion, challenger)
+            cells = self._cells(metric)
+            found = stratified_difference(cells, self.champion, challenger)
         except StatsInputError as exc:
             return {**row, "error": str(exc)}
         difference, variance, a, b, used, merged = (found.difference, found.variance, found.champion,
                                                     found.challenger, found.periods, found.merged)
         if merged:
             self.notes.append(f"{metric.name}, {challenger}: {merged} allocation period(s) merged into a neighbour "
-                              "because a variant had under 2 invocations in them; give the bandit a min_weight "
+                              "because a variant had under 2 exposed units in them; give the bandit a min_weight "
                               "to keep the estimate unbiased")
         row.update(champion_mean=a.mean, challenger_mean=b.mean, difference=difference, periods=used)
         if variance <= 0:
@@ -182,61 +212,81 @@ class _Experiment:
         se = math.sqrt(variance)
         z = stats.norm.ppf(1 - self.alpha / 2)
         row.update(low=difference - z * se, high=difference + z * se,
-                   p_value=float(2 * stats.norm.sf(abs(difference) / se)))
+                   p_value=float(2 * stats.norm.sf(abs(difference) / se)),
+                   test=f"normal, stratified over {used} allocation periods of exposure")
+        if used == 1:
+            try:
+                row.update(self._fixed_horizon_test(metric, pooled(cells)[self.champion], pooled(cells)[challenger]))
+            except StatsInputError as exc:
+                return {**row, "error": str(exc)}
         if a.mean != 0:
             lift = relative_lift_interval(a.mean, a.variance, b.mean, b.variance, 1 - self.alpha)
             row.update(lift=lift.estimate, lift_low=lift.low, lift_high=lift.high)
-        tau = self._tau(metric.name, self.config.analysis.mde)
+        tau = self._tau(metric, self.config.analysis.mde)
         sequential = msprt(difference, variance, tau, self.alpha)
         row.update(always_valid_p=sequential.p_value, always_valid_low=sequential.interval.low,
                    always_valid_high=sequential.interval.high, tau=tau)
         return row
 
+    def _fixed_horizon_test(self, metric: MetricConfig, a, b) -> dict:
+        """One allocation period (the weights never moved): the textbook test of the metric's kind, on units."""
+        level = 1 - self.alpha
+        kind = metric.definition.kind
+        if kind == "proportion":
+            test = two_proportion_z_test(int(round(a.total)), a.n, int(round(b.total)), b.n)
+            return {"p_value": test.p_value, "test": "two-proportion z-test (pooled) on exposed units"}
+        if kind == "ratio":
+            assert isinstance(a, RatioSummary) and isinstance(b, RatioSummary)
+            test, interval = ratio_difference_test(a, b, level)
+            return {"p_value": test.p_value, "low": interval.low, "high": interval.high,
+                    "test": "delta method on exposed units (Deng, Knoblich and Lu 2018)"}
+        test = welch_t_test(a, b)
+        interval = mean_difference_interval(a, b, level)
+        return {"p_value": test.p_value, "low": interval.low, "high": interval.high,
+                "test": "Welch's t-test on exposed units"}
+
     def guardrail(self, metric: MetricConfig, challenger: str) -> dict:
-        return guardrail_row(metric, self.champion, challenger, self.ordered_periods,
+        return guardrail_row(metric, self.champion, challenger, self.unit_periods,
                              {name: self._hist(name) for name in (self.champion, challenger)}, self.alpha)
 
     # -- checks --------------------------------------------------------------------------------
 
     def sample_ratio(self) -> dict:
+        """Exposed units per variant against the weights in effect when each was exposed (the
+        weights its assignment was drawn from, for the API and the SDK alike)."""
+        if not self.data.units:
+            return {"checked": False, "reason": "no exposed units yet"}
         initial = self.config.normalised_weights
-        weights_of = {version: weights for version, _, weights in self.data.allocations}
-        if self.data.assignments:
-            observed: dict[str, int] = {}
-            per_version: dict[int | None, int] = {}
-            for (variant, version), count in self.data.assignments.items():
-                observed[variant] = observed.get(variant, 0) + count
-                per_version[version] = per_version.get(version, 0) + count
-            history = [(count, weights_of.get(version, initial)) for version, count in per_version.items()]
-            source = "first assignments, against the weights each was drawn from"
-        else:
-            changed = any(max(abs(w.get(n, 0.0) - initial.get(n, 0.0)) for n in self.names) > 1e-9
-                          for _, _, w in self.data.allocations)
-            if changed:
-                return {"checked": False, "reason": "the weights changed and the units were routed by the SDK, whose "
-                        "first assignments are not logged; invocations of returning users do not follow the "
-                        "current weights"}
-            observed = {n: int(self.totals.get(n, {}).get("invocations", 0)) for n in self.names}
-            history = [(sum(observed.values()), initial)]
-            source = "invocations, against the fixed weights"
+        versions = sorted((at, weights) for _, at, weights in self.data.allocations)
+        observed: dict[str, int] = {name: 0 for name in self.names}
+        per_window: dict[datetime, int] = {}
+        for (window, variant), moments in self.data.units.items():
+            observed[variant] = observed.get(variant, 0) + moments.n
+            per_window[window] = per_window.get(window, 0) + moments.n
+        history = []
+        for window, count in sorted(per_window.items()):
+            in_effect = [weights for at, weights in versions if at <= window]
+            history.append((count, in_effect[-1] if in_effect else initial))
         try:
             shares = expected_shares_from_history(history)
             check = sample_ratio_mismatch(observed, shares, SRM_THRESHOLD)
         except StatsInputError as exc:
             return {"checked": False, "reason": str(exc)}
-        return {"checked": True, "source": source, "observed": check.observed, "expected_shares": check.expected,
+        return {"checked": True, "source": "exposed units, against the weights in effect at each exposure",
+                "observed": check.observed, "expected_shares": check.expected,
                 "statistic": check.statistic, "p_value": check.p_value, "mismatch": check.mismatch,
                 "threshold": SRM_THRESHOLD}
 
     def min_sample(self, primary: MetricConfig) -> int | None:
+        """Exposed units per variant for the power asked at the MDE (or the configured ``min_sample``)."""
         analysis = self.config.analysis
         if analysis.min_sample is not None:
             return analysis.min_sample
-        champion = pooled(self._cells(primary.name)).get(self.champion, EMPTY)
-        if champion.n < 2 or champion.mean == 0:
-            return None
         try:
-            if primary.name in RATE_METRICS:
+            champion = pooled(self._cells(primary)).get(self.champion, EMPTY)
+            if champion.n < 2 or champion.mean == 0:
+                return None
+            if primary.definition.kind == "proportion":
                 target = champion.mean * (1 + analysis.mde) if primary.higher_is_better else champion.mean * (1 - analysis.mde)
                 if not 0 < target < 1 or champion.mean >= 1:
                     return None
@@ -246,16 +296,17 @@ class _Experiment:
         except StatsInputError:
             return None
 
-    def adjusted_rates(self) -> dict[str, MeanSummary]:
-        """Each variant's conversion rate as (effective) counts: the raw counts in one allocation
-        period; across several, the counts whose mean and variance match the period-weighted
-        estimate (so a bandit's moved weights do not tilt the Bayesian view either)."""
-        raw = {name: rate_cell(self.totals[name].get("conversions", 0), int(self.totals[name].get("invocations", 0)))
-               for name in self.names}
-        if len(self.ordered_periods) <= 1 or any(cell.n < 2 for cell in raw.values()):
+    def adjusted_converted(self) -> dict[str, MeanSummary]:
+        """Each variant's share of units that converted as (effective) counts: the raw counts in one
+        allocation period; across several, the counts whose mean and variance match the
+        period-weighted estimate (so a bandit's moved weights do not tilt the Bayesian view either)."""
+        converted = MetricConfig("converted_units", "secondary")
+        cells = self._cells(converted)
+        raw = {name: pooled(cells).get(name, EMPTY) for name in self.names}
+        if len(cells) <= 1 or any(cell.n < 2 for cell in raw.values()):
             return raw
         try:
-            merged = merge_thin_periods(self._cells("conversion_rate"), self.names)
+            merged = merge_thin_periods(cells, self.names)
             traffic = [sum(cell.n for cell in period.values()) for period in merged]
             means = stratified_means(merged, traffic, self.names)
         except StatsInputError:
@@ -270,9 +321,9 @@ class _Experiment:
         return effective
 
     def bayesian(self) -> dict:
-        """Beta-Binomial view of the conversion rate (uniform prior) on the adjusted counts."""
+        """Beta-Binomial view of the share of exposed units that converted (uniform prior), on the adjusted counts."""
         posteriors = {name: BetaPosterior(1.0 + cell.total, 1.0 + cell.n - cell.total)
-                      for name, cell in self.adjusted_rates().items()}
+                      for name, cell in self.adjusted_converted().items()}
         level = 1 - self.alpha
         arms = [ArmStats(name, 1.0, int(round(p.alpha + p.beta - 2)), p.alpha - 1, p.alpha - 1)
                 for name, p in posteriors.items()]
@@ -288,8 +339,8 @@ class _Experiment:
                 row.update(p_beats_champion=prob_b_beats_a(champion, posterior),
                            expected_loss_keeping_champion=loss_keep, expected_loss_switching=loss_switch)
             rows.append(row)
-        counts = "raw counts" if len(self.ordered_periods) <= 1 else "effective counts of the period-weighted estimate"
-        return {"metric": "conversion_rate", "prior": "Beta(1, 1)", "counts": counts, "level": level, "variants": rows}
+        counts = "raw counts" if len(self.unit_periods) <= 1 else "effective counts of the period-weighted estimate"
+        return {"metric": "converted_units", "prior": "Beta(1, 1)", "counts": counts, "level": level, "variants": rows}
 
     # -- everything ----------------------------------------------------------------------------
 
@@ -323,9 +374,9 @@ class _Experiment:
             missing = [g for g in guardrails if g["variant"] == r["variant"] and "excess" not in g]
             # A guardrail that cannot be computed yet is not shown non-inferior.
             gates += tuple(GuardrailEvidence(g["metric"], g["margin"], math.nan, -math.inf, math.inf) for g in missing)
-            evidence.append(ChallengerEvidence(r["variant"], int(self.totals.get(r["variant"], {}).get("invocations", 0)),
+            evidence.append(ChallengerEvidence(r["variant"], self.units.get(r["variant"], EMPTY_UNITS).n,
                                                improvement, low, high, r["always_valid_p_adjusted"], gates))
-        champion_n = int(self.totals.get(self.champion, {}).get("invocations", 0))
+        champion_n = self.units.get(self.champion, EMPTY_UNITS).n
         if evidence:
             decision = decide(self.champion, champion_n, evidence, self.alpha, min_sample, mde_abs,
                               bool(srm.get("mismatch")), primary.name)
@@ -342,7 +393,8 @@ class _Experiment:
                            "metrics": [{"name": m.name, "role": m.role, "margin": m.margin} for m in config.metrics],
                            "analysis": {"alpha": self.alpha, "power": config.analysis.power, "mde": config.analysis.mde,
                                         "correction": config.analysis.correction, "min_sample": min_sample},
-                           "allocation_periods": len(self.ordered_periods)},
+                           "allocation_periods": len(self.unit_periods),
+                           "attribution_window_seconds": config.attribution_window_seconds},
             "decision": verdict,
             "variants": self.variants(),
             "comparisons": comparisons,
@@ -355,6 +407,14 @@ class _Experiment:
                        for t, v, n, c, r in self.data.series],
             "notes": sorted(set(self.notes)),
         }
+
+
+def pooled_units(periods: list[dict[str, UnitMoments]]) -> dict[str, UnitMoments]:
+    total: dict[str, UnitMoments] = {}
+    for period in periods:
+        for name, moments in period.items():
+            total[name] = total.get(name, EMPTY_UNITS) + moments
+    return total
 
 
 def build_report(data: ReportInput) -> dict:

@@ -1,35 +1,77 @@
 """Metric evidence from aggregated sums, shared by the report and the rollout controller. Pure.
 
-``cells`` are a metric's sums per allocation period, ``[{variant: MeanSummary}, …]``;
-``sums`` are one variant's column sums (invocations, conversions, reward_sum,
-reward_sq_sum, errors) as ``storage.queries`` returns them.
+``cells`` are a metric's summaries per allocation period, ``[{variant: MeanSummary | RatioSummary}, …]``,
+made from the units' moments (``UnitMoments``): the unit that was randomized is the observation,
+with all its attributed events.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from abflow.core.config import MetricConfig
-from bandit_service.stats.adaptive import merge_thin_periods, rate_cell, stratified_means
+import numpy as np
+
+from abflow.core.config import MetricConfig, MetricDefinition
+from bandit_service.stats.adaptive import merge_thin_periods, stratified_means
 from bandit_service.stats.decision import GuardrailEvidence
-from bandit_service.stats.frequentist import MeanSummary, StatsInputError
+from bandit_service.stats.frequentist import MeanSummary, RatioSummary, StatsInputError
 from bandit_service.stats.guardrails import slower_share, slower_share_variance
 from bandit_service.stats.sequential import msprt
 
-RATE_METRICS = {"conversion_rate": "conversions", "error_rate": "errors"}
-QUANTILES = {"latency_p95": 0.95, "latency_p99": 0.99}
+Cell = MeanSummary | RatioSummary
 
 
-def metric_cell(name: str, sums: dict) -> MeanSummary:
-    """One variant's observations of metric ``name`` as a mean of per-invocation values."""
-    n = int(sums.get("invocations", 0))
-    if name in RATE_METRICS:
-        return rate_cell(sums.get(RATE_METRICS[name], 0), n)
-    return MeanSummary(n, float(sums.get("reward_sum", 0.0)), float(sums.get("reward_sq_sum", 0.0)))
+@dataclass(frozen=True)
+class UnitMoments:
+    """The exposed units of one variant (in one allocation period): how many, how many were exposed
+    to another variant too, and the sums of each per-unit variable and of each product of two."""
+
+    n: int
+    multiple: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    products: dict[tuple[str, str], float] = field(default_factory=dict)  # each pair in both orders
+
+    def __add__(self, other: "UnitMoments") -> "UnitMoments":
+        return UnitMoments(self.n + other.n, self.multiple + other.multiple,
+                           {k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in self.sums.keys() | other.sums.keys()},
+                           {k: self.products.get(k, 0.0) + other.products.get(k, 0.0)
+                            for k in self.products.keys() | other.products.keys()})
+
+    @classmethod
+    def of_units(cls, values: dict[str, object], multiple: int = 0) -> "UnitMoments":
+        """From per-unit values (for tests and simulations): {variable: one value per unit}."""
+        arrays = {k: np.asarray(v, dtype=float) for k, v in values.items()}
+        n = len(next(iter(arrays.values()))) if arrays else 0
+        return cls(n, multiple, {k: float(v.sum()) for k, v in arrays.items()},
+                   {(a, b): float(x @ y) for a, x in arrays.items() for b, y in arrays.items()})
 
 
-def metric_cells(name: str, periods: list[dict[str, dict]]) -> list[dict[str, MeanSummary]]:
-    return [{variant: metric_cell(name, sums) for variant, sums in period.items()} for period in periods]
+EMPTY_UNITS = UnitMoments(0)
+
+
+def unit_cell(definition: MetricDefinition, moments: UnitMoments) -> Cell:
+    """A variant's units as the metric's observations."""
+    y = definition.numerator
+    if definition.kind in ("proportion", "mean"):
+        return MeanSummary(moments.n, moments.sums.get(y, 0.0), moments.products.get((y, y), 0.0))
+    if definition.kind == "ratio":
+        x = definition.denominator
+        return RatioSummary(moments.n, moments.sums.get(x, 0.0), moments.sums.get(y, 0.0),
+                            moments.products.get((x, x), 0.0), moments.products.get((y, y), 0.0),
+                            moments.products.get((x, y), 0.0))
+    raise StatsInputError(f"a {definition.kind} metric is not computed on units")
+
+
+def mean_or_none(cell: Cell) -> float | None:
+    """The cell's mean, or None where there is none yet (no units, or a ratio over nothing)."""
+    try:
+        return cell.mean if cell.n else None
+    except StatsInputError:
+        return None
+
+
+def metric_cells(metric: MetricConfig, periods: list[dict[str, UnitMoments]]) -> list[dict[str, Cell]]:
+    return [{variant: unit_cell(metric.definition, moments) for variant, moments in period.items()} for period in periods]
 
 
 @dataclass(frozen=True)
@@ -42,7 +84,7 @@ class Difference:
     merged: int  # periods merged into a neighbour
 
 
-def stratified_difference(cells: list[dict[str, MeanSummary]], champion: str, challenger: str) -> Difference:
+def stratified_difference(cells: list[dict[str, Cell]], champion: str, challenger: str) -> Difference:
     """B − A stratified by allocation period (see ``stats.adaptive``)."""
     merged = merge_thin_periods(cells, [champion, challenger])
     traffic = [sum(cell.n for cell in period.values()) for period in merged]
@@ -51,7 +93,7 @@ def stratified_difference(cells: list[dict[str, MeanSummary]], champion: str, ch
     return Difference(b.mean - a.mean, a.variance + b.variance, a, b, len(merged), len(cells) - len(merged))
 
 
-def guardrail_row(metric: MetricConfig, champion: str, challenger: str, periods: list[dict[str, dict]],
+def guardrail_row(metric: MetricConfig, champion: str, challenger: str, periods: list[dict[str, UnitMoments]],
                   histograms: dict[str, list[int]], alpha: float) -> dict:
     """Non-inferiority of ``challenger`` on ``metric``, always valid (mixture SPRT with τ = the margin).
 
@@ -62,23 +104,23 @@ def guardrail_row(metric: MetricConfig, champion: str, challenger: str, periods:
     """
     row = {"metric": metric.name, "variant": challenger, "against": champion, "margin": metric.margin}
     try:
-        if metric.name in QUANTILES:
+        definition = metric.definition
+        if definition.kind == "quantile":
             share, expected, n_b = slower_share(histograms.get(champion) or [], histograms.get(challenger) or [],
-                                                QUANTILES[metric.name])
+                                                definition.quantile)
             excess, variance = share - expected, slower_share_variance(share, expected, n_b)
             row["detail"] = (f"{share:.2%} of {challenger}'s requests are slower than {champion}'s "
                              f"{metric.name[-3:]} (expected {expected:.0%})")
         else:
-            found = stratified_difference(metric_cells(metric.name, periods), champion, challenger)
+            found = stratified_difference(metric_cells(metric, periods), champion, challenger)
             excess = -found.difference if metric.higher_is_better else found.difference
             variance = found.variance
             row["detail"] = (f"{metric.name}: {champion} {found.champion.mean:.4g}, "
                              f"{challenger} {found.challenger.mean:.4g}")
-            if variance <= 0 and metric.name in RATE_METRICS:
+            if variance <= 0 and definition.kind in ("proportion", "ratio"):
                 # Not one event in either variant (no errors at all): take the variance one
                 # event in each would give, rather than certainty.
-                n_a, n_b = (sum(int(p.get(name, {}).get("invocations", 0)) for p in periods)
-                            for name in (champion, challenger))
+                n_a, n_b = (sum(p.get(name, EMPTY_UNITS).n for p in periods) for name in (champion, challenger))
                 variance = (1 - 1 / n_a) / n_a**2 + (1 - 1 / n_b) / n_b**2
         if variance <= 0:
             raise StatsInputError("no variation in either variant")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from sqlalchemy import Engine
 
 from abflow.core.config import parse_config
 from abflow.core.windowing import LATENCY_BUCKETS
 from bandit_service.report.build import ReportInput
+from bandit_service.report.evidence import UnitMoments
 from bandit_service.stats.adaptive import period_starts
-from storage import queries
+from storage import queries, units
 from storage.registry import get_experiment
 
 
@@ -23,6 +26,34 @@ def load_report_input(engine: Engine, experiment_id: str) -> ReportInput:
         periods.setdefault(row.pop("period"), {})[row.pop("variant")] = row
     return ReportInput(config=config, status=experiment.status, periods=periods, allocations=allocations,
                        histograms=queries.latency_histograms(engine, experiment_id, LATENCY_BUCKETS),
-                       assignments=queries.assignment_counts(engine, experiment_id),
+                       units=load_units(engine, experiment_id),
                        series=queries.time_series(engine, experiment_id),
                        shadows=queries.shadow_totals(engine, experiment_id, LATENCY_BUCKETS))
+
+
+def load_units(engine: Engine, experiment_id: str) -> dict[tuple[datetime, str], UnitMoments]:
+    """The exposed units' moments per (exposure window start, variant)."""
+    return moments_by_window(units.read_unit_moments(engine, experiment_id))
+
+
+def moments_by_window(rows: list[tuple]) -> dict[tuple[datetime, str], UnitMoments]:
+    """``storage.units.unit_moments`` rows as ``UnitMoments`` per (exposure window start, variant)."""
+    names = list(units.VARIABLES)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
+    found = {}
+    for variant, window, n, multiple, *moments in rows:
+        sums = dict(zip(names, (float(v) for v in moments[:len(names)])))
+        products = {}
+        for (a, b), value in zip(pairs, moments[len(names):]):
+            products[(a, b)] = products[(b, a)] = float(value)
+        at = datetime.fromtimestamp(int(window), timezone.utc)
+        found[(at, variant)] = UnitMoments(int(n), int(multiple), sums, products)
+    return found
+
+
+def moments_by_variant(rows: list[tuple]) -> dict[str, UnitMoments]:
+    """The same rows added up per variant."""
+    total: dict[str, UnitMoments] = {}
+    for (_, variant), moments in moments_by_window(rows).items():
+        total[variant] = total[variant] + moments if variant in total else moments
+    return total

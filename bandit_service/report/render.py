@@ -29,23 +29,25 @@ def _interval(low, high, unit: str = "", signed: bool = False) -> str:
 
 
 def _is_rate(metric: str) -> bool:
-    return metric.endswith("_rate")
+    return metric.endswith("_rate") or metric == "converted_units"
 
 
 def variant_rows(report: dict) -> list[dict]:
     level = int(round((1 - report["experiment"]["analysis"]["alpha"]) * 100))
     rows = [{
         "variant": v["variant"], "role": v["role"], "weight": _pct(v["weight"], 1),
+        "units": f"{v['units']:,}", "converted": _pct(v["converted_share"]),
+        f"{level} % interval": _interval(v["converted_share_low"], v["converted_share_high"], "%"),
+        "multiple exp.": f"{v['multiple_exposures']:,}",
         "invocations": f"{v['invocations']:,}", "conversions": f"{v['conversions']:,}",
-        "conversion rate": _pct(v["conversion_rate"]),
-        f"{level} % interval": _interval(v["conversion_rate_low"], v["conversion_rate_high"], "%"),
+        "conv/inv": _pct(v["conversion_rate"]),
         "reward/inv": _num(v["reward_per_invocation"]), "error rate": _pct(v["error_rate"]),
         "p95 ms": _num(v["latency_p95_ms"], "g"), "p99 ms": _num(v["latency_p99_ms"], "g"),
     } for v in report["variants"]]
     if report["experiment"]["allocation_periods"] > 1:
-        # Pooled rates over-weight the periods a variant got more traffic in; show the fair one beside.
+        # Pooled shares over-weight the periods a variant got more units in; show the fair one beside.
         for row, v in zip(rows, report["variants"]):
-            row["period-weighted rate"] = _pct(v["conversion_rate_adjusted"])
+            row["period-weighted converted"] = _pct(v["converted_share_adjusted"])
     return rows
 
 
@@ -70,6 +72,7 @@ def comparison_rows(report: dict, role: str) -> list[dict]:
             "always-valid p adj": _num(c.get("always_valid_p_adjusted"), ".3g"),
             "always-valid interval": _interval(c.get("always_valid_low"), c.get("always_valid_high"),
                                                "pt" if pct else "", signed=True),
+            "test": c.get("test", ""),
         })
     return rows
 
@@ -185,17 +188,17 @@ def _plots(report: dict) -> dict[str, str]:
     plots = {}
     names = [v["variant"] for v in report["variants"]]
 
-    rated = [v for v in report["variants"] if v["conversion_rate"] is not None]
+    rated = [v for v in report["variants"] if v["converted_share"] is not None]
     if rated:
         fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(rated)))
         for y, v in enumerate(rated):
-            rate = v["conversion_rate"] * 100
-            ax.errorbar(rate, y, xerr=[[rate - v["conversion_rate_low"] * 100], [v["conversion_rate_high"] * 100 - rate]],
+            rate = v["converted_share"] * 100
+            ax.errorbar(rate, y, xerr=[[rate - v["converted_share_low"] * 100], [v["converted_share_high"] * 100 - rate]],
                         fmt="o", capsize=4, color=f"C{names.index(v['variant'])}")
         ax.set_yticks(range(len(rated)), [v["variant"] for v in rated])
         ax.set_ylim(-0.6, len(rated) - 0.4)
-        ax.set_xlabel("conversion rate (%), with its Wilson interval")
-        plots["Conversion rate per variant"] = _svg(fig)
+        ax.set_xlabel("exposed units that converted (%), with the Wilson interval")
+        plots["Units that converted, per variant"] = _svg(fig)
         plt.close(fig)
 
     series = report["series"]

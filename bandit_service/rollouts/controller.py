@@ -31,12 +31,14 @@ from abflow.core.config import ExperimentConfig, parse_config
 from abflow.core.errors import ExperimentNotFound, NotFound
 from abflow.core.windowing import LATENCY_BUCKETS
 from bandit_service.allocations import publish_allocation, same_weights
+from bandit_service.report.load import moments_by_variant
 from bandit_service.rollouts import machine as rollout
 from bandit_service.rollouts import webhooks
 from storage import rollouts as store
 from storage.allocations import latest_allocation
 from storage.db import connect
 from storage.queries import notify_aggregates, stored_config
+from storage.units import unit_moments
 
 log = logging.getLogger("abflow.rollout")
 
@@ -136,8 +138,9 @@ class RolloutController:
         return due
 
     def _judge(self, conn, config: ExperimentConfig, current: rollout.RolloutState, now: datetime) -> None:
-        sums, histograms = store.stage_aggregates(conn, config.experiment_id, current.stage_started_at, LATENCY_BUCKETS)
-        judgement = rollout.judge(config, current, now, sums, histograms)
+        _, histograms = store.stage_aggregates(conn, config.experiment_id, current.stage_started_at, LATENCY_BUCKETS)
+        units = moments_by_variant(unit_moments(conn, config.experiment_id, current.stage_started_at.timestamp()))
+        judgement = rollout.judge(config, current, now, units, histograms)
         after = rollout.apply(config, current, judgement, now)
         figures = {**judgement.figures, "action": judgement.action, "reasons": list(judgement.reasons)}
         plan = config.rollout

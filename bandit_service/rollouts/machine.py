@@ -2,7 +2,7 @@
 
 A rollout moves one challenger's share of traffic up its plan's stages
 (default 5, 10, 25, 50, 100 %). At every check the controller hands ``judge``
-the aggregates since the current stage began; the guardrails (the experiment's
+the units exposed since the current stage began (randomized under its weights); the guardrails (the experiment's
 guardrail metrics, and non-inferiority of the primary metric within
 ``primary_margin`` of the champion's) are mixture-SPRT confidence sequences,
 valid however often they are looked at. Each stage is one sequential test, at
@@ -11,7 +11,7 @@ valid however often they are looked at. Each stage is one sequential test, at
 - harm (a confidence sequence wholly beyond its margin) in ``rollback_after``
   checks in a row: **roll back** (challenger 0 %, champion 100 %);
 - the stage ran ``min_duration_seconds``, the challenger has ``min_sample``
-  invocations in it and every guardrail is shown non-inferior: **advance**
+  units exposed in it and every guardrail is shown non-inferior: **advance**
   (the last stage, 100 %, completes the rollout);
 - still inconclusive ``max_duration_seconds`` after the stage began (or was
   resumed): **pause** for an operator;
@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from abflow.core.config import ExperimentConfig, MetricConfig
 from abflow.core.errors import Conflict
 from abflow.core.text import json_safe
-from bandit_service.report.evidence import guardrail_row, metric_cell
+from bandit_service.report.evidence import EMPTY_UNITS, UnitMoments, guardrail_row, mean_or_none, unit_cell
 
 RUNNING, PAUSED, COMPLETED, ROLLED_BACK, ABORTED = "running", "paused", "completed", "rolled_back", "aborted"
 FINAL_STATES = (COMPLETED, ROLLED_BACK, ABORTED)
@@ -89,18 +89,18 @@ def stage_alpha(config: ExperimentConfig) -> float:
     return config.analysis.alpha / judged
 
 
-def guardrails(config: ExperimentConfig, sums: dict[str, dict], histograms: dict[str, list[int]]) -> list[dict]:
-    """Each guardrail metric, and the primary metric's non-inferiority, on one stage's data."""
+def guardrails(config: ExperimentConfig, units: dict[str, UnitMoments], histograms: dict[str, list[int]]) -> list[dict]:
+    """Each guardrail metric, and the primary metric's non-inferiority, on one stage's units."""
     plan = config.rollout
     champion = next(v.name for v in config.variants if v.role == "champion")
     alpha = stage_alpha(config)
-    periods = [{name: sums.get(name, {}) for name in (champion, plan.challenger)}]
+    periods = [{name: units.get(name, EMPTY_UNITS) for name in (champion, plan.challenger)}]
     rows = [guardrail_row(m, champion, plan.challenger, periods, histograms, alpha)
             for m in config.metrics if m.role == "guardrail"]
     primary = next(m for m in config.metrics if m.role == "primary")
-    baseline = metric_cell(primary.name, sums.get(champion, {}))
-    if baseline.n and baseline.mean != 0:
-        margin = plan.primary_margin * abs(baseline.mean)
+    baseline = mean_or_none(unit_cell(primary.definition, units.get(champion, EMPTY_UNITS)))
+    if baseline:
+        margin = plan.primary_margin * abs(baseline)
         rows.append({**guardrail_row(MetricConfig(primary.name, "guardrail", margin), champion, plan.challenger,
                                      periods, histograms, alpha), "relative_margin": plan.primary_margin})
     else:
@@ -110,15 +110,17 @@ def guardrails(config: ExperimentConfig, sums: dict[str, dict], histograms: dict
     return rows
 
 
-def judge(config: ExperimentConfig, current: RolloutState, now: datetime, sums: dict[str, dict],
+def judge(config: ExperimentConfig, current: RolloutState, now: datetime, units: dict[str, UnitMoments],
           histograms: dict[str, list[int]]) -> Judgement:
-    """What a running rollout does at this check, given the stage's aggregates so far."""
+    """What a running rollout does at this check, given the units exposed in the stage so far and the
+    latency histograms of the stage's requests."""
     plan = config.rollout
-    rows = guardrails(config, sums, histograms)
+    rows = guardrails(config, units, histograms)
     elapsed = (now - current.stage_started_at).total_seconds()
-    n_challenger = int(sums.get(plan.challenger, {}).get("invocations", 0))
+    n_challenger = units.get(plan.challenger, EMPTY_UNITS).n
     figures = {"stage": current.stage, "stage_percent": plan.stages[current.stage], "elapsed_seconds": round(elapsed, 3),
-               "invocations": {name: int(s.get("invocations", 0)) for name, s in sums.items()},
+               "units": {name: m.n for name, m in units.items()},
+               "invocations": {name: int(m.sums.get("invocations", 0)) for name, m in units.items()},
                "alpha": stage_alpha(config), "guardrails": json_safe(rows)}
     harmful = [row for row in rows if row.get("harmful")]
     if harmful:
@@ -134,7 +136,7 @@ def judge(config: ExperimentConfig, current: RolloutState, now: datetime, sums: 
     if elapsed < plan.min_duration_seconds:
         waiting.append(f"the stage has run {elapsed:.0f} s of {plan.min_duration_seconds:g} s")
     if n_challenger < plan.min_sample:
-        waiting.append(f"{plan.challenger} has {n_challenger} of {plan.min_sample} invocations in this stage")
+        waiting.append(f"{plan.challenger} has {n_challenger} of {plan.min_sample} units exposed in this stage")
     unshown = [row for row in rows if not row.get("non_inferior")]
     for row in unshown:
         waiting.append(f"{row['metric']}: " + (row["error"] if "error" in row else
@@ -142,7 +144,7 @@ def judge(config: ExperimentConfig, current: RolloutState, now: datetime, sums: 
     if not waiting:
         target = plan.stages[current.stage + 1] if current.stage + 1 < len(plan.stages) else 100
         return Judgement(ADVANCE, (f"stage {plan.stages[current.stage]:g}% passed: every guardrail within its margin "
-                                   f"after {elapsed:.0f} s and {n_challenger} invocations; next {target:g}%",),
+                                   f"after {elapsed:.0f} s and {n_challenger} exposed units; next {target:g}%",),
                          figures, 0)
     if now >= current.deadline_at:
         return Judgement(PAUSE, ("inconclusive past the stage's deadline: " + "; ".join(waiting),), figures, 0)

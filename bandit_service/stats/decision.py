@@ -88,7 +88,7 @@ def decide(champion: str, champion_n: int, challengers: list[ChallengerEvidence]
         else:
             for name, n in ((champion, champion_n), (best.name, best.n)):
                 if n < min_sample:
-                    waiting.append(f"{name} has {n:,} of the {min_sample:,} invocations the power analysis asks for")
+                    waiting.append(f"{name} has {n:,} of the {min_sample:,} exposed units the power analysis asks for")
         unproven = [g for g in best.guardrails if not g.non_inferior]
         waiting += [f"guardrail {g.metric} not yet shown within its margin {g.margin:g} (interval up to {g.high:+.4g})"
                     for g in unproven]
@@ -109,5 +109,5 @@ def decide(champion: str, champion_n: int, challengers: list[ChallengerEvidence]
     reasons = [f"no challenger differs significantly from {champion} on {metric} yet"]
     if min_sample is not None:
         smallest = min([champion_n] + [c.n for c in challengers])
-        reasons.append(f"the smallest variant has {smallest:,} of the {min_sample:,} invocations the power analysis asks for")
+        reasons.append(f"the smallest variant has {smallest:,} of the {min_sample:,} exposed units the power analysis asks for")
     return Decision(KEEP_RUNNING, None, tuple(reasons))

@@ -23,6 +23,7 @@ from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from bandit_service.api import create_app
 from bandit_service.assignment import assign
 from bandit_service.refresher import WeightRefresher
+from bandit_service.report.evidence import UnitMoments
 from bandit_service.rollouts import controller as rollout_controller
 from bandit_service.rollouts import machine as rollout
 from bandit_service.rollouts import webhooks
@@ -53,16 +54,19 @@ def rollout_config(experiment_id: str | None = None, **plan) -> dict:
 
 
 def stage_sums(rng, n_champion: int, n_canary: int, errors=(0.01, 0.01), rates=(0.1, 0.1)):
-    sums, hists = {}, {}
+    """The units exposed in a stage (each with a few invocations) and the stage's latency histograms."""
+    units, hists = {}, {}
     for name, n, error, rate in (("Champion", n_champion, errors[0], rates[0]), ("Canary", n_canary, errors[1], rates[1])):
-        conversions = int(rng.binomial(n, rate))
-        sums[name] = {"invocations": n, "conversions": conversions, "reward_sum": float(conversions),
-                      "reward_sq_sum": float(conversions), "errors": int(rng.binomial(n, error))}
+        invocations = 1 + rng.poisson(1.0, n)
+        conversions = rng.binomial(invocations, rate)
+        units[name] = UnitMoments.of_units({"invocations": invocations, "conversions": conversions,
+                                            "reward": conversions, "errors": rng.binomial(invocations, error),
+                                            "converted": conversions > 0})
         hist = [0] * LATENCY_BUCKETS
         for value in 40 * np.exp(rng.normal(0, 0.5, n)):
             hist[latency_bucket(float(value))] += 1
         hists[name] = hist
-    return sums, hists
+    return units, hists
 
 
 def test_stage_rules():

@@ -14,7 +14,9 @@ from storage.assignments import insert_assignment
 from storage.db import connect
 from storage.units import (
     HELD,
+    INVOCATION_KIND,
     NO_EXPOSURE,
+    OUTCOME_KIND,
     OUTSIDE_WINDOW,
     VARIANT_MISMATCH,
     apply_batch,
@@ -48,9 +50,17 @@ def conv(exp: str, unit: str, variant: str, t: float, reward: float = 1.0) -> Co
     return Conversion(uuid.uuid4().hex, exp, variant, unit, t, reward)
 
 
+def rows(events) -> list[tuple]:
+    """Events as the sink hands them over."""
+    return [(INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0, e.error, ATTRIBUTION)
+            if isinstance(e, Invocation) else
+            (OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False, ATTRIBUTION)
+            for e in events]
+
+
 def run(db, exp: str, events, now: float = T0, sweep: bool = False) -> dict:
     """One batch, committed; the counters it added, per (variant, reason)."""
-    counters = apply_batch(db, events, {exp: ATTRIBUTION}, WINDOW, now, HOLD, sweep)
+    counters = apply_batch(db, rows(events), WINDOW, now, HOLD, sweep)
     db.commit()
     return {(variant, reason): n for (_, variant, reason), n in counters.items()}
 
@@ -113,7 +123,7 @@ def test_a_sweep_attributes_an_outcome_held_beside_an_exposure_committed_elsewhe
     """Two workers during a rebalance: one holds an outcome while the other's exposure of the unit
     is not committed yet. The next sweep attributes it."""
     with connect(stack.database_url, autocommit=False) as other:
-        apply_batch(other, [inv(exp, "u", "A", T0)], {exp: ATTRIBUTION}, WINDOW, T0, HOLD, False)
+        apply_batch(other, rows([inv(exp, "u", "A", T0)]), WINDOW, T0, HOLD, False)
         run(db, exp, [conv(exp, "u", "A", T0 + 1)])  # does not see the uncommitted exposure
         other.commit()
     assert held_count(db, exp) == 1 and unit(db, exp, "u")["conversions"] == 0

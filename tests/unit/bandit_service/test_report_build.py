@@ -15,6 +15,7 @@ from statsmodels.stats import proportion as sm_proportion
 from abflow.core.config import parse_config
 from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from bandit_service.report.build import ReportInput, build_report
+from bandit_service.report.evidence import UnitMoments
 from bandit_service.report.render import render_html, render_text
 
 START = datetime(2026, 1, 5, tzinfo=timezone.utc)
@@ -42,15 +43,25 @@ def latency_hist(rng, n: int, median_ms: float) -> list[int]:
     return hist
 
 
+def one_visit_units(rng, n: int, rate: float, error_rate: float = 0.01) -> tuple[UnitMoments, dict]:
+    """``n`` exposed units of one invocation each: their moments, and the invocations' sums."""
+    converted = rng.random(n) < rate
+    errors = rng.random(n) < error_rate
+    moments = UnitMoments.of_units({"invocations": np.ones(n), "conversions": converted, "reward": converted,
+                                    "errors": errors, "converted": converted})
+    return moments, sums(n, int(converted.sum()), int(errors.sum()))
+
+
 def fixed_split(rates, users=(40_000, 40_000), error_rates=(0.01, 0.01), latency=(40.0, 40.0), seed=1, **extra
                 ) -> ReportInput:
-    """A fixed 50/50 experiment (one allocation period) with binomial outcomes."""
+    """A fixed 50/50 experiment (one allocation period): units of one visit, binomial outcomes."""
     rng = np.random.default_rng(seed)
-    period = {name: sums(n, int(rng.binomial(n, rate)), int(rng.binomial(n, error_rate)))
-              for name, rate, n, error_rate in zip(NAMES, rates, users, error_rates)}
+    units, period = {}, {}
+    for name, rate, n, error_rate in zip(NAMES, rates, users, error_rates):
+        units[(START, name)], period[name] = one_visit_units(rng, n, rate, error_rate)
     histograms = {name: latency_hist(rng, 5_000, median) for name, median in zip(NAMES, latency)}
     return ReportInput(config=config(**extra), status="running", periods={0: period}, allocations=[],
-                       histograms=histograms)
+                       histograms=histograms, units=units)
 
 
 def primary(report: dict) -> dict:
@@ -61,13 +72,12 @@ def test_known_effect_ships_with_statsmodels_p_value():
     data = fixed_split(rates=(0.05, 0.065), analysis={"mde": 0.2})
     report = build_report(data)
     assert report["decision"]["verdict"] == "ship" and report["decision"]["variant"] == "Challenger"
-    a, b = data.periods[0]["Champion"], data.periods[0]["Challenger"]
+    a, b = data.units[(START, "Champion")], data.units[(START, "Challenger")]
     comparison = primary(report)
-    assert comparison["difference"] == pytest.approx(
-        b["conversions"] / b["invocations"] - a["conversions"] / a["invocations"], abs=1e-12)
-    _, p_value = sm_proportion.proportions_ztest([b["conversions"], a["conversions"]],
-                                                 [b["invocations"], a["invocations"]])
-    assert comparison["p_value"] == pytest.approx(p_value, rel=0.01)
+    assert comparison["metric"] == "converted_units" and comparison["test"].startswith("two-proportion z-test")
+    assert comparison["difference"] == pytest.approx(b.sums["converted"] / b.n - a.sums["converted"] / a.n, abs=1e-12)
+    _, p_value = sm_proportion.proportions_ztest([b.sums["converted"], a.sums["converted"]], [b.n, a.n])
+    assert comparison["p_value"] == pytest.approx(p_value, rel=1e-9)
     assert all(g["status"] == "pass" for g in report["guardrails"]), report["guardrails"]
 
 
@@ -100,20 +110,20 @@ def test_drift_under_moving_weights_is_stratified_away():
     the estimate stratified by allocation period does not."""
     rng = np.random.default_rng(7)
     schedule = [(0.5, 0.04), (0.8, 0.06), (0.95, 0.09)]  # challenger share, true rate of both
-    periods, allocations, pooled = {}, [], {name: [0, 0] for name in NAMES}
+    periods, allocations, units, pooled = {}, [], {}, {name: [0, 0] for name in NAMES}
     for period, (share, rate) in enumerate(schedule):
         weights = {"Champion": 1 - share, "Challenger": share}
+        exposed_at = START + timedelta(minutes=100 * period)
         if period:
-            allocations.append((period, START + timedelta(minutes=100 * period), weights))
+            allocations.append((period, exposed_at, weights))
         periods[period] = {}
         for name in NAMES:
             n = int(100_000 * weights[name])
-            c = int(rng.binomial(n, rate))
-            periods[period][name] = sums(n, c)
+            units[(exposed_at, name)], periods[period][name] = one_visit_units(rng, n, rate)
             pooled[name][0] += n
-            pooled[name][1] += c
+            pooled[name][1] += periods[period][name]["conversions"]
     report = build_report(ReportInput(config=config("ThompsonSampling"), status="running", periods=periods,
-                                      allocations=allocations))
+                                      allocations=allocations, units=units))
     naive = pooled["Challenger"][1] / pooled["Challenger"][0] - pooled["Champion"][1] / pooled["Champion"][0]
     assert naive > 0.015
     comparison = primary(report)
@@ -127,3 +137,48 @@ def test_empty_input_keeps_running_and_renders():
     assert report["decision"]["verdict"] == "keep running"
     assert all(v["invocations"] == 0 for v in report["variants"])
     assert "VARIANTS" in render_text(report) and "<html" in render_html(report)
+
+
+def test_seed_003_numbers_give_its_p_value():
+    """Seed 003: A 520 of 5,000 users converted, B 580 of 5,000 (one invocation each): p = 0.055161."""
+    def units(converted: int) -> UnitMoments:
+        flags = np.r_[np.ones(converted), np.zeros(5_000 - converted)]
+        return UnitMoments.of_units({"invocations": np.ones(5_000), "conversions": flags, "reward": flags,
+                                     "errors": np.zeros(5_000), "converted": flags})
+
+    data = ReportInput(config=config(), status="running", periods={}, allocations=[],
+                       units={(START, "Champion"): units(520), (START, "Challenger"): units(580)})
+    comparison = primary(build_report(data))
+    assert round(comparison["p_value"], 6) == 0.055161
+    assert comparison["test"] == "two-proportion z-test (pooled) on exposed units"
+
+
+def test_a_ratio_metric_on_returning_users_is_the_delta_method_on_the_raw_units():
+    """Conversions per invocation of users who come back: the report's interval is the delta method's on
+    the raw per-unit numbers, computed here independently; and wider than invocations-as-trials."""
+    rng = np.random.default_rng(11)
+    raw, units = {}, {}
+    for name, rate in zip(NAMES, (0.05, 0.06)):
+        visits = 1 + rng.poisson(4, 20_000)
+        propensity = rng.beta(1, 19, 20_000) * rate / 0.05
+        conversions = rng.binomial(visits, np.clip(propensity, 0, 1))
+        raw[name] = (visits.astype(float), conversions.astype(float))
+        units[(START, name)] = UnitMoments.of_units({"invocations": visits, "conversions": conversions,
+                                                     "reward": conversions, "errors": np.zeros(20_000),
+                                                     "converted": conversions > 0})
+    report = build_report(ReportInput(config=config(metrics=[{"name": "conversion_rate", "role": "primary"}]),
+                                      status="running", periods={}, allocations=[], units=units))
+    comparison = primary(report)
+
+    def delta(x, y):  # Var(Σy/Σx) by linearising around the ratio, per unit
+        ratio = y.sum() / x.sum()
+        return ratio, np.var(y - ratio * x, ddof=1) / x.mean() ** 2 / len(x)
+
+    (ra, va), (rb, vb) = delta(*raw["Champion"]), delta(*raw["Challenger"])
+    half = 1.959963984540054 * np.sqrt(va + vb)
+    assert comparison["difference"] == pytest.approx(rb - ra, rel=1e-9)
+    assert comparison["low"] == pytest.approx(rb - ra - half, rel=1e-9)
+    assert comparison["high"] == pytest.approx(rb - ra + half, rel=1e-9)
+    trials = sum(np.sqrt(r * (1 - r) / raw[n][0].sum()) ** 2 for r, n in ((ra, "Champion"), (rb, "Challenger")))
+    # The clustered users' extra variance: a design effect of 1 + (visits − 1)·ICC ≈ 1 + 4 × 0.048 ≈ 1.19.
+    assert half > np.sqrt(1.1) * 1.959963984540054 * np.sqrt(trials)

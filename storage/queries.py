@@ -117,16 +117,6 @@ def time_series(engine: Engine, experiment_id: str, points: int = 200) -> list[t
         return [tuple(row) for row in rows]
 
 
-def assignment_counts(engine: Engine, experiment_id: str) -> dict[tuple[str, int | None], int]:
-    """First assignments per (variant, allocation version they were drawn from)."""
-    with engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT variant, allocation_version, count(*) FROM assignments"
-            " WHERE experiment_id = :experiment_id GROUP BY 1, 2"
-        ), {"experiment_id": experiment_id})
-        return {(variant, version): int(count) for variant, version, count in rows}
-
-
 SHADOW_TOTALS = ("requests", "compared", "agreements", "errors", "served_errors", "both_errors", "latency_count",
                  "latency_ms_sum", "served_latency_count", "served_latency_ms_sum")
 

@@ -53,20 +53,26 @@ def rollout_config(experiment_id: str | None = None, **plan) -> dict:
 # -- the rules, without I/O ------------------------------------------------------------------
 
 
-def stage_sums(rng, n_champion: int, n_canary: int, errors=(0.01, 0.01), rates=(0.1, 0.1)):
-    """The units exposed in a stage (each with a few invocations) and the stage's latency histograms."""
+def stage_units(rng, n_champion: int, n_canary: int, errors=(0.01, 0.01), rates=(0.1, 0.1)):
+    """Units exposed in a stage, each with a few invocations (per variant, one array per variable), and
+    the stage's latency histograms."""
     units, hists = {}, {}
     for name, n, error, rate in (("Champion", n_champion, errors[0], rates[0]), ("Canary", n_canary, errors[1], rates[1])):
         invocations = 1 + rng.poisson(1.0, n)
         conversions = rng.binomial(invocations, rate)
-        units[name] = UnitMoments.of_units({"invocations": invocations, "conversions": conversions,
-                                            "reward": conversions, "errors": rng.binomial(invocations, error),
-                                            "converted": conversions > 0})
+        units[name] = {"invocations": invocations, "conversions": conversions, "reward": conversions,
+                       "errors": rng.binomial(invocations, error), "converted": conversions > 0}
         hist = [0] * LATENCY_BUCKETS
-        for value in 40 * np.exp(rng.normal(0, 0.5, n)):
+        for value in 40 * np.exp(rng.normal(0, 0.5, int(invocations.sum()))):
             hist[latency_bucket(float(value))] += 1
         hists[name] = hist
     return units, hists
+
+
+def stage_sums(rng, *args, **kwargs):
+    """What ``judge`` takes: the stage's units as moments, and its histograms."""
+    units, hists = stage_units(rng, *args, **kwargs)
+    return {name: UnitMoments.of_units(values) for name, values in units.items()}, hists
 
 
 def test_stage_rules():
@@ -155,14 +161,25 @@ def test_injected_faults_start_when_asked():
 # -- the controller on PostgreSQL and Kafka ----------------------------------------------------
 
 
-def add_window(conn, experiment_id: str, start: datetime, sums: dict, hists: dict) -> None:
-    for variant, s in sums.items():
+def add_window(conn, experiment_id: str, start: datetime, units: dict, hists: dict) -> None:
+    """A second of traffic: its window (for the latency histograms) and its units, exposed at ``start``."""
+    for variant, values in units.items():
+        if not len(values["invocations"]):
+            continue
+        n_invocations, conversions = int(values["invocations"].sum()), int(values["conversions"].sum())
         conn.execute(
             "INSERT INTO variant_windows (experiment_id, variant, window_start, window_seconds, invocations,"
             " conversions, reward_sum, reward_sq_sum, errors, latency_count, latency_ms_sum, latency_hist)"
-            " VALUES (%s, %s, %s, 1, %s, %s, %s, %s, %s, %s, 0, %s)",
-            (experiment_id, variant, start, s["invocations"], s["conversions"], s["reward_sum"], s["reward_sq_sum"],
-             s["errors"], s["invocations"], hists[variant]))
+            " VALUES (%s, %s, %s, 1, %s, %s, %s, %s, %s, %s, 0, %s) ON CONFLICT DO NOTHING",
+            (experiment_id, variant, start, n_invocations, conversions, conversions, conversions,
+             int(values["errors"].sum()), n_invocations, hists[variant]))
+        tag = uuid.uuid4().hex[:8]
+        with conn.cursor() as cur, cur.copy(
+                "COPY unit_state (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity, "
+                "invocations, conversions, reward, errors) FROM STDIN") as copy:
+            for i, (n, c, e) in enumerate(zip(values["invocations"], values["conversions"], values["errors"])):
+                copy.write_row((experiment_id, f"{tag}-{i}", variant, start.timestamp(), int(start.timestamp()), None,
+                                float(n), float(c), float(c), float(e)))
 
 
 def split(total: int, share: float) -> tuple[int, int]:
@@ -194,7 +211,7 @@ def test_healthy_canary_is_promoted_through_every_stage(settings, engine, contro
             stage = conn.execute("SELECT stage FROM rollouts WHERE experiment_id = %s",
                                  (config.experiment_id,)).fetchone()[0]
             add_window(conn, config.experiment_id, now - timedelta(seconds=1),
-                       *stage_sums(rng, *split(4_000, config.rollout.stages[stage] / 100)))
+                       *stage_units(rng, *split(4_000, config.rollout.stages[stage] / 100)))
             if controller.check(conn, config, now) == "completed":
                 break
         status = rollout_controller.status(conn, config.experiment_id)
@@ -221,12 +238,12 @@ def test_injected_errors_roll_back_within_two_checks(settings, engine, controlle
         on_canary = next(f"user-{i}" for i in range(10_000)
                          if assign(conn, config.experiment_id, f"user-{i}").variant == "Canary")
         for second in range(1, 5):
-            add_window(conn, config.experiment_id, T0 + timedelta(seconds=second - 1), *stage_sums(rng, 3_800, 200))
+            add_window(conn, config.experiment_id, T0 + timedelta(seconds=second - 1), *stage_units(rng, 3_800, 200))
             assert controller.check(conn, config, T0 + timedelta(seconds=second)) == "running"
         checks = 0
         for second in range(5, 60):  # the canary starts failing 30 % of its requests
             add_window(conn, config.experiment_id, T0 + timedelta(seconds=second - 1),
-                       *stage_sums(rng, 3_800, 200, errors=(0.01, 0.3)))
+                       *stage_units(rng, 3_800, 200, errors=(0.01, 0.3)))
             checks += 1
             if controller.check(conn, config, T0 + timedelta(seconds=second)) == "rolled_back":
                 break
@@ -339,7 +356,7 @@ def test_transitions_call_the_webhook_and_the_gate_holds_the_last_stage(settings
         controller.check(conn, config, T0)
         states = []
         for second in range(1, 40):
-            add_window(conn, config.experiment_id, T0 + timedelta(seconds=second - 1), *stage_sums(rng, 1_000, 1_000))
+            add_window(conn, config.experiment_id, T0 + timedelta(seconds=second - 1), *stage_units(rng, 1_000, 1_000))
             states.append(controller.check(conn, config, T0 + timedelta(seconds=second)))
             if states[-1] == "completed":
                 break
@@ -402,16 +419,8 @@ def test_a_killed_controller_resumes_where_it_was(settings, engine, services):
                                    "LIMIT 1", (config.experiment_id,)).fetchone()
                 if row:
                     second = datetime.now(timezone.utc).replace(microsecond=0)
-                    sums, hists = stage_sums(rng, *split(2_000, row[0]["Canary"]))
-                    sums = {k: v for k, v in sums.items() if v["invocations"]}
-                    for variant, s in sums.items():
-                        conn.execute(
-                            "INSERT INTO variant_windows (experiment_id, variant, window_start, window_seconds,"
-                            " invocations, conversions, reward_sum, reward_sq_sum, errors, latency_count,"
-                            " latency_ms_sum, latency_hist) VALUES (%s, %s, %s, 1, %s, %s, %s, %s, %s, %s, 0, %s)"
-                            " ON CONFLICT DO NOTHING",
-                            (config.experiment_id, variant, second, s["invocations"], s["conversions"],
-                             s["reward_sum"], s["reward_sq_sum"], s["errors"], s["invocations"], hists[variant]))
+                    units, hists = stage_units(rng, *split(2_000, row[0]["Canary"]))
+                    add_window(conn, config.experiment_id, second, units, hists)
                     conn.execute("SELECT pg_notify('abflow_aggregates', %s)", (config.experiment_id,))
                 stop.wait(0.25)
 

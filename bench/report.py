@@ -1,13 +1,17 @@
 """Benchmark of the experiment report on a long experiment.
 
-    python bench/report.py [--days 365] [--variants 5] [--repeats 3]
+    python bench/report.py [--days 365] [--variants 5] [--units 1000000] [--repeats 3]
 
 Writes --days of one-minute windows for --variants variants (a year and five
-variants: 2.6 million rows with their latency histograms) and an allocation
-version every hour whose weights wander, as a bandit's would. Then, in the same
-run, times (median of --repeats):
+variants: 2.6 million rows with their latency histograms), an allocation
+version every hour whose weights wander, as a bandit's would, and --units
+exposed units (each exposed at a random minute to a variant drawn from the
+weights of that hour, with 1 + Poisson(2) invocations). The experiment has
+five metrics: converted_units (primary), conversion_rate and reward_per_unit
+(secondary), error_rate and latency_p95 (guardrails). Then, in the same run,
+times (median of --repeats):
 
-- baseline: reading those rows from PostgreSQL into Python (psycopg, one query);
+- baseline: reading the unit rows from PostgreSQL into Python (psycopg, one query);
 - report: everything `abflow report` does (its queries, the statistics, the
   decision), and separately rendering the terminal text and the HTML page.
 
@@ -61,11 +65,16 @@ def latency_shares() -> np.ndarray:
     return np.diff(np.concatenate([[0.0], cdf]))
 
 
-def write_experiment(database_url: str, engine, days: int, variants: int, seed: int) -> str:
+METRICS = [{"name": "converted_units", "role": "primary"}, {"name": "conversion_rate", "role": "secondary"},
+           {"name": "reward_per_unit", "role": "secondary"}, {"name": "error_rate", "role": "guardrail"},
+           {"name": "latency_p95", "role": "guardrail"}]
+
+
+def write_experiment(database_url: str, engine, days: int, variants: int, units: int, seed: int) -> str:
     experiment_id = f"bench-report-{uuid.uuid4().hex[:6]}"
     names = [f"model-{i}" for i in range(variants)]
     create_experiment(engine, parse_config({
-        "experiment_id": experiment_id, "strategy": "ThompsonSampling", "min_weight": 0.02,
+        "experiment_id": experiment_id, "strategy": "ThompsonSampling", "min_weight": 0.02, "metrics": METRICS,
         "variants": [{"name": n, "role": "champion" if i == 0 else "challenger", "initial_weight": 1.0}
                      for i, n in enumerate(names)],
     }))
@@ -103,11 +112,32 @@ def write_experiment(database_url: str, engine, days: int, variants: int, seed: 
                                         int(errors[m]), int(n[m]), float(n[m]) * 40.0, hists[m].tolist()))
                     bar.update(1440)
             bar.close()
+        write_units(conn, experiment_id, names, weights, rates, units, rng)
         conn.commit()
     assert len(shares) == LATENCY_BUCKETS
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE variant_windows")
+        conn.execute("VACUUM ANALYZE unit_state")
     return experiment_id
+
+
+def write_units(conn, experiment_id: str, names: list[str], weights: np.ndarray, rates: np.ndarray, units: int,
+                rng) -> None:
+    """Units exposed at random minutes, each to a variant drawn from that hour's weights."""
+    minute = np.sort(rng.integers(0, len(weights) * 60, units))
+    cumulative = np.cumsum(weights[minute // 60], axis=1)
+    variant = np.minimum((rng.random(units)[:, None] > cumulative).sum(axis=1), len(names) - 1)
+    visits = 1 + rng.poisson(2, units)
+    conversions = rng.binomial(visits, rates[variant])
+    errors = rng.binomial(visits, 0.01)
+    exposed = START.timestamp() + minute * 60.0 + rng.uniform(0, 60, units)
+    with conn.cursor() as cur, cur.copy(
+            "COPY unit_state (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity, invocations, "
+            "conversions, reward, errors) FROM STDIN") as copy:
+        for i in tqdm(range(units), unit="unit", desc="writing units", mininterval=1):
+            copy.write_row((experiment_id, f"user-{i}", names[variant[i]], float(exposed[i]),
+                            int(exposed[i] // 60 * 60), None, float(visits[i]), float(conversions[i]),
+                            float(conversions[i]), float(errors[i])))
 
 
 def time_it(function, repeats: int) -> tuple[float, object]:
@@ -123,6 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--variants", type=int, default=5)
+    parser.add_argument("--units", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
@@ -137,14 +168,13 @@ def main() -> None:
         upgrade(database_url)
         engine = make_engine(database_url)
         started = time.perf_counter()
-        experiment_id = write_experiment(database_url, engine, args.days, args.variants, args.seed)
+        experiment_id = write_experiment(database_url, engine, args.days, args.variants, args.units, args.seed)
         written = time.perf_counter() - started
 
         def read_rows():
             with psycopg.connect(libpq_url(database_url)) as conn:
-                return conn.execute("SELECT variant, window_start, invocations, conversions, reward_sum, reward_sq_sum,"
-                                    " errors, latency_hist FROM variant_windows WHERE experiment_id = %s",
-                                    (experiment_id,)).fetchall()
+                return conn.execute("SELECT variant, exposure_window, invocations, conversions, reward, errors"
+                                    " FROM unit_state WHERE experiment_id = %s", (experiment_id,)).fetchall()
 
         print(f"timing: reading the rows, the report, rendering ({args.repeats} times each)", file=sys.stderr)
         read_s, rows = time_it(read_rows, args.repeats)
@@ -154,10 +184,11 @@ def main() -> None:
         html_s, page = time_it(lambda: render_html(report), args.repeats)
         engine.dispose()
         results = {
-            "rows": len(rows), "days": args.days, "variants": args.variants,
+            "units": len(rows), "windows": args.days * 1440 * args.variants, "days": args.days,
+            "variants": args.variants, "metrics": len(METRICS),
             "allocation_versions": args.days * 24, "allocation_periods": report["experiment"]["allocation_periods"],
             "write_s": round(written, 1),
-            "baseline_read_rows_s": round(read_s, 3),
+            "baseline_read_unit_rows_s": round(read_s, 3),
             "report_s": round(report_s, 3),
             "report_queries_s": round(input_s, 3),
             "report_statistics_s": round(report_s - input_s, 3),

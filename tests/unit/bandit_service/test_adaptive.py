@@ -146,9 +146,11 @@ BASE = {"experiment_id": "metrics-test", "variants": [{"name": "A"}, {"name": "B
 def test_metrics_and_analysis_config():
     default = parse_config(BASE)
     assert [(m.name, m.role) for m in default.metrics] == [
-        ("conversion_rate", "primary"), ("error_rate", "guardrail"), ("latency_p95", "guardrail")]
+        ("converted_units", "primary"), ("conversion_rate", "secondary"), ("error_rate", "guardrail"),
+        ("latency_p95", "guardrail")]
     gaussian = parse_config({**BASE, "reward_model": "gaussian"})
-    assert gaussian.metrics[0].name == "reward_per_invocation"
+    assert [(m.name, m.role) for m in gaussian.metrics[:2]] == [
+        ("reward_per_invocation", "primary"), ("converted_units", "secondary")]
     custom = parse_config({**BASE, "metrics": [{"name": "reward_per_invocation", "role": "primary"},
                                                {"name": "latency_p99", "role": "guardrail", "margin": 0.002}],
                            "analysis": {"alpha": 0.01, "mde": 0.05, "correction": "benjamini-hochberg",

@@ -15,6 +15,7 @@ from datetime import datetime
 
 import orjson
 
+from abflow.core.config import UNIT_VARIABLES, VALUE_NAME
 from abflow.core.errors import Invalid
 
 INVOCATION = "invocation"
@@ -23,6 +24,7 @@ SHADOW = "shadow"
 KINDS = (INVOCATION, CONVERSION, SHADOW)
 
 MAX_ID_LENGTH = 256
+MAX_VALUES = 32  # named numeric values per event
 
 # Stable reason codes of dead letters.
 REASONS = (
@@ -59,6 +61,8 @@ class Invocation:
     latency_ms: float | None = None
     error: bool = False
     model_version: str | None = None
+    # Named numbers the metrics of the experiment can use (e.g. correct, labelled, confidence).
+    values: dict[str, float] | None = None
 
     kind = INVOCATION
 
@@ -75,6 +79,7 @@ class Conversion:
     timestamp: float  # epoch seconds
     reward: float = 1.0
     invocation_id: str | None = None
+    values: dict[str, float] | None = None  # e.g. revenue, tp, fp, fn
 
     kind = CONVERSION
 
@@ -229,7 +234,33 @@ def _checked_invocation(data: dict) -> Invocation:
         latency_ms=latency_ms,
         error=error,
         model_version=_identifier(data, "model_version", required=False),
+        values=_values(data),
     )
+
+
+def _values(data: dict) -> dict[str, float] | None:
+    values = data.get("values")
+    if values is None:
+        return None
+    if type(values) is not dict:
+        raise InvalidEvent("wrong_type", f"'values' must be an object of named numbers, got {type(values).__name__}")
+    if len(values) > MAX_VALUES:
+        raise InvalidEvent("invalid_value", f"'values' may hold at most {MAX_VALUES} numbers, got {len(values)}")
+    checked = {}
+    for name, value in values.items():
+        if not VALUE_NAME.match(name) or name in UNIT_VARIABLES:
+            raise InvalidEvent("invalid_value", f"'values': {name!r} is not a value name (lower case letters, digits "
+                                                f"and _, starting with a letter; not one of {', '.join(UNIT_VARIABLES)})")
+        checked[name] = _value(name, value)
+    return checked
+
+
+def _value(name: str, value) -> float:
+    if type(value) not in (int, float):
+        raise InvalidEvent("wrong_type", f"'values.{name}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidEvent("non_finite", f"'values.{name}' must be finite")
+    return float(value)
 
 
 def _flag(data: dict, field: str, default: bool | None) -> bool | None:
@@ -280,6 +311,7 @@ def _checked_conversion(data: dict) -> Conversion:
         timestamp=parse_timestamp(data.get("timestamp")),
         reward=1.0 if reward is None else reward,
         invocation_id=_identifier(data, "invocation_id", required=False),
+        values=_values(data),
     )
 
 
@@ -307,6 +339,7 @@ def invocation_from_dict(data: dict) -> Invocation:
         and (latency_ms is None or (type(latency_ms) in _NUMBER and 0 <= latency_ms < _INF))
         and type(error) is bool
         and (model_version is None or _is_id(model_version))
+        and "values" not in data
     ):
         return Invocation(event_id, experiment_id, variant, user_id, float(timestamp),
                           None if propensity is None else float(propensity),
@@ -323,6 +356,7 @@ def conversion_from_dict(data: dict) -> Conversion:
         and type(timestamp) in _NUMBER and 0 <= timestamp < _INF
         and (reward is None or (type(reward) in _NUMBER and -_INF < reward < _INF))
         and (invocation_id is None or _is_id(invocation_id))
+        and "values" not in data
     ):
         return Conversion(event_id, experiment_id, variant, user_id, float(timestamp),
                           1.0 if reward is None else float(reward), invocation_id)

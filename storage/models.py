@@ -275,6 +275,7 @@ class UnitState(Base):
     conversions: Mapped[float] = mapped_column(Float, default=0.0)
     reward: Mapped[float] = mapped_column(Float, default=0.0)
     errors: Mapped[float] = mapped_column(Float, default=0.0)
+    value_sums: Mapped[dict] = mapped_column(JSONB, default=dict)
 
 
 class HeldOutcome(Base):
@@ -289,6 +290,7 @@ class HeldOutcome(Base):
     variant: Mapped[str] = mapped_column(String(128))
     ts: Mapped[float] = mapped_column(Float)
     reward: Mapped[float] = mapped_column(Float)
+    vals: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
     attribution_seconds: Mapped[float] = mapped_column(Float)
     held_at: Mapped[float] = mapped_column(Float)
 

@@ -31,6 +31,8 @@ from collections.abc import Iterable
 import psycopg
 from sqlalchemy import Engine
 
+from abflow.core.config import UNIT_VARIABLES, VALUE_NAME
+
 # Why an event did not count as it claimed (per experiment and variant).
 HELD = "held"  # waited for its exposure (a count of arrivals, not of what still waits)
 VARIANT_MISMATCH = "variant_mismatch"  # counted, for the exposure's variant
@@ -38,20 +40,17 @@ OUTSIDE_WINDOW = "outside_window"  # after the attribution window: not counted
 NO_EXPOSURE = "no_exposure"  # its unit was never exposed in time: not counted
 REASONS = (HELD, VARIANT_MISMATCH, OUTSIDE_WINDOW, NO_EXPOSURE)
 
-# The per-unit variables whose sums and cross-products the report reads, as SQL over ``unit_state``.
-VARIABLES = {
-    "invocations": "invocations",
-    "conversions": "conversions",
-    "reward": "reward",
-    "errors": "errors",
-    "converted": "(conversions > 0)::int",
-}
+# A per-unit variable the report reads: a linear combination of the unit's sums ((name, coefficient)
+# pairs: a column of UNIT_VARIABLES or a key of value_sums), optionally turned into an indicator
+# (> 0) or capped at a value.
+Variable = tuple[tuple[tuple[str, float], ...], bool, float | None]
 
 _BATCH = ("CREATE TEMPORARY TABLE IF NOT EXISTS unit_batch (seq int, kind smallint, experiment_id text, unit_id text, "
-          "variant text, ts float8, propensity float8, reward float8, error bool, attribution_seconds float8) "
+          "variant text, ts float8, propensity float8, reward float8, error bool, attribution_seconds float8, vals jsonb) "
           "ON COMMIT DELETE ROWS")
 # A row of a batch: (kind, experiment_id, unit_id, variant, timestamp in epoch seconds, propensity,
-# reward, error, attribution window in seconds), in the order the events were read.
+# reward, error, attribution window in seconds, named values as JSON text or None), in the order
+# the events were read.
 INVOCATION_KIND, OUTCOME_KIND = 0, 1
 
 # Held outcomes join the batch when their unit is exposed by now: those of the batch's invoked units
@@ -63,9 +62,10 @@ WITH released AS (
   WHERE (h.experiment_id, h.unit_id) IN (SELECT experiment_id, unit_id FROM unit_batch WHERE kind = 0)
      OR (%(sweep)s AND EXISTS (SELECT 1 FROM unit_state s WHERE s.experiment_id = h.experiment_id
                                                           AND s.unit_id = h.unit_id))
-  RETURNING h.experiment_id, h.unit_id, h.variant, h.ts, h.reward, h.attribution_seconds)
-INSERT INTO unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, attribution_seconds)
-SELECT -1, 1, experiment_id, unit_id, variant, ts, NULL, reward, false, attribution_seconds FROM released
+  RETURNING h.experiment_id, h.unit_id, h.variant, h.ts, h.reward, h.attribution_seconds, h.vals)
+INSERT INTO unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, attribution_seconds,
+                        vals)
+SELECT -1, 1, experiment_id, unit_id, variant, ts, NULL, reward, false, attribution_seconds, vals FROM released
 """
 
 # One statement per batch: each unit's exposure (stored, or made now by its first invocation, or by
@@ -93,9 +93,14 @@ made AS (
 exposure AS (
   SELECT * FROM stored UNION ALL SELECT * FROM made),
 joined AS MATERIALIZED (
-  SELECT b.experiment_id, b.unit_id, b.kind, b.variant AS claimed, e.variant, b.reward, b.error,
+  SELECT b.experiment_id, b.unit_id, b.kind, b.variant AS claimed, e.variant, b.reward, b.error, b.vals,
          b.ts <= e.exposed_at + b.attribution_seconds AS inside
   FROM unit_batch b JOIN exposure e ON e.experiment_id = b.experiment_id AND e.unit_id = b.unit_id),
+value_sums AS (
+  SELECT experiment_id, unit_id, jsonb_object_agg(name, total) AS sums
+  FROM (SELECT j.experiment_id, j.unit_id, v.key AS name, sum(v.value::float8) AS total
+        FROM joined j, jsonb_each_text(j.vals) v WHERE j.inside GROUP BY 1, 2, 3) named
+  GROUP BY experiment_id, unit_id),
 per_unit AS (
   SELECT experiment_id, unit_id,
          count(*) FILTER (WHERE inside AND kind = 0) AS invocations,
@@ -106,17 +111,20 @@ per_unit AS (
   FROM joined GROUP BY experiment_id, unit_id),
 written AS (
   INSERT INTO unit_state AS s (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity, multiple,
-                               invocations, conversions, reward, errors)
+                               invocations, conversions, reward, errors, value_sums)
   SELECT d.experiment_id, d.unit_id, e.variant, e.exposed_at, floor(e.exposed_at / %(window)s) * %(window)s,
-         e.propensity, d.other_variant, d.invocations, d.conversions, d.reward, d.errors
+         e.propensity, d.other_variant, d.invocations, d.conversions, d.reward, d.errors, coalesce(v.sums, '{}')
   FROM per_unit d JOIN exposure e ON e.experiment_id = d.experiment_id AND e.unit_id = d.unit_id
+  LEFT JOIN value_sums v ON v.experiment_id = d.experiment_id AND v.unit_id = d.unit_id
   ON CONFLICT (experiment_id, unit_id) DO UPDATE SET
     invocations = s.invocations + excluded.invocations, conversions = s.conversions + excluded.conversions,
     reward = s.reward + excluded.reward, errors = s.errors + excluded.errors,
-    multiple = s.multiple OR excluded.multiple),
+    multiple = s.multiple OR excluded.multiple,
+    value_sums = CASE WHEN excluded.value_sums = '{}' THEN s.value_sums
+                      ELSE abflow_add_values(s.value_sums, excluded.value_sums) END),
 held AS (
-  INSERT INTO held_outcomes (experiment_id, unit_id, variant, ts, reward, attribution_seconds, held_at)
-  SELECT experiment_id, unit_id, variant, ts, reward, attribution_seconds, %(now)s FROM unit_batch b
+  INSERT INTO held_outcomes (experiment_id, unit_id, variant, ts, reward, attribution_seconds, held_at, vals)
+  SELECT experiment_id, unit_id, variant, ts, reward, attribution_seconds, %(now)s, vals FROM unit_batch b
   WHERE kind = 1
     AND NOT EXISTS (SELECT 1 FROM exposure e WHERE e.experiment_id = b.experiment_id AND e.unit_id = b.unit_id)
   RETURNING experiment_id, variant)
@@ -149,7 +157,7 @@ def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], window_seconds:
         cur.execute(_BATCH)
         copied = 0
         with cur.copy("COPY unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, "
-                      "attribution_seconds) FROM STDIN") as copy:
+                      "attribution_seconds, vals) FROM STDIN") as copy:
             for seq, row in enumerate(rows):
                 copy.write_row((seq, *row))
                 copied += 1
@@ -183,25 +191,47 @@ def held_count(conn: psycopg.Connection, experiment_id: str) -> int:
     return int(conn.execute("SELECT count(*) FROM held_outcomes WHERE experiment_id = %s", (experiment_id,)).fetchone()[0])
 
 
-def unit_moments(conn: psycopg.Connection, experiment_id: str, exposed_since: float | None = None) -> list[tuple]:
+def _expression(variable: Variable) -> str:
+    terms, indicator, cap = variable
+    parts = []
+    for name, coefficient in terms:
+        # Names are validated by the config (UNIT_VARIABLES or VALUE_NAME): safe to write into the SQL.
+        if name in UNIT_VARIABLES:
+            column = name
+        elif VALUE_NAME.match(name):
+            column = f"coalesce((value_sums ->> '{name}')::float8, 0)"
+        else:
+            raise ValueError(f"not a unit variable: {name!r}")
+        parts.append(f"{float(coefficient)!r} * {column}")
+    sql = "(" + " + ".join(parts) + ")"
+    if indicator:
+        sql = f"({sql} > 0)::int"
+    if cap is not None:
+        sql = f"least({sql}, {float(cap)!r})"
+    return sql
+
+
+def unit_moments(conn: psycopg.Connection, experiment_id: str, variables: dict[str, Variable],
+                 pairs: list[tuple[str, str]], exposed_since: float | None = None) -> list[tuple]:
     """Per (variant, exposure window) of the exposed units (those exposed at or after ``exposed_since``,
     epoch seconds, when given): (variant, window start in epoch seconds, units, units exposed to
-    another variant too, the sums of each of ``VARIABLES``, and the sums of the products of every
-    pair i <= j in that order)."""
-    columns = list(VARIABLES.values())
-    sums = ", ".join(f"sum({c})" for c in columns)
-    products = ", ".join(f"sum({a} * {b})" for i, a in enumerate(columns) for b in columns[i:])
+    another variant too, the sum of each of ``variables`` in order, and the sum of the product of
+    each of ``pairs`` in order)."""
+    expressions = {name: _expression(variable) for name, variable in variables.items()}
+    sums = [f"sum({expressions[name]})" for name in variables]
+    products = [f"sum({expressions[a]} * {expressions[b]})" for a, b in pairs]
     return conn.execute(
-        f"SELECT variant, exposure_window, count(*), count(*) FILTER (WHERE multiple), {sums}, {products} "
+        f"SELECT variant, exposure_window, count(*), count(*) FILTER (WHERE multiple), {', '.join(sums + products)} "
         "FROM unit_state WHERE experiment_id = %s AND exposed_at >= %s GROUP BY 1, 2 ORDER BY 1, 2",
         (experiment_id, -1e300 if exposed_since is None else exposed_since)).fetchall()
 
 
-def read_unit_moments(engine: Engine, experiment_id: str) -> list[tuple]:
+def read_unit_moments(engine: Engine, experiment_id: str, variables: dict[str, Variable],
+                      pairs: list[tuple[str, str]]) -> list[tuple]:
     """``unit_moments`` through a SQLAlchemy engine (the report's)."""
     raw = engine.raw_connection()
     try:
-        rows = unit_moments(raw.driver_connection, experiment_id)
+        rows = unit_moments(raw.driver_connection, experiment_id, variables, pairs)
         raw.driver_connection.rollback()
         return rows
     finally:

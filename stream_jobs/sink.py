@@ -30,6 +30,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import orjson
 import psycopg
 
 from abflow.core.config import DEFAULT_ATTRIBUTION_WINDOW_SECONDS
@@ -144,12 +145,13 @@ class PostgresSink:
         rows = []
         for e in events:
             window = self._attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS)
+            values = None if e.values is None else orjson.dumps(e.values).decode()
             if e.kind == INVOCATION:
                 rows.append((unit_store.INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp,
-                             e.propensity, 0.0, e.error, window))
+                             e.propensity, 0.0, e.error, window, values))
             else:
                 rows.append((unit_store.OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None,
-                             e.reward, False, window))
+                             e.reward, False, window, values))
         return rows
 
     def _apply(self, records: list[Record], results: list, now: float) -> BatchResult:

@@ -181,12 +181,16 @@ def assert_windows_match(engine, expected: Expected) -> None:
 
 
 def read_unit_moments(engine, experiment_ids) -> dict:
-    """The units' moments as the report reads them (storage.units.unit_moments)."""
+    """The units' moments as the report reads them (storage.units.unit_moments): the sums of the stream's
+    variables and of each product of two."""
+    from bandit_service.report.evidence import BASE_VARIABLES
     from storage.units import read_unit_moments as read
 
+    names = list(BASE_VARIABLES)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
     found = {}
     for experiment_id in experiment_ids:
-        for variant, window, units, _, *moments in read(engine, experiment_id):
+        for variant, window, units, _, *moments in read(engine, experiment_id, BASE_VARIABLES, pairs):
             found[(experiment_id, variant, int(window))] = (units, list(moments[:5]), list(moments[5:]))
     return found
 

@@ -22,30 +22,41 @@ _TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variant
 REWARD_MODELS = ("binary", "gaussian")
 _VARIANT = {"name", "initial_weight", "model_version", "role"}
 
-# The built-in metrics: the direction that is better, and how each is computed on the units
-# (the per-unit sums the stream keeps: storage.units.VARIABLES), or from the latency histograms.
-#   proportion: the share of exposed units whose variable is > 0 (z-test on units);
-#   mean: the per-unit sum of a variable (Welch on units);
+# Every metric but a latency quantile is computed on the exposed units, from per-unit sums: the
+# stream's own (UNIT_VARIABLES) and those of the named ``values`` the events carry (VALUE_NAME).
+#   proportion: the share of units whose numerator is > 0 (z-test on units);
+#   mean: the per-unit numerator (Welch on units);
 #   ratio: Σ numerator / Σ denominator over units (the delta method on units);
-#   quantile: of the request latencies (a guardrail, request-level).
+#   quantile: of the request latencies (guardrails only; request-level, from the histograms).
+# A numerator or a denominator is a linear combination of variables, e.g. F1 = 2·tp / (2·tp + fp + fn).
+UNIT_VARIABLES = ("invocations", "conversions", "reward", "errors")
+VALUE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+METRIC_KINDS = ("proportion", "mean", "ratio")
+DIRECTIONS = ("higher", "lower")
+Combination = tuple[tuple[str, float], ...]  # (variable, coefficient) pairs
 
 
 @dataclass(frozen=True)
 class MetricDefinition:
     kind: str  # proportion, mean, ratio or quantile
     direction: str  # higher or lower
-    numerator: str | None = None  # the unit variable (proportion, mean, ratio)
-    denominator: str | None = None  # ratio only
+    numerator: Combination = ()  # proportion, mean, ratio
+    denominator: Combination = ()  # ratio only
     quantile: float | None = None  # quantile only
+    cap: float | None = None  # per-unit numerator winsorized at this value (mean, ratio)
+
+
+def _one(variable: str) -> Combination:
+    return ((variable, 1.0),)
 
 
 METRIC_DEFINITIONS = {
-    "converted_units": MetricDefinition("proportion", "higher", "conversions"),
-    "conversion_rate": MetricDefinition("ratio", "higher", "conversions", "invocations"),
-    "conversions_per_unit": MetricDefinition("mean", "higher", "conversions"),
-    "reward_per_invocation": MetricDefinition("ratio", "higher", "reward", "invocations"),
-    "reward_per_unit": MetricDefinition("mean", "higher", "reward"),
-    "error_rate": MetricDefinition("ratio", "lower", "errors", "invocations"),
+    "converted_units": MetricDefinition("proportion", "higher", _one("conversions")),
+    "conversion_rate": MetricDefinition("ratio", "higher", _one("conversions"), _one("invocations")),
+    "conversions_per_unit": MetricDefinition("mean", "higher", _one("conversions")),
+    "reward_per_invocation": MetricDefinition("ratio", "higher", _one("reward"), _one("invocations")),
+    "reward_per_unit": MetricDefinition("mean", "higher", _one("reward")),
+    "error_rate": MetricDefinition("ratio", "lower", _one("errors"), _one("invocations")),
     "latency_p95": MetricDefinition("quantile", "lower", quantile=0.95),
     "latency_p99": MetricDefinition("quantile", "lower", quantile=0.99),
 }
@@ -59,6 +70,7 @@ DEFAULT_MARGINS = {"error_rate": 0.01, "latency_p95": 0.01, "latency_p99": 0.005
 CORRECTIONS = ("holm", "benjamini-hochberg")
 CORRECTION_ALIASES = {"bh": "benjamini-hochberg"}
 _METRIC = {"name", "role", "margin"}
+_CUSTOM_METRIC = _METRIC | {"kind", "numerator", "denominator", "direction", "cap"}
 _ANALYSIS = {"alpha", "power", "mde", "correction", "min_sample"}
 _ROLLOUT = {"challenger", "stages", "min_duration_seconds", "min_sample", "max_duration_seconds",
             "check_interval_seconds", "rollback_after", "primary_margin", "webhook_url", "confirm_url",
@@ -92,14 +104,26 @@ class MetricConfig:
     name: str
     role: str
     margin: float | None = None  # guardrails only: how much worse the challenger may be
-
-    @property
-    def higher_is_better(self) -> bool:
-        return METRICS[self.name] == "higher"
+    custom: MetricDefinition | None = None  # a metric the experiment defines; None: a built-in one
 
     @property
     def definition(self) -> MetricDefinition:
-        return METRIC_DEFINITIONS[self.name]
+        return self.custom or METRIC_DEFINITIONS[self.name]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.definition.direction == "higher"
+
+    def to_dict(self) -> dict:
+        data: dict = {"name": self.name, "role": self.role, "margin": self.margin}
+        if self.custom is not None:
+            c = self.custom
+            data.update(kind=c.kind, direction=c.direction, numerator=dict(c.numerator))
+            if c.denominator:
+                data["denominator"] = dict(c.denominator)
+            if c.cap is not None:
+                data["cap"] = c.cap
+        return data
 
 
 @dataclass(frozen=True)
@@ -174,7 +198,7 @@ class ExperimentConfig:
         else:
             data["rollout"]["stages"] = list(self.rollout.stages)
         data["variants"] = [asdict(v) for v in self.variants]
-        data["metrics"] = [asdict(m) for m in self.metrics]
+        data["metrics"] = [m.to_dict() for m in self.metrics]
         data["shadows"] = [asdict(s) for s in self.shadows]
         return data
 
@@ -223,27 +247,42 @@ def _metrics(data, reward_model: str) -> tuple[MetricConfig, ...]:
     if data is None:
         return default_metrics(reward_model)
     if not isinstance(data, list) or not data:
-        raise ConfigError("metrics must be a non-empty list of {name, role, margin}")
+        raise ConfigError("metrics must be a non-empty list of {name, role, margin} (and kind, numerator, "
+                          "denominator, direction, cap for a metric of your own)")
     metrics = []
     for index, item in enumerate(data):
         where = f"metrics[{index}]"
-        _check_object(item, _METRIC, where, "'name' and 'role'")
+        custom = isinstance(item, dict) and "kind" in item
+        _check_object(item, _CUSTOM_METRIC if custom else _METRIC, where, "'name' and 'role'")
         name = item.get("name")
-        if name not in METRICS:
-            raise ConfigError(f"{where}.name must be one of {', '.join(METRICS)}, got {name!r}")
+        if custom:
+            if not isinstance(name, str) or not VALUE_NAME.match(name) or name in METRICS:
+                raise ConfigError(f"{where}.name must be lower case letters, digits and _ (starting with a letter), "
+                                  f"and not a built-in metric's name, got {name!r}")
+            definition = _custom_definition(item, where)
+        elif name not in METRICS:
+            raise ConfigError(f"{where}.name must be one of {', '.join(METRICS)} (or give a 'kind' to define "
+                              f"your own), got {name!r}")
+        else:
+            definition = METRIC_DEFINITIONS[name]
         role = item.get("role")
         if role not in METRIC_ROLES:
             raise ConfigError(f"{where}.role must be one of {', '.join(METRIC_ROLES)}, got {role!r}")
         margin = item.get("margin")
         if role == "guardrail":
+            if margin is None and custom:
+                raise ConfigError(f"{where}.margin is required for a guardrail of your own (how much worse, in the "
+                                  "metric's units, the challenger may be)")
             margin = _number(DEFAULT_MARGINS[name] if margin is None else margin, f"{where}.margin")
-            if not 0 < margin < 1:
+            if custom and not margin > 0:
+                raise ConfigError(f"{where}.margin must be > 0, got {margin}")
+            if not custom and not 0 < margin < 1:
                 raise ConfigError(f"{where}.margin must be in (0, 1), got {margin}")
         elif margin is not None:
             raise ConfigError(f"{where}.margin applies to guardrails only")
-        if role != "guardrail" and METRIC_DEFINITIONS[name].kind == "quantile":
+        if role != "guardrail" and definition.kind == "quantile":
             raise ConfigError(f"{where}: {name} can only be a guardrail")
-        metrics.append(MetricConfig(name, role, margin))
+        metrics.append(MetricConfig(name, role, margin, definition if custom else None))
     names = [m.name for m in metrics]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -252,6 +291,44 @@ def _metrics(data, reward_model: str) -> tuple[MetricConfig, ...]:
     if len(primaries) != 1:
         raise ConfigError(f"exactly one metric must have role 'primary', found {len(primaries)}")
     return tuple(metrics)
+
+
+def _custom_definition(item: dict, where: str) -> MetricDefinition:
+    kind = item.get("kind")
+    if kind not in METRIC_KINDS:
+        raise ConfigError(f"{where}.kind must be one of {', '.join(METRIC_KINDS)}, got {kind!r}")
+    direction = item.get("direction", "higher")
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"{where}.direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    numerator = _combination(item.get("numerator"), f"{where}.numerator")
+    denominator: Combination = ()
+    if kind == "ratio":
+        denominator = _combination(item.get("denominator"), f"{where}.denominator")
+    elif item.get("denominator") is not None:
+        raise ConfigError(f"{where}.denominator applies to ratio metrics only")
+    cap = item.get("cap")
+    if cap is not None:
+        if kind == "proportion":
+            raise ConfigError(f"{where}.cap applies to mean and ratio metrics only")
+        cap = _number(cap, f"{where}.cap")
+        if not cap > 0:
+            raise ConfigError(f"{where}.cap must be > 0, got {cap}")
+    return MetricDefinition(kind, direction, numerator, denominator, cap=cap)
+
+
+def _combination(data, where: str) -> Combination:
+    """A variable name, or {variable: coefficient, …}: a linear combination of per-unit sums."""
+    if isinstance(data, str):
+        data = {data: 1.0}
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{where} must be a variable name or an object {{variable: coefficient}}, got {data!r}")
+    terms = []
+    for variable, coefficient in data.items():
+        if not isinstance(variable, str) or not (variable in UNIT_VARIABLES or VALUE_NAME.match(variable)):
+            raise ConfigError(f"{where}: {variable!r} is neither one of {', '.join(UNIT_VARIABLES)} nor a value name "
+                              "(lower case letters, digits and _, starting with a letter)")
+        terms.append((variable, _number(coefficient, f"{where}.{variable}")))
+    return tuple(terms)
 
 
 def _analysis(data) -> AnalysisConfig:

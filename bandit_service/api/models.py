@@ -35,6 +35,13 @@ class MetricIn(_Strict):
     name: str
     role: str
     margin: float | None = None
+    kind: str | None = Field(None, description="proportion, mean or ratio: a metric of your own (absent: a built-in one)")
+    numerator: str | dict[str, float] | None = Field(
+        None, description="a per-unit variable, or {variable: coefficient}: invocations, conversions, reward, errors, "
+                          "or a name from the events' values")
+    denominator: str | dict[str, float] | None = Field(None, description="ratio metrics: as the numerator")
+    direction: str | None = Field(None, description="higher (default) or lower is better")
+    cap: float | None = Field(None, description="winsorize each unit's numerator at this value (mean, ratio)")
 
 
 class AnalysisIn(_Strict):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from abflow.core.config import MetricConfig, MetricDefinition
+from abflow.core.config import MetricConfig
 from bandit_service.stats.adaptive import merge_thin_periods, stratified_means
 from bandit_service.stats.decision import GuardrailEvidence
 from bandit_service.stats.frequentist import MeanSummary, RatioSummary, StatsInputError
@@ -38,28 +38,77 @@ class UnitMoments:
                             for k in self.products.keys() | other.products.keys()})
 
     @classmethod
-    def of_units(cls, values: dict[str, object], multiple: int = 0) -> "UnitMoments":
-        """From per-unit values (for tests and simulations): {variable: one value per unit}."""
+    def of_units(cls, values: dict[str, object], metrics=(), multiple: int = 0) -> "UnitMoments":
+        """From per-unit values ({variable: one number per unit}: the stream's sums and the events'
+        named values), as PostgreSQL computes them from ``unit_state`` (for tests and simulations)."""
         arrays = {k: np.asarray(v, dtype=float) for k, v in values.items()}
         n = len(next(iter(arrays.values()))) if arrays else 0
-        return cls(n, multiple, {k: float(v.sum()) for k, v in arrays.items()},
-                   {(a, b): float(x @ y) for a, x in arrays.items() for b, y in arrays.items()})
+        variables, pairs = dict(BASE_VARIABLES), []
+        for metric in metrics:
+            variables.update(metric_variables(metric))
+            pairs += metric_pairs(metric)
+        evaluated = {name: _evaluate(variable, arrays, n) for name, variable in variables.items()}
+        products = {}
+        for a, b in pairs:
+            products[(a, b)] = products[(b, a)] = float(evaluated[a] @ evaluated[b])
+        return cls(n, multiple, {k: float(v.sum()) for k, v in evaluated.items()}, products)
+
+
+def _evaluate(variable: tuple, arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
+    terms, indicator, cap = variable
+    total = np.zeros(n)
+    for name, coefficient in terms:
+        total = total + coefficient * arrays.get(name, np.zeros(n))
+    if indicator:
+        total = (total > 0).astype(float)
+    if cap is not None:
+        total = np.minimum(total, cap)
+    return total
 
 
 EMPTY_UNITS = UnitMoments(0)
 
 
-def unit_cell(definition: MetricDefinition, moments: UnitMoments) -> Cell:
+# The per-unit variables every report reads (``storage.units.Variable``): the variants table's.
+BASE_VARIABLES = {
+    "invocations": ((("invocations", 1.0),), False, None),
+    "conversions": ((("conversions", 1.0),), False, None),
+    "reward": ((("reward", 1.0),), False, None),
+    "errors": ((("errors", 1.0),), False, None),
+    "converted": ((("conversions", 1.0),), True, None),
+}
+
+
+def metric_variables(metric: MetricConfig) -> dict[str, tuple]:
+    """The per-unit variables a metric needs: ``name:y`` (its numerator, as an indicator for a proportion,
+    capped when it has a cap) and for a ratio ``name:x`` (its denominator)."""
+    d = metric.definition
+    if d.kind == "quantile":
+        return {}
+    variables = {f"{metric.name}:y": (d.numerator, d.kind == "proportion", d.cap)}
+    if d.kind == "ratio":
+        variables[f"{metric.name}:x"] = (d.denominator, False, None)
+    return variables
+
+
+def metric_pairs(metric: MetricConfig) -> list[tuple[str, str]]:
+    """The products of its variables a metric needs summed."""
+    y, x = f"{metric.name}:y", f"{metric.name}:x"
+    kind = metric.definition.kind
+    return [] if kind == "quantile" else [(y, y)] if kind != "ratio" else [(y, y), (x, x), (x, y)]
+
+
+def unit_cell(metric: MetricConfig, moments: UnitMoments) -> Cell:
     """A variant's units as the metric's observations."""
-    y = definition.numerator
-    if definition.kind in ("proportion", "mean"):
+    kind = metric.definition.kind
+    y, x = f"{metric.name}:y", f"{metric.name}:x"
+    if kind in ("proportion", "mean"):
         return MeanSummary(moments.n, moments.sums.get(y, 0.0), moments.products.get((y, y), 0.0))
-    if definition.kind == "ratio":
-        x = definition.denominator
+    if kind == "ratio":
         return RatioSummary(moments.n, moments.sums.get(x, 0.0), moments.sums.get(y, 0.0),
                             moments.products.get((x, x), 0.0), moments.products.get((y, y), 0.0),
                             moments.products.get((x, y), 0.0))
-    raise StatsInputError(f"a {definition.kind} metric is not computed on units")
+    raise StatsInputError(f"a {kind} metric is not computed on units")
 
 
 def mean_or_none(cell: Cell) -> float | None:
@@ -71,7 +120,7 @@ def mean_or_none(cell: Cell) -> float | None:
 
 
 def metric_cells(metric: MetricConfig, periods: list[dict[str, UnitMoments]]) -> list[dict[str, Cell]]:
-    return [{variant: unit_cell(metric.definition, moments) for variant, moments in period.items()} for period in periods]
+    return [{variant: unit_cell(metric, moments) for variant, moments in period.items()} for period in periods]
 
 
 @dataclass(frozen=True)

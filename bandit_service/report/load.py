@@ -6,10 +6,10 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Engine
 
-from abflow.core.config import parse_config
+from abflow.core.config import ExperimentConfig, parse_config
 from abflow.core.windowing import LATENCY_BUCKETS
 from bandit_service.report.build import ReportInput
-from bandit_service.report.evidence import UnitMoments
+from bandit_service.report.evidence import BASE_VARIABLES, UnitMoments, metric_pairs, metric_variables
 from bandit_service.stats.adaptive import period_starts
 from storage import queries, units
 from storage.registry import get_experiment
@@ -26,20 +26,30 @@ def load_report_input(engine: Engine, experiment_id: str) -> ReportInput:
         periods.setdefault(row.pop("period"), {})[row.pop("variant")] = row
     return ReportInput(config=config, status=experiment.status, periods=periods, allocations=allocations,
                        histograms=queries.latency_histograms(engine, experiment_id, LATENCY_BUCKETS),
-                       units=load_units(engine, experiment_id),
+                       units=load_units(engine, config),
                        series=queries.time_series(engine, experiment_id),
                        shadows=queries.shadow_totals(engine, experiment_id, LATENCY_BUCKETS))
 
 
-def load_units(engine: Engine, experiment_id: str) -> dict[tuple[datetime, str], UnitMoments]:
+def unit_variables(config: ExperimentConfig) -> tuple[dict[str, tuple], list[tuple[str, str]]]:
+    """The per-unit variables and products an experiment's report (or rollout) reads."""
+    variables, pairs = dict(BASE_VARIABLES), []
+    for metric in config.metrics:
+        variables.update(metric_variables(metric))
+        pairs += metric_pairs(metric)
+    return variables, pairs
+
+
+def load_units(engine: Engine, config: ExperimentConfig) -> dict[tuple[datetime, str], UnitMoments]:
     """The exposed units' moments per (exposure window start, variant)."""
-    return moments_by_window(units.read_unit_moments(engine, experiment_id))
+    variables, pairs = unit_variables(config)
+    return moments_by_window(units.read_unit_moments(engine, config.experiment_id, variables, pairs),
+                             list(variables), pairs)
 
 
-def moments_by_window(rows: list[tuple]) -> dict[tuple[datetime, str], UnitMoments]:
+def moments_by_window(rows: list[tuple], names: list[str], pairs: list[tuple[str, str]]
+                      ) -> dict[tuple[datetime, str], UnitMoments]:
     """``storage.units.unit_moments`` rows as ``UnitMoments`` per (exposure window start, variant)."""
-    names = list(units.VARIABLES)
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
     found = {}
     for variant, window, n, multiple, *moments in rows:
         sums = dict(zip(names, (float(v) for v in moments[:len(names)])))
@@ -51,9 +61,9 @@ def moments_by_window(rows: list[tuple]) -> dict[tuple[datetime, str], UnitMomen
     return found
 
 
-def moments_by_variant(rows: list[tuple]) -> dict[str, UnitMoments]:
+def moments_by_variant(rows: list[tuple], names: list[str], pairs: list[tuple[str, str]]) -> dict[str, UnitMoments]:
     """The same rows added up per variant."""
     total: dict[str, UnitMoments] = {}
-    for (_, variant), moments in moments_by_window(rows).items():
+    for (_, variant), moments in moments_by_window(rows, names, pairs).items():
         total[variant] = total[variant] + moments if variant in total else moments
     return total

@@ -31,7 +31,7 @@ from abflow.core.config import ExperimentConfig, parse_config
 from abflow.core.errors import ExperimentNotFound, NotFound
 from abflow.core.windowing import LATENCY_BUCKETS
 from bandit_service.allocations import publish_allocation, same_weights
-from bandit_service.report.load import moments_by_variant
+from bandit_service.report.load import moments_by_variant, unit_variables
 from bandit_service.rollouts import machine as rollout
 from bandit_service.rollouts import webhooks
 from storage import rollouts as store
@@ -139,7 +139,9 @@ class RolloutController:
 
     def _judge(self, conn, config: ExperimentConfig, current: rollout.RolloutState, now: datetime) -> None:
         _, histograms = store.stage_aggregates(conn, config.experiment_id, current.stage_started_at, LATENCY_BUCKETS)
-        units = moments_by_variant(unit_moments(conn, config.experiment_id, current.stage_started_at.timestamp()))
+        variables, pairs = unit_variables(config)
+        rows = unit_moments(conn, config.experiment_id, variables, pairs, current.stage_started_at.timestamp())
+        units = moments_by_variant(rows, list(variables), pairs)
         judgement = rollout.judge(config, current, now, units, histograms)
         after = rollout.apply(config, current, judgement, now)
         figures = {**judgement.figures, "action": judgement.action, "reasons": list(judgement.reasons)}

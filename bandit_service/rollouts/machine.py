@@ -98,7 +98,7 @@ def guardrails(config: ExperimentConfig, units: dict[str, UnitMoments], histogra
     rows = [guardrail_row(m, champion, plan.challenger, periods, histograms, alpha)
             for m in config.metrics if m.role == "guardrail"]
     primary = next(m for m in config.metrics if m.role == "primary")
-    baseline = mean_or_none(unit_cell(primary.definition, units.get(champion, EMPTY_UNITS)))
+    baseline = mean_or_none(unit_cell(primary, units.get(champion, EMPTY_UNITS)))
     if baseline:
         margin = plan.primary_margin * abs(baseline)
         rows.append({**guardrail_row(MetricConfig(primary.name, "guardrail", margin), champion, plan.challenger,

@@ -61,7 +61,7 @@ def stage_units(rng, n_champion: int, n_canary: int, errors=(0.01, 0.01), rates=
         invocations = 1 + rng.poisson(1.0, n)
         conversions = rng.binomial(invocations, rate)
         units[name] = {"invocations": invocations, "conversions": conversions, "reward": conversions,
-                       "errors": rng.binomial(invocations, error), "converted": conversions > 0}
+                       "errors": rng.binomial(invocations, error)}
         hist = [0] * LATENCY_BUCKETS
         for value in 40 * np.exp(rng.normal(0, 0.5, int(invocations.sum()))):
             hist[latency_bucket(float(value))] += 1
@@ -72,7 +72,8 @@ def stage_units(rng, n_champion: int, n_canary: int, errors=(0.01, 0.01), rates=
 def stage_sums(rng, *args, **kwargs):
     """What ``judge`` takes: the stage's units as moments, and its histograms."""
     units, hists = stage_units(rng, *args, **kwargs)
-    return {name: UnitMoments.of_units(values) for name, values in units.items()}, hists
+    metrics = parse_config(rollout_config()).metrics
+    return {name: UnitMoments.of_units(values, metrics) for name, values in units.items()}, hists
 
 
 def test_stage_rules():

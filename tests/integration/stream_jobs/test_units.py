@@ -3,6 +3,7 @@ transaction at a time, as the sink runs them."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -52,9 +53,11 @@ def conv(exp: str, unit: str, variant: str, t: float, reward: float = 1.0) -> Co
 
 def rows(events) -> list[tuple]:
     """Events as the sink hands them over."""
-    return [(INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0, e.error, ATTRIBUTION)
+    return [(INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0, e.error, ATTRIBUTION,
+             None if e.values is None else json.dumps(e.values))
             if isinstance(e, Invocation) else
-            (OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False, ATTRIBUTION)
+            (OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False, ATTRIBUTION,
+             None if e.values is None else json.dumps(e.values))
             for e in events]
 
 

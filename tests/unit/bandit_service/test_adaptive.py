@@ -173,3 +173,42 @@ def test_metrics_and_analysis_config():
     for extra, message in bad:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_config({**BASE, **extra})
+
+
+def test_metrics_of_your_own():
+    metrics = [
+        {"name": "accuracy", "kind": "ratio", "numerator": "correct", "denominator": "labelled", "role": "primary"},
+        {"name": "f1", "kind": "ratio", "numerator": {"tp": 2}, "denominator": {"tp": 2, "fp": 1, "fn": 1},
+         "role": "secondary"},
+        {"name": "revenue_per_user", "kind": "mean", "numerator": "revenue", "cap": 500, "role": "secondary"},
+        {"name": "refunds", "kind": "proportion", "numerator": "refunded", "direction": "lower", "role": "guardrail",
+         "margin": 0.02},
+    ]
+    config = parse_config({**BASE, "metrics": metrics})
+    f1 = config.metrics[1].definition
+    assert (f1.kind, f1.numerator, f1.denominator) == ("ratio", (("tp", 2.0),), (("tp", 2.0), ("fp", 1.0), ("fn", 1.0)))
+    assert config.metrics[2].definition.cap == 500 and not config.metrics[3].higher_is_better
+    assert parse_config(config.to_dict()) == config  # what is stored reads back the same
+
+    bad = [
+        ({"name": "accuracy", "kind": "median", "numerator": "correct", "role": "primary"}, "metrics[0].kind"),
+        ({"name": "accuracy", "kind": "ratio", "numerator": "Correct", "denominator": "n", "role": "primary"},
+         "metrics[0].numerator: 'Correct'"),
+        ({"name": "accuracy", "kind": "ratio", "numerator": "correct", "role": "primary"}, "metrics[0].denominator"),
+        ({"name": "revenue", "kind": "mean", "numerator": "revenue", "denominator": "n", "role": "primary"},
+         "ratio metrics only"),
+        ({"name": "buyers", "kind": "proportion", "numerator": "revenue", "cap": 5, "role": "primary"},
+         "mean and ratio metrics only"),
+        ({"name": "revenue", "kind": "mean", "numerator": {"revenue": "1"}, "role": "primary"},
+         "metrics[0].numerator.revenue must be a number"),
+        ({"name": "error_rate", "kind": "mean", "numerator": "errors", "role": "primary"}, "not a built-in"),
+        ({"name": "revenue", "kind": "mean", "numerator": "revenue", "direction": "up", "role": "primary"},
+         "metrics[0].direction"),
+    ]
+    for metric, message in bad:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+            parse_config({**BASE, "metrics": [metric]})
+    unguarded = [{"name": "conversion_rate", "role": "primary"},
+                 {"name": "latency_budget", "kind": "mean", "numerator": "slow", "role": "guardrail"}]
+    with pytest.raises(ConfigError, match=r"metrics\[1\]\.margin is required"):
+        parse_config({**BASE, "metrics": unguarded})

@@ -43,12 +43,12 @@ def latency_hist(rng, n: int, median_ms: float) -> list[int]:
     return hist
 
 
-def one_visit_units(rng, n: int, rate: float, error_rate: float = 0.01) -> tuple[UnitMoments, dict]:
-    """``n`` exposed units of one invocation each: their moments, and the invocations' sums."""
+def one_visit_units(rng, n: int, rate: float, error_rate: float = 0.01, metrics=()) -> tuple[UnitMoments, dict]:
+    """``n`` exposed units of one invocation each: their moments (for ``metrics``), and the invocations' sums."""
     converted = rng.random(n) < rate
     errors = rng.random(n) < error_rate
     moments = UnitMoments.of_units({"invocations": np.ones(n), "conversions": converted, "reward": converted,
-                                    "errors": errors, "converted": converted})
+                                    "errors": errors}, metrics)
     return moments, sums(n, int(converted.sum()), int(errors.sum()))
 
 
@@ -57,10 +57,11 @@ def fixed_split(rates, users=(40_000, 40_000), error_rates=(0.01, 0.01), latency
     """A fixed 50/50 experiment (one allocation period): units of one visit, binomial outcomes."""
     rng = np.random.default_rng(seed)
     units, period = {}, {}
+    experiment = config(**extra)
     for name, rate, n, error_rate in zip(NAMES, rates, users, error_rates):
-        units[(START, name)], period[name] = one_visit_units(rng, n, rate, error_rate)
+        units[(START, name)], period[name] = one_visit_units(rng, n, rate, error_rate, experiment.metrics)
     histograms = {name: latency_hist(rng, 5_000, median) for name, median in zip(NAMES, latency)}
-    return ReportInput(config=config(**extra), status="running", periods={0: period}, allocations=[],
+    return ReportInput(config=experiment, status="running", periods={0: period}, allocations=[],
                        histograms=histograms, units=units)
 
 
@@ -119,7 +120,8 @@ def test_drift_under_moving_weights_is_stratified_away():
         periods[period] = {}
         for name in NAMES:
             n = int(100_000 * weights[name])
-            units[(exposed_at, name)], periods[period][name] = one_visit_units(rng, n, rate)
+            units[(exposed_at, name)], periods[period][name] = one_visit_units(rng, n, rate,
+                                                                               metrics=config("ThompsonSampling").metrics)
             pooled[name][0] += n
             pooled[name][1] += periods[period][name]["conversions"]
     report = build_report(ReportInput(config=config("ThompsonSampling"), status="running", periods=periods,
@@ -144,7 +146,7 @@ def test_seed_003_numbers_give_its_p_value():
     def units(converted: int) -> UnitMoments:
         flags = np.r_[np.ones(converted), np.zeros(5_000 - converted)]
         return UnitMoments.of_units({"invocations": np.ones(5_000), "conversions": flags, "reward": flags,
-                                     "errors": np.zeros(5_000), "converted": flags})
+                                     "errors": np.zeros(5_000)}, config().metrics)
 
     data = ReportInput(config=config(), status="running", periods={}, allocations=[],
                        units={(START, "Champion"): units(520), (START, "Challenger"): units(580)})
@@ -157,6 +159,7 @@ def test_a_ratio_metric_on_returning_users_is_the_delta_method_on_the_raw_units(
     """Conversions per invocation of users who come back: the report's interval is the delta method's on
     the raw per-unit numbers, computed here independently; and wider than invocations-as-trials."""
     rng = np.random.default_rng(11)
+    experiment = config(metrics=[{"name": "conversion_rate", "role": "primary"}])
     raw, units = {}, {}
     for name, rate in zip(NAMES, (0.05, 0.06)):
         visits = 1 + rng.poisson(4, 20_000)
@@ -164,10 +167,9 @@ def test_a_ratio_metric_on_returning_users_is_the_delta_method_on_the_raw_units(
         conversions = rng.binomial(visits, np.clip(propensity, 0, 1))
         raw[name] = (visits.astype(float), conversions.astype(float))
         units[(START, name)] = UnitMoments.of_units({"invocations": visits, "conversions": conversions,
-                                                     "reward": conversions, "errors": np.zeros(20_000),
-                                                     "converted": conversions > 0})
-    report = build_report(ReportInput(config=config(metrics=[{"name": "conversion_rate", "role": "primary"}]),
-                                      status="running", periods={}, allocations=[], units=units))
+                                                     "reward": conversions, "errors": np.zeros(20_000)},
+                                                    experiment.metrics)
+    report = build_report(ReportInput(config=experiment, status="running", periods={}, allocations=[], units=units))
     comparison = primary(report)
 
     def delta(x, y):  # Var(Σy/Σx) by linearising around the ratio, per unit

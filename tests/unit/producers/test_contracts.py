@@ -33,6 +33,31 @@ def test_valid_events_round_trip():
     assert parse_event("conversion", encode(conv)) == conv
 
 
+def test_named_values_round_trip_on_both_kinds():
+    inv = parse_event("invocation", orjson.dumps({**BASE, "values": {"correct": 1, "labelled": 1, "confidence": 0.8}}))
+    assert inv.values == {"correct": 1.0, "labelled": 1.0, "confidence": 0.8}
+    assert parse_event("invocation", encode(inv)) == inv
+    conv = parse_event("conversion", orjson.dumps({**BASE, "values": {"revenue": 12.5, "tp": 1}}))
+    assert conv.values == {"revenue": 12.5, "tp": 1.0} and parse_event("conversion", encode(conv)) == conv
+
+
+@pytest.mark.parametrize("kind", ["invocation", "conversion"])
+@pytest.mark.parametrize("values, reason, detail", [
+    ([1, 2], "wrong_type", "'values' must be an object"),
+    ({"Revenue": 1}, "invalid_value", "'Revenue' is not a value name"),
+    ({"errors": 1}, "invalid_value", "not one of invocations"),  # the stream's own variables are reserved
+    ({"revenue": "12"}, "wrong_type", "'values.revenue' must be a number"),
+    ({"correct": True}, "wrong_type", "'values.correct' must be a number"),
+    ({f"v{i}": 1 for i in range(33)}, "invalid_value", "at most 32"),
+])
+def test_bad_values_name_the_field(kind, values, reason, detail):
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(kind, orjson.dumps({**BASE, "values": values}), max_bytes=4096)
+    assert info.value.reason == reason and detail in info.value.detail
+    raw = orjson.dumps({**BASE, "values": {"x": 1}})[:-2] + b'1e400}}'
+    assert reason_of(kind, raw) == "non_finite"
+
+
 @pytest.mark.parametrize("payload, reason", [
     (b"{oops", "malformed_json"),
     (b"\xff\xfe", "malformed_json"),

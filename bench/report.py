@@ -132,11 +132,11 @@ def write_units(conn, experiment_id: str, names: list[str], weights: np.ndarray,
     errors = rng.binomial(visits, 0.01)
     exposed = START.timestamp() + minute * 60.0 + rng.uniform(0, 60, units)
     with conn.cursor() as cur, cur.copy(
-            "COPY unit_state (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity, invocations, "
+            "COPY unit_state (experiment_id, unit_id, variant, exposed_at, propensity, invocations, "
             "conversions, reward, errors) FROM STDIN") as copy:
         for i in tqdm(range(units), unit="unit", desc="writing units", mininterval=1):
-            copy.write_row((experiment_id, f"user-{i}", names[variant[i]], float(exposed[i]),
-                            int(exposed[i] // 60 * 60), None, float(visits[i]), float(conversions[i]),
+            copy.write_row((experiment_id, f"user-{i}", names[variant[i]], float(exposed[i]), None,
+                            float(visits[i]), float(conversions[i]),
                             float(conversions[i]), float(errors[i])))
 
 
@@ -173,7 +173,7 @@ def main() -> None:
 
         def read_rows():
             with psycopg.connect(libpq_url(database_url)) as conn:
-                return conn.execute("SELECT variant, exposure_window, invocations, conversions, reward, errors"
+                return conn.execute("SELECT variant, exposed_at, invocations, conversions, reward, errors"
                                     " FROM unit_state WHERE experiment_id = %s", (experiment_id,)).fetchall()
 
         print(f"timing: reading the rows, the report, rendering ({args.repeats} times each)", file=sys.stderr)

@@ -62,10 +62,12 @@ def policy_settings(conn: psycopg.Connection, experiment_id: str) -> tuple | Non
 
 
 def arm_totals(conn: psycopg.Connection, experiment_id: str) -> list[tuple[str, float, int, float, float]]:
-    """Per variant in declared order: (name, initial weight, invocations, reward sum, reward square sum)."""
+    """Per variant in declared order: (name, initial weight, invocations, reward sum, reward square sum),
+    of the events attributed to the units exposed to it (``storage.units``): a reward that arrives
+    late still counts for the variant its unit was exposed to."""
     rows = conn.execute(
         "SELECT v.name, v.initial_weight, coalesce(t.invocations, 0), coalesce(t.reward_sum, 0), "
-        "coalesce(t.reward_sq_sum, 0) FROM variants v LEFT JOIN variant_totals t "
+        "coalesce(t.reward_sq_sum, 0) FROM variants v LEFT JOIN attributed_totals t "
         "ON t.experiment_id = v.experiment_id AND t.variant = v.name "
         "WHERE v.experiment_id = %s ORDER BY v.position", (experiment_id,)).fetchall()
     return [(name, weight, int(n), float(r), float(r2)) for name, weight, n, r, r2 in rows]

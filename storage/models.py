@@ -268,7 +268,6 @@ class UnitState(Base):
     unit_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     variant: Mapped[str] = mapped_column(String(128))
     exposed_at: Mapped[float] = mapped_column(Float)  # epoch seconds
-    exposure_window: Mapped[int] = mapped_column(BigInteger)  # epoch seconds
     propensity: Mapped[float | None] = mapped_column(Float, nullable=True)
     multiple: Mapped[bool] = mapped_column(Boolean, default=False)
     invocations: Mapped[float] = mapped_column(Float, default=0.0)
@@ -293,6 +292,19 @@ class HeldOutcome(Base):
     vals: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
     attribution_seconds: Mapped[float] = mapped_column(Float)
     held_at: Mapped[float] = mapped_column(Float)
+
+
+class AttributedTotal(Base):
+    """The attributed invocations and outcomes per experiment and variant of exposure (the bandits' input)."""
+
+    __tablename__ = "attributed_totals"
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    conversions: Mapped[int] = mapped_column(BigInteger, default=0)
+    reward_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    reward_sq_sum: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class AttributionCount(Base):

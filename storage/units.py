@@ -5,7 +5,7 @@ The unit is what was randomized: the user (or the session), the events' ``user_i
 
 - **Exposure.** A unit is exposed to an experiment by its first invocation there that the sink
   counts, or by the assignment the API stored for it when that came first. The exposure fixes
-  the unit's variant, time, propensity and exposure window for good.
+  the unit's variant, time and propensity for good.
 - **Multiple exposure.** A later invocation in another variant does not move the unit: it stays
   in its first variant (the comparison stays the one that was randomized: intention to treat)
   and is flagged as exposed to more than one variant.
@@ -70,7 +70,8 @@ SELECT -1, 1, experiment_id, unit_id, variant, ts, NULL, reward, false, attribut
 
 # One statement per batch: each unit's exposure (stored, or made now by its first invocation, or by
 # the API's assignment when that came first), its events attributed, its row written once, the
-# outcomes of units without an exposure held; returns the counters per (experiment, variant).
+# variants' attributed totals added to, the outcomes of units without an exposure held; returns the
+# counters per (experiment, variant).
 _APPLY = """
 WITH stored AS (
   SELECT s.experiment_id, s.unit_id, s.variant, s.exposed_at, s.propensity
@@ -106,14 +107,15 @@ per_unit AS (
          count(*) FILTER (WHERE inside AND kind = 0) AS invocations,
          count(*) FILTER (WHERE inside AND kind = 1) AS conversions,
          coalesce(sum(reward) FILTER (WHERE inside AND kind = 1), 0) AS reward,
+         coalesce(sum(reward * reward) FILTER (WHERE inside AND kind = 1), 0) AS reward_sq,
          count(*) FILTER (WHERE inside AND kind = 0 AND error) AS errors,
          bool_or(kind = 0 AND claimed <> variant) AS other_variant
   FROM joined GROUP BY experiment_id, unit_id),
 written AS (
-  INSERT INTO unit_state AS s (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity, multiple,
+  INSERT INTO unit_state AS s (experiment_id, unit_id, variant, exposed_at, propensity, multiple,
                                invocations, conversions, reward, errors, value_sums)
-  SELECT d.experiment_id, d.unit_id, e.variant, e.exposed_at, floor(e.exposed_at / %(window)s) * %(window)s,
-         e.propensity, d.other_variant, d.invocations, d.conversions, d.reward, d.errors, coalesce(v.sums, '{}')
+  SELECT d.experiment_id, d.unit_id, e.variant, e.exposed_at, e.propensity, d.other_variant,
+         d.invocations, d.conversions, d.reward, d.errors, coalesce(v.sums, '{}')
   FROM per_unit d JOIN exposure e ON e.experiment_id = d.experiment_id AND e.unit_id = d.unit_id
   LEFT JOIN value_sums v ON v.experiment_id = d.experiment_id AND v.unit_id = d.unit_id
   ON CONFLICT (experiment_id, unit_id) DO UPDATE SET
@@ -122,6 +124,14 @@ written AS (
     multiple = s.multiple OR excluded.multiple,
     value_sums = CASE WHEN excluded.value_sums = '{}' THEN s.value_sums
                       ELSE abflow_add_values(s.value_sums, excluded.value_sums) END),
+totals AS (
+  INSERT INTO attributed_totals AS t (experiment_id, variant, invocations, conversions, reward_sum, reward_sq_sum)
+  SELECT d.experiment_id, e.variant, sum(d.invocations), sum(d.conversions), sum(d.reward), sum(d.reward_sq)
+  FROM per_unit d JOIN exposure e ON e.experiment_id = d.experiment_id AND e.unit_id = d.unit_id
+  GROUP BY 1, 2 ORDER BY 1, 2
+  ON CONFLICT (experiment_id, variant) DO UPDATE SET invocations = t.invocations + excluded.invocations,
+    conversions = t.conversions + excluded.conversions, reward_sum = t.reward_sum + excluded.reward_sum,
+    reward_sq_sum = t.reward_sq_sum + excluded.reward_sq_sum),
 held AS (
   INSERT INTO held_outcomes (experiment_id, unit_id, variant, ts, reward, attribution_seconds, held_at, vals)
   SELECT experiment_id, unit_id, variant, ts, reward, attribution_seconds, %(now)s, vals FROM unit_batch b
@@ -141,8 +151,8 @@ SELECT experiment_id, variant, count(*) FROM gone GROUP BY experiment_id, varian
 """
 
 
-def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], window_seconds: int, now: float,
-                hold_seconds: float, sweep: bool) -> dict[tuple[str, str, str], int]:
+def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], now: float, hold_seconds: float, sweep: bool
+                ) -> dict[tuple[str, str, str], int]:
     """Expose, attribute and hold the batch's counted invocations and outcomes (``rows``, see
     ``INVOCATION_KIND``), in the caller's transaction. A ``sweep`` also attributes every held outcome
     whose unit is exposed now and gives up those held for longer than ``hold_seconds``. Returns the
@@ -164,7 +174,7 @@ def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], window_seconds:
         if copied or sweep:
             cur.execute(_RELEASE, {"sweep": sweep})
             for experiment_id, variant, outside, mismatched, held in cur.execute(
-                    _APPLY, {"window": window_seconds, "now": now}).fetchall():
+                    _APPLY, {"now": now}).fetchall():
                 add(experiment_id, variant, OUTSIDE_WINDOW, outside)
                 add(experiment_id, variant, VARIANT_MISMATCH, mismatched)
                 add(experiment_id, variant, HELD, held)
@@ -212,27 +222,40 @@ def _expression(variable: Variable) -> str:
 
 
 def unit_moments(conn: psycopg.Connection, experiment_id: str, variables: dict[str, Variable],
-                 pairs: list[tuple[str, str]], exposed_since: float | None = None) -> list[tuple]:
-    """Per (variant, exposure window) of the exposed units (those exposed at or after ``exposed_since``,
-    epoch seconds, when given): (variant, window start in epoch seconds, units, units exposed to
-    another variant too, the sum of each of ``variables`` in order, and the sum of the product of
-    each of ``pairs`` in order)."""
+                 pairs: list[tuple[str, str]], period_starts: list[float] = (), exposed_since: float | None = None
+                 ) -> list[tuple]:
+    """Per (variant, allocation period of exposure) of the exposed units (those exposed at or after
+    ``exposed_since``, epoch seconds, when given): (variant, period: 0 before the first of
+    ``period_starts`` (epoch seconds, ascending), k from the k-th on; units, units exposed to another
+    variant too, the sum of each of ``variables`` in order, and the sum of the product of each of
+    ``pairs`` in order)."""
     expressions = {name: _expression(variable) for name, variable in variables.items()}
     sums = [f"sum({expressions[name]})" for name in variables]
     products = [f"sum({expressions[a]} * {expressions[b]})" for a, b in pairs]
     return conn.execute(
-        f"SELECT variant, exposure_window, count(*), count(*) FILTER (WHERE multiple), {', '.join(sums + products)} "
-        "FROM unit_state WHERE experiment_id = %s AND exposed_at >= %s GROUP BY 1, 2 ORDER BY 1, 2",
-        (experiment_id, -1e300 if exposed_since is None else exposed_since)).fetchall()
+        f"SELECT variant, width_bucket(exposed_at, %s::float8[]), count(*), count(*) FILTER (WHERE multiple), "
+        f"{', '.join(sums + products)} FROM unit_state WHERE experiment_id = %s AND exposed_at >= %s "
+        "GROUP BY 1, 2 ORDER BY 1, 2",
+        (list(period_starts), experiment_id, -1e300 if exposed_since is None else exposed_since)).fetchall()
 
 
-def read_unit_moments(engine: Engine, experiment_id: str, variables: dict[str, Variable],
-                      pairs: list[tuple[str, str]]) -> list[tuple]:
-    """``unit_moments`` through a SQLAlchemy engine (the report's)."""
+def exposures(conn: psycopg.Connection, experiment_id: str, version_times: list[float]) -> list[tuple[str, int, int]]:
+    """Exposed units per (variant, weights in effect at exposure): (variant, 0 before the first of
+    ``version_times`` (epoch seconds, ascending), k from the k-th on, units)."""
+    return [(v, int(k), int(n)) for v, k, n in conn.execute(
+        "SELECT variant, width_bucket(exposed_at, %s::float8[]), count(*) FROM unit_state WHERE experiment_id = %s "
+        "GROUP BY 1, 2", (list(version_times), experiment_id))]
+
+
+def read_units(engine: Engine, experiment_id: str, variables: dict[str, Variable], pairs: list[tuple[str, str]],
+               period_starts: list[float], version_times: list[float]) -> tuple[list[tuple], list[tuple[str, int, int]]]:
+    """``unit_moments`` and ``exposures`` through a SQLAlchemy engine (the report's)."""
     raw = engine.raw_connection()
     try:
-        rows = unit_moments(raw.driver_connection, experiment_id, variables, pairs)
-        raw.driver_connection.rollback()
-        return rows
+        conn = raw.driver_connection
+        found = unit_moments(conn, experiment_id, variables, pairs, period_starts), \
+            exposures(conn, experiment_id, version_times)
+        conn.rollback()
+        return found
     finally:
         raw.close()

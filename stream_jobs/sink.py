@@ -175,8 +175,7 @@ class PostgresSink:
              t.reward_sq_sum, t.errors, t.latency.count, t.latency.ms_sum, t.latency.hist)
             for (experiment_id, variant, start), t in sorted(aggregate(batch.counted, window_seconds).items())])
         sweep = time.monotonic() - self._swept_at > HELD_SWEEP_SECONDS
-        unit_store.apply_batch(conn, self._unit_rows(batch.counted), window_seconds, now,
-                               self.settings.exposure_wait_seconds, sweep)
+        unit_store.apply_batch(conn, self._unit_rows(batch.counted), now, self.settings.exposure_wait_seconds, sweep)
         if batch.rejected:
             self.dead_letters.publish(batch.rejected)
             counts: dict[tuple[str, str], int] = {}

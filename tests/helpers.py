@@ -102,8 +102,8 @@ class Expected:
     def events(self) -> int:
         return len(self._seen)
 
-    def unit_moments(self, attribution_seconds: float = 24 * 3600) -> dict[tuple[str, str, int], tuple]:
-        """Per (experiment, variant, exposure window): (units, sums, products), the plain way. A unit's
+    def unit_moments(self, attribution_seconds: float = 24 * 3600) -> dict[tuple[str, str], tuple]:
+        """Per (experiment, variant): (units, sums, products), the plain way. A unit's
         exposure is its first invocation published (a user's invocations keep their order on their
         partition); every event of the unit within the attribution window counts for it, conversions
         published before the exposure included; a unit never exposed counts nowhere."""
@@ -125,10 +125,10 @@ class Expected:
                 v[1] += 1
                 v[2] += event.get("reward", 1.0)
                 v[4] = 1.0
-        cells: dict[tuple[str, str, int], list] = {}
-        for key, (variant, ts) in exposure.items():
+        cells: dict[tuple[str, str], list] = {}
+        for key, (variant, _) in exposure.items():
             v = values[key]
-            cell = cells.setdefault((key[0], variant, int(ts // WINDOW) * WINDOW), [0, [0.0] * 5, [0.0] * 15])
+            cell = cells.setdefault((key[0], variant), [0, [0.0] * 5, [0.0] * 15])
             cell[0] += 1
             for i in range(5):
                 cell[1][i] += v[i]
@@ -184,14 +184,15 @@ def read_unit_moments(engine, experiment_ids) -> dict:
     """The units' moments as the report reads them (storage.units.unit_moments): the sums of the stream's
     variables and of each product of two."""
     from bandit_service.report.evidence import BASE_VARIABLES
-    from storage.units import read_unit_moments as read
+    from storage.units import read_units
 
     names = list(BASE_VARIABLES)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
     found = {}
     for experiment_id in experiment_ids:
-        for variant, window, units, _, *moments in read(engine, experiment_id, BASE_VARIABLES, pairs):
-            found[(experiment_id, variant, int(window))] = (units, list(moments[:5]), list(moments[5:]))
+        rows, _ = read_units(engine, experiment_id, BASE_VARIABLES, pairs, [], [])
+        for variant, _, units, _, *moments in rows:
+            found[(experiment_id, variant)] = (units, list(moments[:5]), list(moments[5:]))
     return found
 
 
@@ -205,6 +206,19 @@ def assert_units_match(engine, expected: Expected) -> None:
         for name, have, should in (("sums", got[key][1], sums), ("products", got[key][2], products)):
             for i, (a, b) in enumerate(zip(have, should)):
                 assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (key, name, i, a, b)
+    # The bandits' input: the attributed events per variant of exposure.
+    totals: dict[tuple[str, str], list[float]] = {}
+    for (experiment_id, variant), (_, sums, _) in want.items():
+        row = totals.setdefault((experiment_id, variant), [0.0, 0.0, 0.0])
+        for i in range(3):
+            row[i] += sums[i]
+    with engine.connect() as conn:
+        stored = {(e, v): [float(n), float(c), float(r)] for e, v, n, c, r in conn.execute(text(
+            "SELECT experiment_id, variant, invocations, conversions, reward_sum FROM attributed_totals "
+            "WHERE experiment_id = ANY(:ids)"), {"ids": sorted({key[0] for key in want})})}
+    assert set(stored) == set(totals)
+    for key, row in totals.items():
+        assert all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(stored[key], row)), (key, stored[key], row)
 
 
 def now() -> float:

@@ -27,8 +27,6 @@ from bandit_service.report.evidence import (
 from bandit_service.stats.adaptive import (
     EMPTY,
     merge_thin_periods,
-    period_index,
-    period_starts,
     pooled,
     stratified_means,
 )
@@ -65,9 +63,12 @@ class ReportInput:
     # (version, computed_at, weights) in version order.
     allocations: list[tuple[int, datetime, dict[str, float]]]
     histograms: dict[str, list[int]] = field(default_factory=dict)  # latency, over the whole experiment
-    # The exposed units per (exposure window start, variant), with their attributed sums: what the
-    # comparisons and the sample-ratio check analyse (storage.units.unit_moments).
-    units: dict[tuple[datetime, str], UnitMoments] = field(default_factory=dict)
+    # The exposed units per allocation period of exposure and variant, with the moments of their
+    # attributed sums: what the comparisons analyse (storage.units.unit_moments).
+    units: dict[int, dict[str, UnitMoments]] = field(default_factory=dict)
+    # Exposed units per (weights in effect at exposure: 0 the initial ones, k the k-th allocation
+    # version's; variant): what the sample-ratio check tests.
+    exposures: dict[tuple[int, str], int] = field(default_factory=dict)
     # Cumulative series for the plots: (bucket start, variant, invocations, conversions, reward_sum).
     series: list[tuple[datetime, str, int, int, float]] = field(default_factory=list)
     # Shadow releases: per (shadow, served variant), storage.queries.shadow_totals.
@@ -101,13 +102,7 @@ class _Experiment:
                 bucket = self.totals.setdefault(name, {})
                 for key, value in sums.items():
                     bucket[key] = bucket.get(key, 0) + (value or 0)
-        # The units by the allocation period in effect when they were exposed.
-        starts = period_starts(self.config.normalised_weights, [(at, w) for _, at, w in data.allocations])
-        by_period: dict[int, dict[str, UnitMoments]] = {}
-        for (window, variant), moments in data.units.items():
-            period = by_period.setdefault(period_index(starts, window), {})
-            period[variant] = period.get(variant, EMPTY_UNITS) + moments
-        self.unit_periods = [by_period[k] for k in sorted(by_period)]
+        self.unit_periods = [data.units[k] for k in sorted(data.units)]
         self.units = pooled_units(self.unit_periods)
         self.notes: list[str] = []
 
@@ -254,19 +249,15 @@ class _Experiment:
     def sample_ratio(self) -> dict:
         """Exposed units per variant against the weights in effect when each was exposed (the
         weights its assignment was drawn from, for the API and the SDK alike)."""
-        if not self.data.units:
+        if not self.data.exposures:
             return {"checked": False, "reason": "no exposed units yet"}
-        initial = self.config.normalised_weights
-        versions = sorted((at, weights) for _, at, weights in self.data.allocations)
+        weights_of = [self.config.normalised_weights] + [weights for _, _, weights in self.data.allocations]
         observed: dict[str, int] = {name: 0 for name in self.names}
-        per_window: dict[datetime, int] = {}
-        for (window, variant), moments in self.data.units.items():
-            observed[variant] = observed.get(variant, 0) + moments.n
-            per_window[window] = per_window.get(window, 0) + moments.n
-        history = []
-        for window, count in sorted(per_window.items()):
-            in_effect = [weights for at, weights in versions if at <= window]
-            history.append((count, in_effect[-1] if in_effect else initial))
+        per_version: dict[int, int] = {}
+        for (version, variant), count in self.data.exposures.items():
+            observed[variant] = observed.get(variant, 0) + count
+            per_version[version] = per_version.get(version, 0) + count
+        history = [(count, weights_of[version]) for version, count in sorted(per_version.items())]
         try:
             shares = expected_shares_from_history(history)
             check = sample_ratio_mismatch(observed, shares, SRM_THRESHOLD)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from sqlalchemy import Engine
 
 from abflow.core.config import ExperimentConfig, parse_config
@@ -21,12 +19,16 @@ def load_report_input(engine: Engine, experiment_id: str) -> ReportInput:
     config = parse_config(experiment.config)
     allocations = queries.allocation_versions(engine, experiment_id)
     starts = period_starts(config.normalised_weights, [(at, weights) for _, at, weights in allocations])
+    variables, pairs = unit_variables(config)
+    unit_rows, exposures = units.read_units(engine, experiment_id, variables, pairs, [at.timestamp() for at in starts],
+                                            [at.timestamp() for _, at, _ in allocations])
     periods: dict[int, dict[str, dict]] = {}
     for row in queries.period_sums(engine, experiment_id, starts):
         periods.setdefault(row.pop("period"), {})[row.pop("variant")] = row
     return ReportInput(config=config, status=experiment.status, periods=periods, allocations=allocations,
                        histograms=queries.latency_histograms(engine, experiment_id, LATENCY_BUCKETS),
-                       units=load_units(engine, config),
+                       units=moments_by_period(unit_rows, list(variables), pairs),
+                       exposures={(k, variant): n for variant, k, n in exposures},
                        series=queries.time_series(engine, experiment_id),
                        shadows=queries.shadow_totals(engine, experiment_id, LATENCY_BUCKETS))
 
@@ -40,30 +42,23 @@ def unit_variables(config: ExperimentConfig) -> tuple[dict[str, tuple], list[tup
     return variables, pairs
 
 
-def load_units(engine: Engine, config: ExperimentConfig) -> dict[tuple[datetime, str], UnitMoments]:
-    """The exposed units' moments per (exposure window start, variant)."""
-    variables, pairs = unit_variables(config)
-    return moments_by_window(units.read_unit_moments(engine, config.experiment_id, variables, pairs),
-                             list(variables), pairs)
-
-
-def moments_by_window(rows: list[tuple], names: list[str], pairs: list[tuple[str, str]]
-                      ) -> dict[tuple[datetime, str], UnitMoments]:
-    """``storage.units.unit_moments`` rows as ``UnitMoments`` per (exposure window start, variant)."""
-    found = {}
-    for variant, window, n, multiple, *moments in rows:
+def moments_by_period(rows: list[tuple], names: list[str], pairs: list[tuple[str, str]]
+                      ) -> dict[int, dict[str, UnitMoments]]:
+    """``storage.units.unit_moments`` rows as ``UnitMoments`` per allocation period and variant."""
+    found: dict[int, dict[str, UnitMoments]] = {}
+    for variant, period, n, multiple, *moments in rows:
         sums = dict(zip(names, (float(v) for v in moments[:len(names)])))
         products = {}
         for (a, b), value in zip(pairs, moments[len(names):]):
             products[(a, b)] = products[(b, a)] = float(value)
-        at = datetime.fromtimestamp(int(window), timezone.utc)
-        found[(at, variant)] = UnitMoments(int(n), int(multiple), sums, products)
+        found.setdefault(int(period), {})[variant] = UnitMoments(int(n), int(multiple), sums, products)
     return found
 
 
 def moments_by_variant(rows: list[tuple], names: list[str], pairs: list[tuple[str, str]]) -> dict[str, UnitMoments]:
     """The same rows added up per variant."""
     total: dict[str, UnitMoments] = {}
-    for (_, variant), moments in moments_by_window(rows, names, pairs).items():
-        total[variant] = total[variant] + moments if variant in total else moments
+    for period in moments_by_period(rows, names, pairs).values():
+        for variant, moments in period.items():
+            total[variant] = total[variant] + moments if variant in total else moments
     return total

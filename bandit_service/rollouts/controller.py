@@ -140,7 +140,8 @@ class RolloutController:
     def _judge(self, conn, config: ExperimentConfig, current: rollout.RolloutState, now: datetime) -> None:
         _, histograms = store.stage_aggregates(conn, config.experiment_id, current.stage_started_at, LATENCY_BUCKETS)
         variables, pairs = unit_variables(config)
-        rows = unit_moments(conn, config.experiment_id, variables, pairs, current.stage_started_at.timestamp())
+        rows = unit_moments(conn, config.experiment_id, variables, pairs,
+                            exposed_since=current.stage_started_at.timestamp())
         units = moments_by_variant(rows, list(variables), pairs)
         judgement = rollout.judge(config, current, now, units, histograms)
         after = rollout.apply(config, current, judgement, now)

@@ -1,11 +1,12 @@
 """Units: each unit's exposure and attributed sums, the outcomes that wait for an exposure, and
 the attribution counters.
 
-``unit_state`` holds, per (experiment, unit), the exposure (variant, time, propensity, window),
+``unit_state`` holds, per (experiment, unit), the exposure (variant, time, propensity),
 whether the unit was exposed to another variant too, and its attributed sums (of the stream's
 own variables, and of the named values its events carried). The report groups
-these rows by variant and exposure window for the units' moments. ``held_outcomes`` holds the
-outcomes that arrived before their unit's exposure. ``attribution_counts`` counts, per variant
+these rows by variant and allocation period of exposure for the units' moments. ``held_outcomes`` holds the
+outcomes that arrived before their unit's exposure. ``attributed_totals`` adds the attributed
+events up per variant (of exposure): what the bandits learn from. ``attribution_counts`` counts, per variant
 and reason, the events that did not count as they claimed.
 
 Revision ID: 0006
@@ -30,7 +31,6 @@ def upgrade() -> None:
         sa.Column("unit_id", sa.String(256), primary_key=True),
         sa.Column("variant", sa.String(128), nullable=False),
         sa.Column("exposed_at", sa.Float, nullable=False),  # epoch seconds
-        sa.Column("exposure_window", sa.BigInteger, nullable=False),  # epoch seconds
         sa.Column("propensity", sa.Float),
         sa.Column("multiple", sa.Boolean, nullable=False, server_default="false"),
         sa.Column("invocations", sa.Float, nullable=False, server_default="0"),
@@ -62,6 +62,15 @@ def upgrade() -> None:
           FROM (SELECT jsonb_object_keys(a) UNION SELECT jsonb_object_keys(b)) AS keys(k)
         $$""")
     op.create_table(
+        "attributed_totals",
+        sa.Column("experiment_id", sa.String(128), primary_key=True),
+        sa.Column("variant", sa.String(128), primary_key=True),
+        sa.Column("invocations", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("conversions", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("reward_sum", sa.Float, nullable=False, server_default="0"),
+        sa.Column("reward_sq_sum", sa.Float, nullable=False, server_default="0"),
+    )
+    op.create_table(
         "attribution_counts",
         sa.Column("experiment_id", sa.String(128), primary_key=True),
         sa.Column("variant", sa.String(128), primary_key=True),
@@ -72,6 +81,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("attribution_counts", "held_outcomes", "unit_state"):
+    for table in ("attribution_counts", "attributed_totals", "held_outcomes", "unit_state"):
         op.drop_table(table)
     op.execute("DROP FUNCTION abflow_add_values(jsonb, jsonb)")

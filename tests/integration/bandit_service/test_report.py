@@ -64,10 +64,10 @@ def insert_units(engine, experiment_id, variant, minute, converted: int, errors:
     raw = engine.raw_connection()
     try:
         with raw.driver_connection.cursor() as cur, cur.copy(
-                "COPY unit_state (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity, multiple, "
+                "COPY unit_state (experiment_id, unit_id, variant, exposed_at, propensity, multiple, "
                 "invocations, conversions, reward, errors) FROM STDIN") as copy:
             for i in range(n):
-                copy.write_row((experiment_id, f"{variant}-{minute}-{i}", variant, exposed, int(exposed), 0.5, False,
+                copy.write_row((experiment_id, f"{variant}-{minute}-{i}", variant, exposed, 0.5, False,
                                 1.0, conversions[i], conversions[i], failed[i]))
         raw.driver_connection.commit()
     finally:

@@ -176,10 +176,10 @@ def add_window(conn, experiment_id: str, start: datetime, units: dict, hists: di
              int(values["errors"].sum()), n_invocations, hists[variant]))
         tag = uuid.uuid4().hex[:8]
         with conn.cursor() as cur, cur.copy(
-                "COPY unit_state (experiment_id, unit_id, variant, exposed_at, exposure_window, propensity, "
+                "COPY unit_state (experiment_id, unit_id, variant, exposed_at, propensity, "
                 "invocations, conversions, reward, errors) FROM STDIN") as copy:
             for i, (n, c, e) in enumerate(zip(values["invocations"], values["conversions"], values["errors"])):
-                copy.write_row((experiment_id, f"{tag}-{i}", variant, start.timestamp(), int(start.timestamp()), None,
+                copy.write_row((experiment_id, f"{tag}-{i}", variant, start.timestamp(), None,
                                 float(n), float(c), float(c), float(e)))
 
 

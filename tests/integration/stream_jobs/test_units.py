@@ -63,18 +63,18 @@ def rows(events) -> list[tuple]:
 
 def run(db, exp: str, events, now: float = T0, sweep: bool = False) -> dict:
     """One batch, committed; the counters it added, per (variant, reason)."""
-    counters = apply_batch(db, rows(events), WINDOW, now, HOLD, sweep)
+    counters = apply_batch(db, rows(events), now, HOLD, sweep)
     db.commit()
     return {(variant, reason): n for (_, variant, reason), n in counters.items()}
 
 
 def unit(db, exp: str, unit_id: str) -> dict | None:
-    row = db.execute("SELECT variant, exposed_at, exposure_window, propensity, multiple, invocations, conversions, "
+    row = db.execute("SELECT variant, exposed_at, propensity, multiple, invocations, conversions, "
                      "reward, errors FROM unit_state WHERE experiment_id = %s AND unit_id = %s", (exp, unit_id)).fetchone()
     db.rollback()
     if row is None:
         return None
-    keys = ("variant", "exposed_at", "window", "propensity", "multiple", "invocations", "conversions", "reward", "errors")
+    keys = ("variant", "exposed_at", "propensity", "multiple", "invocations", "conversions", "reward", "errors")
     return dict(zip(keys, row))
 
 
@@ -82,7 +82,7 @@ def test_the_first_invocation_exposes_and_later_events_count_for_it(db, exp):
     assert run(db, exp, [inv(exp, "u", "A", T0 + 5), inv(exp, "u", "A", T0 + 10, error=True),
                          conv(exp, "u", "A", T0 + 20, reward=2.5)]) == {}
     run(db, exp, [conv(exp, "u", "A", T0 + 30)])
-    assert unit(db, exp, "u") == {"variant": "A", "exposed_at": T0 + 5, "window": T0, "propensity": 0.5,
+    assert unit(db, exp, "u") == {"variant": "A", "exposed_at": T0 + 5, "propensity": 0.5,
                                   "multiple": False, "invocations": 2, "conversions": 2, "reward": 3.5, "errors": 1}
 
 
@@ -126,7 +126,7 @@ def test_a_sweep_attributes_an_outcome_held_beside_an_exposure_committed_elsewhe
     """Two workers during a rebalance: one holds an outcome while the other's exposure of the unit
     is not committed yet. The next sweep attributes it."""
     with connect(stack.database_url, autocommit=False) as other:
-        apply_batch(other, rows([inv(exp, "u", "A", T0)]), WINDOW, T0, HOLD, False)
+        apply_batch(other, rows([inv(exp, "u", "A", T0)]), T0, HOLD, False)
         run(db, exp, [conv(exp, "u", "A", T0 + 1)])  # does not see the uncommitted exposure
         other.commit()
     assert held_count(db, exp) == 1 and unit(db, exp, "u")["conversions"] == 0

@@ -59,10 +59,10 @@ def fixed_split(rates, users=(40_000, 40_000), error_rates=(0.01, 0.01), latency
     units, period = {}, {}
     experiment = config(**extra)
     for name, rate, n, error_rate in zip(NAMES, rates, users, error_rates):
-        units[(START, name)], period[name] = one_visit_units(rng, n, rate, error_rate, experiment.metrics)
+        units[name], period[name] = one_visit_units(rng, n, rate, error_rate, experiment.metrics)
     histograms = {name: latency_hist(rng, 5_000, median) for name, median in zip(NAMES, latency)}
     return ReportInput(config=experiment, status="running", periods={0: period}, allocations=[],
-                       histograms=histograms, units=units)
+                       histograms=histograms, units={0: units}, exposures={(0, name): m.n for name, m in units.items()})
 
 
 def primary(report: dict) -> dict:
@@ -73,7 +73,7 @@ def test_known_effect_ships_with_statsmodels_p_value():
     data = fixed_split(rates=(0.05, 0.065), analysis={"mde": 0.2})
     report = build_report(data)
     assert report["decision"]["verdict"] == "ship" and report["decision"]["variant"] == "Challenger"
-    a, b = data.units[(START, "Champion")], data.units[(START, "Challenger")]
+    a, b = data.units[0]["Champion"], data.units[0]["Challenger"]
     comparison = primary(report)
     assert comparison["metric"] == "converted_units" and comparison["test"].startswith("two-proportion z-test")
     assert comparison["difference"] == pytest.approx(b.sums["converted"] / b.n - a.sums["converted"] / a.n, abs=1e-12)
@@ -120,12 +120,13 @@ def test_drift_under_moving_weights_is_stratified_away():
         periods[period] = {}
         for name in NAMES:
             n = int(100_000 * weights[name])
-            units[(exposed_at, name)], periods[period][name] = one_visit_units(rng, n, rate,
-                                                                               metrics=config("ThompsonSampling").metrics)
+            units.setdefault(period, {})[name], periods[period][name] = one_visit_units(
+                rng, n, rate, metrics=config("ThompsonSampling").metrics)
             pooled[name][0] += n
             pooled[name][1] += periods[period][name]["conversions"]
     report = build_report(ReportInput(config=config("ThompsonSampling"), status="running", periods=periods,
-                                      allocations=allocations, units=units))
+                                      allocations=allocations, units=units,
+                                      exposures={(k, name): m.n for k, p in units.items() for name, m in p.items()}))
     naive = pooled["Challenger"][1] / pooled["Challenger"][0] - pooled["Champion"][1] / pooled["Champion"][0]
     assert naive > 0.015
     comparison = primary(report)
@@ -149,7 +150,7 @@ def test_seed_003_numbers_give_its_p_value():
                                      "errors": np.zeros(5_000)}, config().metrics)
 
     data = ReportInput(config=config(), status="running", periods={}, allocations=[],
-                       units={(START, "Champion"): units(520), (START, "Challenger"): units(580)})
+                       units={0: {"Champion": units(520), "Challenger": units(580)}})
     comparison = primary(build_report(data))
     assert round(comparison["p_value"], 6) == 0.055161
     assert comparison["test"] == "two-proportion z-test (pooled) on exposed units"
@@ -166,10 +167,10 @@ def test_a_ratio_metric_on_returning_users_is_the_delta_method_on_the_raw_units(
         propensity = rng.beta(1, 19, 20_000) * rate / 0.05
         conversions = rng.binomial(visits, np.clip(propensity, 0, 1))
         raw[name] = (visits.astype(float), conversions.astype(float))
-        units[(START, name)] = UnitMoments.of_units({"invocations": visits, "conversions": conversions,
+        units[name] = UnitMoments.of_units({"invocations": visits, "conversions": conversions,
                                                      "reward": conversions, "errors": np.zeros(20_000)},
                                                     experiment.metrics)
-    report = build_report(ReportInput(config=experiment, status="running", periods={}, allocations=[], units=units))
+    report = build_report(ReportInput(config=experiment, status="running", periods={}, allocations=[], units={0: units}))
     comparison = primary(report)
 
     def delta(x, y):  # Var(Σy/Σx) by linearising around the ratio, per unit

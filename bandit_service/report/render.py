@@ -159,7 +159,7 @@ def render_text(report: dict) -> str:
     lines += ["GUARDRAILS (excess: how much worse the challenger is)", _table(guardrail_rows(report)), ""]
     lines += [f"SAMPLE RATIO  {srm_text(report)}", ""]
     bayes = report["bayesian"]
-    lines += [f"BAYESIAN (conversion rate, {bayes['prior']} prior, {bayes['counts']})", _table(bayesian_rows(report))]
+    lines += [f"BAYESIAN (units that converted, {bayes['prior']} prior, {bayes['counts']})", _table(bayesian_rows(report))]
     if report["shadows"]:
         lines += ["", "SHADOWS (called on the same requests, never served)", _table(shadow_rows(report))]
     if report["notes"]:
@@ -223,7 +223,7 @@ def _plots(report: dict) -> dict[str, str]:
         x = np.linspace(low, high, 400)
         for i, p in enumerate(posteriors):
             ax.plot(x * 100, stats.beta.pdf(x, p["alpha"], p["beta"]), label=p["variant"], color=f"C{i}")
-        ax.set_xlabel("conversion rate (%)")
+        ax.set_xlabel("exposed units that converted (%)")
         ax.set_yticks([])
         ax.legend(frameon=False)
         plots["Posterior densities (Beta-Binomial)"] = _svg(fig)

@@ -171,6 +171,9 @@ def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], now: float, hol
             for seq, row in enumerate(rows):
                 copy.write_row((seq, *row))
                 copied += 1
+        # Without statistics the planner guesses the batch's size and may scan every unit of the
+        # table to join a few hundred; with them it looks the batch's units up by key.
+        cur.execute("ANALYZE unit_batch")
         if copied or sweep:
             cur.execute(_RELEASE, {"sweep": sweep})
             for experiment_id, variant, outside, mismatched, held in cur.execute(

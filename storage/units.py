@@ -251,13 +251,14 @@ def exposures(conn: psycopg.Connection, experiment_id: str, version_times: list[
 
 
 def read_units(engine: Engine, experiment_id: str, variables: dict[str, Variable], pairs: list[tuple[str, str]],
-               period_starts: list[float], version_times: list[float]) -> tuple[list[tuple], list[tuple[str, int, int]]]:
-    """``unit_moments`` and ``exposures`` through a SQLAlchemy engine (the report's)."""
+               period_starts: list[float], version_times: list[float]
+               ) -> tuple[list[tuple], list[tuple[str, int, int]], dict[tuple[str, str], int]]:
+    """``unit_moments``, ``exposures`` and ``attribution_counts`` through a SQLAlchemy engine (the report's)."""
     raw = engine.raw_connection()
     try:
         conn = raw.driver_connection
         found = unit_moments(conn, experiment_id, variables, pairs, period_starts), \
-            exposures(conn, experiment_id, version_times)
+            exposures(conn, experiment_id, version_times), attribution_counts(conn, experiment_id)
         conn.rollback()
         return found
     finally:

@@ -190,7 +190,7 @@ def read_unit_moments(engine, experiment_ids) -> dict:
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
     found = {}
     for experiment_id in experiment_ids:
-        rows, _ = read_units(engine, experiment_id, BASE_VARIABLES, pairs, [], [])
+        rows, _, _ = read_units(engine, experiment_id, BASE_VARIABLES, pairs, [], [])
         for variant, _, units, _, *moments in rows:
             found[(experiment_id, variant)] = (units, list(moments[:5]), list(moments[5:]))
     return found

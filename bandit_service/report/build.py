@@ -69,6 +69,8 @@ class ReportInput:
     # Exposed units per (weights in effect at exposure: 0 the initial ones, k the k-th allocation
     # version's; variant): what the sample-ratio check tests.
     exposures: dict[tuple[int, str], int] = field(default_factory=dict)
+    # Events that did not count as they claimed, per (variant, reason) (storage.units.REASONS).
+    attribution: dict[tuple[str, str], int] = field(default_factory=dict)
     # Cumulative series for the plots: (bucket start, variant, invocations, conversions, reward_sum).
     series: list[tuple[datetime, str, int, int, float]] = field(default_factory=list)
     # Shadow releases: per (shadow, served variant), storage.queries.shadow_totals.
@@ -268,6 +270,13 @@ class _Experiment:
                 "statistic": check.statistic, "p_value": check.p_value, "mismatch": check.mismatch,
                 "threshold": SRM_THRESHOLD}
 
+    def attribution(self) -> dict:
+        """How the events were attributed to the units' exposures, and what did not count as it claimed."""
+        return {"window_seconds": self.config.attribution_window_seconds,
+                "multiple_exposures": {name: self.units.get(name, EMPTY_UNITS).multiple for name in self.names},
+                "events": [{"variant": variant, "reason": reason, "count": count}
+                           for (variant, reason), count in sorted(self.data.attribution.items())]}
+
     def min_sample(self, primary: MetricConfig) -> int | None:
         """Exposed units per variant for the power asked at the MDE (or the configured ``min_sample``)."""
         analysis = self.config.analysis
@@ -391,6 +400,7 @@ class _Experiment:
             "comparisons": comparisons,
             "guardrails": guardrails,
             "sample_ratio": srm,
+            "attribution": self.attribution(),
             "bayesian": self.bayesian(),
             "shadows": self.shadows(),
             "weights_history": weights_history,

@@ -20,7 +20,7 @@ def load_report_input(engine: Engine, experiment_id: str) -> ReportInput:
     allocations = queries.allocation_versions(engine, experiment_id)
     starts = period_starts(config.normalised_weights, [(at, weights) for _, at, weights in allocations])
     variables, pairs = unit_variables(config)
-    unit_rows, exposures = units.read_units(engine, experiment_id, variables, pairs, [at.timestamp() for at in starts],
+    unit_rows, exposures, attribution = units.read_units(engine, experiment_id, variables, pairs, [at.timestamp() for at in starts],
                                             [at.timestamp() for _, at, _ in allocations])
     periods: dict[int, dict[str, dict]] = {}
     for row in queries.period_sums(engine, experiment_id, starts):
@@ -29,6 +29,7 @@ def load_report_input(engine: Engine, experiment_id: str) -> ReportInput:
                        histograms=queries.latency_histograms(engine, experiment_id, LATENCY_BUCKETS),
                        units=moments_by_period(unit_rows, list(variables), pairs),
                        exposures={(k, variant): n for variant, k, n in exposures},
+                       attribution=attribution,
                        series=queries.time_series(engine, experiment_id),
                        shadows=queries.shadow_totals(engine, experiment_id, LATENCY_BUCKETS))
 

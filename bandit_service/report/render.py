@@ -130,6 +130,14 @@ def srm_text(report: dict) -> str:
             f"{srm['source']})")
 
 
+def attribution_text(report: dict) -> str:
+    """Events not counted as they claimed (storage.units), in one line."""
+    found = report.get("attribution") or {}
+    hours = found.get("window_seconds", 0) / 3600
+    events = ", ".join(f"{e['variant']} {e['reason'].replace('_', ' ')} {e['count']:,}" for e in found.get("events", []))
+    return f"window {hours:g} h; " + (events or "every event counted for its unit's exposure")
+
+
 def _columns(rows: list[dict]) -> list[str]:
     """The fullest row's keys first (rows with an error have fewer), then any others."""
     fullest = max(rows, key=len)
@@ -157,7 +165,7 @@ def render_text(report: dict) -> str:
         if rows:
             lines += [f"{role.upper()} METRIC{'S' if role == 'secondary' else ''} (challenger − champion)", _table(rows), ""]
     lines += ["GUARDRAILS (excess: how much worse the challenger is)", _table(guardrail_rows(report)), ""]
-    lines += [f"SAMPLE RATIO  {srm_text(report)}", ""]
+    lines += [f"SAMPLE RATIO  {srm_text(report)}", "", f"ATTRIBUTION  {attribution_text(report)}", ""]
     bayes = report["bayesian"]
     lines += [f"BAYESIAN (units that converted, {bayes['prior']} prior, {bayes['counts']})", _table(bayesian_rows(report))]
     if report["shadows"]:
@@ -295,6 +303,7 @@ def render_html(report: dict) -> str:
             parts += [f"<h2>{role.capitalize()} metric{'s' if role == 'secondary' else ''}</h2>", _html_table(rows)]
     parts += ["<h2>Guardrails</h2>", _html_table(guardrail_rows(report)),
               "<h2>Sample ratio</h2>", f"<p>{html.escape(srm_text(report))}</p>",
+              "<h2>Attribution</h2>", f"<p>{html.escape(attribution_text(report))}</p>",
               "<h2>Bayesian view</h2>", _html_table(bayesian_rows(report))]
     if report["shadows"]:
         parts += ["<h2>Shadows</h2><p>Called on the same requests, never served.</p>", _html_table(shadow_rows(report))]

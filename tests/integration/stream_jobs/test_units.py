@@ -176,3 +176,20 @@ def test_how_events_are_cut_into_batches_does_not_change_the_units(db):
     # Held arrivals depend on the cut (within one batch an exposure comes first); nothing else does.
     assert {k: n for k, n in attribution_counts(db, first).items() if k[1] != HELD} == \
         {k: n for k, n in attribution_counts(db, second).items() if k[1] != HELD}
+
+
+def test_the_report_shows_what_did_not_count(engine, db):
+    """An outcome after the attribution window is not counted and is reported; so is a mismatch."""
+    from bandit_service.report.build import build_report
+    from bandit_service.report.load import load_report_input
+    from bandit_service.report.render import render_text
+
+    exp = make_experiment(engine, variants=("A", "B"))
+    run(db, exp, [inv(exp, "u1", "A", T0), inv(exp, "u2", "B", T0)])
+    run(db, exp, [conv(exp, "u1", "A", T0 + ATTRIBUTION + 5), conv(exp, "u2", "A", T0 + 5)])
+    report = build_report(load_report_input(engine, exp))
+    assert report["attribution"]["events"] == [{"variant": "A", "reason": OUTSIDE_WINDOW, "count": 1},
+                                               {"variant": "B", "reason": VARIANT_MISMATCH, "count": 1}]
+    # The mismatched conversion counts for u2's exposure (B); the late one counts nowhere.
+    assert {v["variant"]: v["converted_units"] for v in report["variants"]} == {"A": 0, "B": 1}
+    assert "A outside window 1, B variant mismatch 1" in render_text(report)

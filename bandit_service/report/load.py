@@ -20,8 +20,9 @@ def load_report_input(engine: Engine, experiment_id: str) -> ReportInput:
     allocations = queries.allocation_versions(engine, experiment_id)
     starts = period_starts(config.normalised_weights, [(at, weights) for _, at, weights in allocations])
     variables, pairs = unit_variables(config)
-    unit_rows, exposures, attribution = units.read_units(engine, experiment_id, variables, pairs, [at.timestamp() for at in starts],
-                                            [at.timestamp() for _, at, _ in allocations])
+    unit_rows, exposures, attribution = units.read_units(
+        engine, experiment_id, variables, pairs, [at.timestamp() for at in starts],
+        [at.timestamp() for _, at, _ in allocations])
     periods: dict[int, dict[str, dict]] = {}
     for row in queries.period_sums(engine, experiment_id, starts):
         periods.setdefault(row.pop("period"), {})[row.pop("variant")] = row

@@ -64,6 +64,39 @@ class Topics:
         )
 
 
+API_ROLES = ("serving", "read", "admin")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKeys:
+    """The API's credentials, a list per role so that a key can be rotated without downtime (add the
+    new one, move the clients, remove the old one): ``ABFLOW_API_KEYS_SERVING``, ``…_READ`` and
+    ``…_ADMIN``, comma-separated. *serving*: assign, publish events, read the current weights;
+    *read*: every read; *admin*: everything."""
+
+    serving: tuple[str, ...] = ()
+    read: tuple[str, ...] = ()
+    admin: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls) -> "ApiKeys":
+        return cls(*(tuple(k.strip() for k in os.environ.get(f"ABFLOW_API_KEYS_{role.upper()}", "").split(",")
+                           if k.strip()) for role in API_ROLES))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ApiKeys":
+        return cls(*(tuple(data.get(role) or ()) for role in API_ROLES))
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {role: list(getattr(self, role)) for role in API_ROLES}
+
+    def as_env(self) -> dict[str, str]:
+        return {f"ABFLOW_API_KEYS_{role.upper()}": ",".join(getattr(self, role)) for role in API_ROLES}
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, role) for role in API_ROLES)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     kafka_bootstrap: str | None
@@ -82,7 +115,9 @@ class Settings:
     consumer_group: str = "abflow-aggregator"
     kafka_session_timeout_seconds: float = 10.0
     kafka_commit_interval_seconds: float = 1.0
-    api_token: str | None = None  # bearer token for the API's state-changing endpoints
+    api_keys: ApiKeys = ApiKeys()
+    metrics_public: bool = True  # /metrics without a key; false: the read role
+    api_max_body_bytes: int = 256 * 1024
     exposure_wait_seconds: int = 3600  # how long an outcome waits for its unit's exposure
 
     @classmethod
@@ -103,7 +138,9 @@ class Settings:
             consumer_group=os.environ.get("ABFLOW_CONSUMER_GROUP") or "abflow-aggregator",
             kafka_session_timeout_seconds=_env_float("ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS", 10.0, minimum=1.0),
             kafka_commit_interval_seconds=_env_float("ABFLOW_KAFKA_COMMIT_INTERVAL_SECONDS", 1.0, minimum=0.1),
-            api_token=os.environ.get("ABFLOW_API_TOKEN") or None,
+            api_keys=ApiKeys.from_env(),
+            metrics_public=os.environ.get("ABFLOW_METRICS_PUBLIC", "1").strip().lower() not in ("0", "false", "no"),
+            api_max_body_bytes=_env_int("ABFLOW_API_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
             exposure_wait_seconds=_env_int("ABFLOW_EXPOSURE_WAIT_SECONDS", 3600, minimum=1),
         )
 

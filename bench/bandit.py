@@ -146,7 +146,8 @@ def api(stack: Stack, requests: int, concurrency: int, rate: float) -> dict:
 
     tag = uuid.uuid4().hex[:6]
     env, topics = run_env(os.environ, stack.bootstrap, stack.database_url, stack.home, tag, 4)
-    env["ABFLOW_API_TOKEN"] = token = "bench"
+    env["ABFLOW_API_KEYS_ADMIN"] = "bench-admin-key"
+    env["ABFLOW_API_KEYS_SERVING"] = token = "bench-serving-key"  # what a serving process holds
     experiment_id = f"api-bench-{tag}"
     create_experiment(stack.engine, parse_config({"experiment_id": experiment_id, "strategy": "ThompsonSampling",
                                                   "variants": [{"name": "A"}, {"name": "B"}]}))

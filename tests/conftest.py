@@ -22,6 +22,10 @@ import pytest
 
 from abflow.local.stack import EmbeddedBroker, EmbeddedPostgres, die_with_parent
 
+# One key per role for the API in every test (the settings and the `serve` processes get them).
+API_KEYS = {"serving": "test-serving-key", "read": "test-read-key", "admin": "test-admin-key"}
+ADMIN = {"Authorization": f"Bearer {API_KEYS['admin']}"}
+
 
 @dataclass
 class Stack:
@@ -95,6 +99,7 @@ def run_env(stack, tmp_path) -> dict[str, str]:
         "ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS": "3",
         "ABFLOW_PARTITIONS": "4",
         "ABFLOW_BATCH_MAX_SECONDS": "0.1",
+        **{f"ABFLOW_API_KEYS_{role.upper()}": key for role, key in API_KEYS.items()},
         "PYTHONUNBUFFERED": "1",
     }
 

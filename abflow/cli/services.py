@@ -67,7 +67,9 @@ def refresher(poll_seconds: float) -> None:
 def serve(host: str, port: int, with_refresher: bool, poll_seconds: float) -> None:
     """Run the HTTP API (OpenAPI at /docs) and a weight refresher replica.
 
-    State-changing endpoints need `Authorization: Bearer $ABFLOW_API_TOKEN`.
+    Every endpoint but /ping, /healthz and /metrics needs `Authorization: Bearer KEY` with a key of
+    ABFLOW_API_KEYS_SERVING (assign, events, current weights), ABFLOW_API_KEYS_READ (every read) or
+    ABFLOW_API_KEYS_ADMIN (everything); each a comma-separated list, so keys rotate without downtime.
     """
     import uvicorn
 
@@ -76,8 +78,9 @@ def serve(host: str, port: int, with_refresher: bool, poll_seconds: float) -> No
     from producers.publisher import Publisher, ensure_topics
 
     settings = load_settings()
-    if not settings.api_token:
-        raise click.ClickException("set ABFLOW_API_TOKEN: the API's state-changing endpoints need a bearer token")
+    if not settings.api_keys.admin:
+        raise click.ClickException("set ABFLOW_API_KEYS_ADMIN (and ABFLOW_API_KEYS_SERVING, ABFLOW_API_KEYS_READ): "
+                                   "the API needs at least one admin key")
     setup_logging()
     ensure_topics(settings.require_kafka_bootstrap(), settings.topics, settings.partitions)
     stop = threading.Event()
@@ -90,7 +93,7 @@ def serve(host: str, port: int, with_refresher: bool, poll_seconds: float) -> No
             name="abflow-refresher", daemon=True)
         refresher_thread.start()
     try:
-        uvicorn.run(create_app(settings, settings.api_token, publisher), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(settings, publisher), host=host, port=port, log_level="warning")
     finally:
         stop.set()
         if refresher_thread is not None:

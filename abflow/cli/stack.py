@@ -79,8 +79,9 @@ def env() -> None:
     stack = read_stack_file(settings.home) or {}
     if stack.get("api_url"):
         click.echo(f"export ABFLOW_API_URL={stack['api_url']}")
-    if settings.api_token:
-        click.echo(f"export ABFLOW_API_TOKEN={settings.api_token}")
+    for name, value in settings.api_keys.as_env().items():
+        if value:
+            click.echo(f"export {name}={value}")
 
 
 @click.group()

@@ -34,7 +34,7 @@ from abflow.local.stack import (
     wait_for_port,
     write_stack_file,
 )
-from abflow.settings import Settings
+from abflow.settings import API_ROLES, ApiKeys, Settings
 from bandit_service.report.build import build_report
 from bandit_service.report.load import load_report_input
 from bandit_service.report.render import render_html, render_text
@@ -78,10 +78,11 @@ class LocalRun:
         upgrade(database_url)
         ensure_topics(bootstrap, s.topics, s.partitions)
         self.logs.mkdir(parents=True, exist_ok=True)
-        api_token = s.api_token or secrets.token_urlsafe(24)
+        # One key of each role unless the environment names some.
+        api_keys = s.api_keys or ApiKeys(*((secrets.token_urlsafe(24),) for _ in API_ROLES))
         api_port = free_port()
         env = {**os.environ, "ABFLOW_KAFKA_BOOTSTRAP": bootstrap, "ABFLOW_DATABASE_URL": database_url,
-               "ABFLOW_API_TOKEN": api_token}
+               **api_keys.as_env()}
         services = (("worker", "the stream worker", []),
                     ("serve", "the API and weight refresher", ["--port", str(api_port)]))
         for name, what, args in services:
@@ -95,7 +96,7 @@ class LocalRun:
         wait_for_port(api_port, 60, self.services["serve"], "the API")
         self._wait_for_worker()
         self.api_url = f"http://127.0.0.1:{api_port}"
-        write_stack_file(s.home, bootstrap, database_url, pids, api_url=self.api_url, api_token=api_token)
+        write_stack_file(s.home, bootstrap, database_url, pids, api_url=self.api_url, api_keys=api_keys.to_dict())
         click.echo(f"Kafka:      {bootstrap}")
         click.echo(f"PostgreSQL: {database_url}")
         click.echo(f"API:        {self.api_url}  (OpenAPI: {self.api_url}/docs; token: `abflow env`)")

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 
 from abflow.core.errors import AbflowError
-from abflow.settings import Settings, SettingsError
+from abflow.settings import ApiKeys, Settings, SettingsError
 
 STACK_FILE = "stack.json"
 DATABASE_NAME = "abflow"
@@ -239,13 +239,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def write_stack_file(home: Path, kafka_bootstrap: str, database_url: str, pids: dict[str, int], **extra: str) -> Path:
+def write_stack_file(home: Path, kafka_bootstrap: str, database_url: str, pids: dict[str, int], **extra) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     path = home / STACK_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(
         {"kafka_bootstrap": kafka_bootstrap, "database_url": database_url, "pids": pids, **extra}, indent=2))
-    tmp.chmod(0o600)  # it may hold the API token
+    tmp.chmod(0o600)  # it holds the API keys
     tmp.replace(path)
     return path
 
@@ -308,5 +308,5 @@ def with_local_stack(settings: Settings) -> Settings:
         settings,
         kafka_bootstrap=settings.kafka_bootstrap or stack["kafka_bootstrap"],
         database_url=settings.database_url or stack["database_url"],
-        api_token=settings.api_token or stack.get("api_token"),
+        api_keys=settings.api_keys or ApiKeys.from_dict(stack.get("api_keys") or {}),
     )

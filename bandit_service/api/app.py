@@ -1,20 +1,21 @@
 """The HTTP API (FastAPI): the app, its state and its middleware; the routes are in ``routes/``.
 
-Every endpoint that changes state (creating or changing an experiment,
-assigning a unit, publishing an event) requires ``Authorization: Bearer
-<token>``; reads are open. Bad requests get a 4xx whose body names the field
-and the problem; an unknown experiment is 404 (``errors``).
+Every endpoint but ``/ping``, ``/healthz`` and (by default) ``/metrics`` needs
+``Authorization: Bearer <key>`` with a key of a role that may call it
+(``deps``: serving, read, admin). Bad requests get a 4xx whose body names the
+field and the problem; an unknown experiment is 404 (``errors``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from psycopg_pool import ConnectionPool
 
-from abflow.settings import Settings
+from abflow.settings import Settings, SettingsError
 from bandit_service.api.deps import ApiState
 from bandit_service.api.errors import install_error_handlers
 from bandit_service.api.metrics import ApiMetrics
@@ -23,17 +24,61 @@ from producers.publisher import Publisher
 from storage.db import make_engine
 
 
-def create_app(settings: Settings, token: str, publisher: Publisher | None = None) -> FastAPI:
-    """The API over ``settings``' PostgreSQL and Kafka; state changes need ``token``."""
-    if not token:
-        raise ValueError("an API token is required (ABFLOW_API_TOKEN)")
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes with 413 before any handler reads it: by its
+    Content-Length, or, for a chunked body, by counting as it arrives."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        payload = json.dumps({"detail": f"the request body is over the limit of {self.limit:,} bytes "
+                                        "(ABFLOW_API_MAX_BODY_BYTES)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAPI:
+    """The API over ``settings``' PostgreSQL and Kafka, for the holders of ``settings.api_keys``."""
+    if not settings.api_keys.admin:
+        raise SettingsError("the API needs at least one admin key (ABFLOW_API_KEYS_ADMIN)")
     metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own_publisher = publisher is None
         state = ApiState(
-            settings=settings, token=token, metrics=metrics,
+            settings=settings, keys=settings.api_keys, metrics=metrics,
             pool=ConnectionPool(settings.libpq_url, min_size=2, max_size=16, kwargs={"autocommit": True}, open=True),
             engine=make_engine(settings.require_database_url()),
             publisher=publisher or Publisher(settings.require_kafka_bootstrap(), settings.topics))
@@ -59,6 +104,7 @@ def create_app(settings: Settings, token: str, publisher: Publisher | None = Non
         metrics.latency.labels(path).observe(time.perf_counter() - started)
         return response
 
+    app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
     install_error_handlers(app)
     for module in (health, experiments, serving, rollouts):
         app.include_router(module.router)

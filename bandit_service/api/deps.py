@@ -10,7 +10,7 @@ from fastapi import Depends, Header, HTTPException, Request
 from psycopg_pool import ConnectionPool
 from sqlalchemy import Engine
 
-from abflow.settings import Settings
+from abflow.settings import API_ROLES, ApiKeys, Settings
 from bandit_service.api.metrics import ApiMetrics
 from producers.publisher import Publisher
 from storage.models import Experiment
@@ -20,7 +20,7 @@ from storage.registry import get_experiment
 @dataclass
 class ApiState:
     settings: Settings
-    token: str
+    keys: ApiKeys
     metrics: ApiMetrics
     pool: ConnectionPool  # psycopg, autocommit: the hot paths (assign, weights, health)
     engine: Engine  # SQLAlchemy: the registry and the reports
@@ -34,15 +34,49 @@ def api_state(request: Request) -> ApiState:
 State = Annotated[ApiState, Depends(api_state)]
 
 
-def require_token(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+def role_of(keys: ApiKeys, key: str) -> str | None:
+    """The role whose list holds ``key``; every key is compared, in constant time, whatever matches."""
+    found = None
+    presented = key.encode()
+    for role in API_ROLES:
+        for candidate in getattr(keys, role):
+            if hmac.compare_digest(presented, candidate.encode()):
+                found = role
+    return found
+
+
+def requires(*roles: str) -> list:
+    """The dependency of a route that the keys of ``roles`` (and admin keys) may call: 401 without a
+    known key, 403 with a key of another role."""
+    allowed = set(roles) | {"admin"}
+
+    def check(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+        authorize(state, authorization, allowed)
+
+    return [Depends(check)]
+
+
+def authorize(state: ApiState, authorization: str | None, allowed: set[str]) -> None:
     if authorization is None or not authorization.startswith("Bearer "):
-        raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(authorization[len("Bearer "):].encode(), state.token.encode()):
-        raise HTTPException(403, "wrong token")
+        raise HTTPException(401, "missing API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
+    role = role_of(state.keys, authorization[len("Bearer "):])
+    if role is None:
+        raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    if role not in allowed:
+        raise HTTPException(403, f"a {role} key may not do this; it needs a key of role "
+                                 f"{' or '.join(r for r in API_ROLES if r in allowed)}")
 
 
-AUTHORISED = [Depends(require_token)]
+def metrics_access(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+    """/metrics is open unless ABFLOW_METRICS_PUBLIC=0 puts it behind the read role."""
+    if not state.settings.metrics_public:
+        authorize(state, authorization, {"read", "admin"})
+
+
+SERVING = requires("serving")  # assign and publish events
+WEIGHTS = requires("serving", "read")  # the current weights: what a serving process reads
+READ = requires("read")
+ADMIN = requires()
 
 
 def experiment(experiment_id: str, state: State) -> Experiment:

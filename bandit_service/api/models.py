@@ -216,6 +216,7 @@ class ReportOut(BaseModel):
     comparisons: list[dict[str, Any]]
     guardrails: list[dict[str, Any]]
     sample_ratio: dict[str, Any]
+    attribution: dict[str, Any]
     bayesian: dict[str, Any] | None
     shadows: list[dict[str, Any]]
     weights_history: list[dict[str, Any]]
@@ -297,7 +298,7 @@ class HealthOut(BaseModel):
     status: Literal["ok"]
 
 
-ERRORS = {401: {"model": ErrorOut, "description": "No bearer token"},
-          403: {"model": ErrorOut, "description": "Wrong token"}}
+ERRORS = {401: {"model": ErrorOut, "description": "No API key, or an unknown one"},
+          403: {"model": ErrorOut, "description": "The key's role may not do this"}}
 NOT_FOUND = {404: {"model": ErrorOut, "description": "No such experiment (or rollout)"}}
 CONFLICT = {409: {"model": ErrorOut, "description": "The experiment's state refuses the change"}}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from abflow.core.config import parse_config
 from abflow.core.text import json_safe
-from bandit_service.api.deps import AUTHORISED, ExistingExperiment, State
+from bandit_service.api.deps import ADMIN, READ, WEIGHTS, ExistingExperiment, State
 from bandit_service.api.models import (
     CONFLICT,
     ERRORS,
@@ -31,7 +31,7 @@ from storage.models import Experiment
 from storage.queries import allocation_history, variant_totals
 from storage.registry import change_status, create_experiment, get_experiment, list_experiments
 
-router = APIRouter(prefix="/experiments", tags=["experiments"], responses=NOT_FOUND)
+router = APIRouter(prefix="/experiments", tags=["experiments"], responses={**NOT_FOUND, **ERRORS})
 
 
 def describe(e: Experiment) -> ExperimentOut:
@@ -44,7 +44,7 @@ def describe(e: Experiment) -> ExperimentOut:
                       "model_version": v.model_version} for v in e.variants]})
 
 
-@router.post("", status_code=201, dependencies=AUTHORISED, responses={**ERRORS, **CONFLICT})
+@router.post("", status_code=201, dependencies=ADMIN, responses=CONFLICT)
 def create(body: ExperimentConfigIn, state: State) -> ExperimentOut:
     """Register an experiment; 422 names the field that breaks a rule, 409 when the id or layer share is taken."""
     config = parse_config(body.as_config_data())
@@ -52,18 +52,18 @@ def create(body: ExperimentConfigIn, state: State) -> ExperimentOut:
     return describe(get_experiment(state.engine, config.experiment_id))
 
 
-@router.get("")
+@router.get("", dependencies=READ)
 def experiments(state: State) -> list[ExperimentOut]:
     return [describe(e) for e in list_experiments(state.engine)]
 
 
-@router.get("/{experiment_id}")
+@router.get("/{experiment_id}", dependencies=READ)
 def show(experiment: ExistingExperiment) -> ExperimentOut:
     return describe(experiment)
 
 
 def _status_route(action: str, summary: str) -> None:
-    @router.post(f"/{{experiment_id}}/{action}", dependencies=AUTHORISED, responses={**ERRORS, **CONFLICT},
+    @router.post(f"/{{experiment_id}}/{action}", dependencies=ADMIN, responses=CONFLICT,
                  summary=summary, name=action)
     def change(experiment_id: str, state: State) -> ExperimentOut:
         return describe(change_status(state.engine, experiment_id, action))
@@ -74,7 +74,7 @@ _status_route("resume", "Resume a paused experiment")
 _status_route("stop", "Stop: everyone gets the champion (or the promoted winner)")
 
 
-@router.get("/{experiment_id}/stats")
+@router.get("/{experiment_id}/stats", dependencies=READ)
 def experiment_stats(experiment: ExistingExperiment, state: State) -> StatsOut:
     """Totals per variant with their per-invocation rates."""
     totals = {row["variant"]: row for row in variant_totals(state.engine, experiment.experiment_id)}
@@ -90,20 +90,20 @@ def experiment_stats(experiment: ExistingExperiment, state: State) -> StatsOut:
                                     "status": experiment.status, "variants": variants})
 
 
-@router.get("/{experiment_id}/report")
+@router.get("/{experiment_id}/report", dependencies=READ)
 def report(experiment: ExistingExperiment, state: State) -> ReportOut:
     """The same report as `abflow report --json`: decision, comparisons, guardrails, SRM, Bayesian view."""
     return ReportOut.model_validate(build_report(load_report_input(state.engine, experiment.experiment_id)))
 
 
-@router.get("/{experiment_id}/weights")
+@router.get("/{experiment_id}/weights", dependencies=WEIGHTS)
 def weights(experiment: ExistingExperiment, state: State) -> WeightsOut:
     with state.pool.connection() as conn:
         current, version = current_weights(conn, experiment.experiment_id)
     return WeightsOut(experiment_id=experiment.experiment_id, version=version, weights=current)
 
 
-@router.get("/{experiment_id}/weights/history")
+@router.get("/{experiment_id}/weights/history", dependencies=READ)
 def weights_history(experiment: ExistingExperiment, state: State,
                     limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[AllocationOut]:
     """The newest ``limit`` allocation versions, newest first."""
@@ -111,7 +111,7 @@ def weights_history(experiment: ExistingExperiment, state: State,
             for row in allocation_history(state.engine, experiment.experiment_id, limit)]
 
 
-@router.post("/{experiment_id}/promote", dependencies=AUTHORISED, responses={**ERRORS, **CONFLICT})
+@router.post("/{experiment_id}/promote", dependencies=ADMIN, responses=CONFLICT)
 def promote_champion(experiment_id: str, body: PromoteRequest, state: State) -> PromoteOut:
     """Make a winning challenger the champion (as `abflow experiment promote`); 409 without evidence."""
     result = promote(state.engine, state.publisher, state.settings.topics.allocations, experiment_id,
@@ -119,7 +119,7 @@ def promote_champion(experiment_id: str, body: PromoteRequest, state: State) -> 
     return PromoteOut.model_validate(json_safe(result))
 
 
-@router.get("/{experiment_id}/champions")
+@router.get("/{experiment_id}/champions", dependencies=READ)
 def champions(experiment: ExistingExperiment, state: State) -> list[ChampionOut]:
     """The champions of the experiment's lineage, first to newest."""
     return [ChampionOut.model_validate(c) for c in champion_history(state.engine, experiment.lineage)]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bandit_service.api.deps import State
+from bandit_service.api.deps import State, metrics_access
 from bandit_service.api.models import HealthOut
 from storage.queries import ping as database_ping
 from storage.queries import refresh_lags
@@ -27,7 +27,7 @@ def healthz(state: State) -> HealthOut:
     return HealthOut(status="ok")
 
 
-@router.get("/metrics", response_class=Response,
+@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_access)],
             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
                              "description": "Prometheus text format"}})
 def prometheus(state: State) -> Response:

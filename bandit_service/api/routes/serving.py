@@ -7,7 +7,7 @@ import uuid
 
 from fastapi import APIRouter
 
-from bandit_service.api.deps import AUTHORISED, State
+from bandit_service.api.deps import SERVING, State
 from bandit_service.api.models import (
     ERRORS,
     NOT_FOUND,
@@ -21,7 +21,7 @@ from bandit_service.assignment import assign
 from producers.contracts import CONVERSION, INVOCATION, InvalidEvent, event_from_dict
 from storage.registry import get_experiment
 
-router = APIRouter(prefix="/experiments", tags=["serving"], dependencies=AUTHORISED, responses={**ERRORS, **NOT_FOUND})
+router = APIRouter(prefix="/experiments", tags=["serving"], dependencies=SERVING, responses={**ERRORS, **NOT_FOUND})
 
 
 @router.post("/{experiment_id}/assign")

@@ -196,9 +196,12 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
         stack = json.loads((home / "stack.json").read_text())
         shown = subprocess.run([sys.executable, "-m", "abflow.cli", "env"], env=env, capture_output=True, text=True)
         assert f"export ABFLOW_DATABASE_URL={stack['database_url']}" in shown.stdout
-        assert f"export ABFLOW_API_TOKEN={stack['api_token']}" in shown.stdout
+        for role, keys in stack["api_keys"].items():
+            assert keys and f"export ABFLOW_API_KEYS_{role.upper()}={','.join(keys)}" in shown.stdout
         # The API runs too, and its weights are the refresher's.
-        with urllib.request.urlopen(f"{stack['api_url']}/experiments/demo/weights", timeout=10) as response:
+        request = urllib.request.Request(f"{stack['api_url']}/experiments/demo/weights",
+                                         headers={"Authorization": f"Bearer {stack['api_keys']['serving'][0]}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
             current = json.loads(response.read())
         assert current["version"] >= 1 and abs(sum(current["weights"].values()) - 1) < 1e-9
         second.send_signal(signal.SIGINT)  # Ctrl-C

@@ -9,17 +9,16 @@ from fastapi.testclient import TestClient
 
 from bandit_service.api import create_app
 from producers.publisher import ensure_topics
-from tests.conftest import wait_until
+from tests.conftest import ADMIN, API_KEYS, wait_until
 from tests.helpers import counted_events
 
-TOKEN = "test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = ADMIN
 
 
 @pytest.fixture
 def client(settings):
     ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
-    with TestClient(create_app(settings, TOKEN)) as test_client:
+    with TestClient(create_app(settings)) as test_client:
         yield test_client
 
 
@@ -33,16 +32,91 @@ def new_id() -> str:
     return f"api-{uuid.uuid4().hex[:8]}"
 
 
-def test_state_changes_need_the_token(client):
+# Who may call each operation of the OpenAPI schema: None is open to anyone; admin keys may call
+# everything else. A new route without an entry here fails the test below.
+ROLES_OF = {
+    ("GET", "/ping"): None, ("GET", "/healthz"): None, ("GET", "/metrics"): None,
+    ("POST", "/experiments"): {"admin"},
+    ("GET", "/experiments"): {"read", "admin"},
+    ("GET", "/experiments/{experiment_id}"): {"read", "admin"},
+    ("POST", "/experiments/{experiment_id}/pause"): {"admin"},
+    ("POST", "/experiments/{experiment_id}/resume"): {"admin"},
+    ("POST", "/experiments/{experiment_id}/stop"): {"admin"},
+    ("GET", "/experiments/{experiment_id}/stats"): {"read", "admin"},
+    ("GET", "/experiments/{experiment_id}/report"): {"read", "admin"},
+    ("GET", "/experiments/{experiment_id}/weights"): {"serving", "read", "admin"},
+    ("GET", "/experiments/{experiment_id}/weights/history"): {"read", "admin"},
+    ("POST", "/experiments/{experiment_id}/promote"): {"admin"},
+    ("GET", "/experiments/{experiment_id}/champions"): {"read", "admin"},
+    ("GET", "/experiments/{experiment_id}/rollout"): {"read", "admin"},
+    ("POST", "/experiments/{experiment_id}/rollout/{action}"): {"admin"},
+    ("POST", "/experiments/{experiment_id}/assign"): {"serving", "admin"},
+    ("POST", "/experiments/{experiment_id}/invocations"): {"serving", "admin"},
+    ("POST", "/experiments/{experiment_id}/conversions"): {"serving", "admin"},
+}
+
+
+def test_every_route_answers_each_role_as_the_table_says(client):
+    """No key and an unknown key: 401; a key of a role the route does not allow: 403; an allowed key
+    gets past authentication (whatever the route then says about the dummy request)."""
     experiment_id = new_id()
-    missing = client.post("/experiments", json=config(experiment_id))
-    assert missing.status_code == 401 and "bearer token" in missing.json()["detail"]
-    wrong = client.post("/experiments", json=config(experiment_id), headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 403
-    assert client.post("/experiments", json=config(experiment_id), headers=AUTH).status_code == 201
-    assert client.get(f"/experiments/{experiment_id}").status_code == 200  # reads are open
-    for path in ("pause", "resume", "stop", "assign", "invocations", "conversions"):
-        assert client.post(f"/experiments/{experiment_id}/{path}", json={}).status_code == 401, path
+    client.post("/experiments", json=config(experiment_id), headers=AUTH)
+    operations = {(method.upper(), path) for path, item in client.get("/openapi.json").json()["paths"].items()
+                  for method in item}
+    assert operations == set(ROLES_OF), (sorted(operations - set(ROLES_OF)), sorted(set(ROLES_OF) - operations))
+    for (method, path), allowed in sorted(ROLES_OF.items()):
+        url = path.format(experiment_id=experiment_id, action="pause")
+        keys = {"no key": None, "unknown key": "not-a-key", **API_KEYS}
+        for who, key in keys.items():
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            status = client.request(method, url, headers=headers, json={}).status_code
+            if allowed is None or who in allowed:
+                assert status not in (401, 403), (method, path, who, status)
+            elif who in ("no key", "unknown key"):
+                assert status == 401, (method, path, who, status)
+            else:
+                assert status == 403, (method, path, who, status)
+
+
+def test_keys_rotate_and_errors_say_what_is_wrong(settings, monkeypatch):
+    monkeypatch.setenv("ABFLOW_API_KEYS_SERVING", "old-serving-key, new-serving-key")
+    from abflow.settings import Settings
+
+    with TestClient(create_app(Settings.from_env())) as rotating:
+        for key in ("old-serving-key", "new-serving-key"):
+            response = rotating.get("/experiments/nope/weights", headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 404, key  # past authentication: there is no such experiment
+        missing = rotating.get("/experiments")
+        assert missing.status_code == 401 and "missing API key" in missing.json()["detail"]
+        assert missing.headers["www-authenticate"] == "Bearer"
+        refused = rotating.get("/experiments", headers={"Authorization": "Bearer new-serving-key"})
+        assert refused.status_code == 403 and "needs a key of role read or admin" in refused.json()["detail"]
+
+
+def test_metrics_can_be_put_behind_the_read_role(settings, monkeypatch):
+    monkeypatch.setenv("ABFLOW_METRICS_PUBLIC", "0")
+    from abflow.settings import Settings
+
+    with TestClient(create_app(Settings.from_env())) as private:
+        assert private.get("/metrics").status_code == 401
+        assert private.get("/metrics", headers={"Authorization": f"Bearer {API_KEYS['read']}"}).status_code == 200
+        assert private.get("/healthz").status_code == 200
+
+
+def test_bodies_over_the_limit_are_413(client):
+    big = {"experiment_id": new_id(), "description": "x" * (300 * 1024)}
+    response = client.post("/experiments", json=big, headers=AUTH)
+    assert response.status_code == 413 and "ABFLOW_API_MAX_BODY_BYTES" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(300):
+            yield b"x" * 1024
+
+    chunked = client.post("/experiments", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert chunked.status_code == 413
+    small = client.post("/experiments", content=iter([b'{"experiment_id": 1}']),
+                        headers={**AUTH, "Content-Type": "application/json"})
+    assert small.status_code == 422  # under the limit, a chunked body is read as usual
 
 
 def test_create_list_show_and_lifecycle(client):

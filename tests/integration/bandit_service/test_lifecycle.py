@@ -17,10 +17,9 @@ from bandit_service.assignment import assign
 from bandit_service.lifecycle import champion_history, next_version_config
 from producers.publisher import ensure_topics
 from storage.registry import create_experiment, get_experiment
+from tests.conftest import ADMIN
 from tests.integration.bandit_service.test_refresher import topic_records
 from tests.integration.bandit_service.test_report import fixed_split
-
-TOKEN = "lifecycle-token"
 
 
 def config(experiment_id: str, **extra) -> dict:
@@ -97,8 +96,8 @@ def test_promotion_with_evidence_creates_the_next_version(engine, run_env, setti
     assert listing.returncode == 0 and "Challenger" in listing.stdout and "won on conversions" in listing.stdout
 
     # The API: a forced promotion (the reason is kept), its 409s, and the history.
-    with TestClient(create_app(settings, TOKEN)) as client:
-        auth = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_app(settings)) as client:
+        auth = ADMIN
         assert client.post(f"/experiments/{next_id}/promote", json={"variant": "Next"}).status_code == 401
         refused = client.post(f"/experiments/{next_id}/promote", json={"variant": "Next"}, headers=auth)
         assert refused.status_code == 409 and "no evidence" in refused.json()["detail"]

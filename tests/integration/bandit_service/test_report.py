@@ -21,6 +21,7 @@ from bandit_service.report.build import build_report
 from bandit_service.report.load import load_report_input
 from bandit_service.report.render import render_html, render_text
 from storage.registry import create_experiment
+from tests.conftest import ADMIN
 
 START = datetime(2026, 1, 5, tzinfo=timezone.utc)
 WINDOW = 60
@@ -253,7 +254,7 @@ def test_api_serves_the_same_report(engine, settings):
 
     experiment_id = new_experiment(engine, analysis={"mde": 0.2})
     fixed_split(engine, experiment_id, rates=(0.05, 0.065))
-    with TestClient(create_app(settings, "token")) as client:
+    with TestClient(create_app(settings), headers=ADMIN) as client:
         served = client.get(f"/experiments/{experiment_id}/report")
         assert served.status_code == 200
         assert served.json() == report_of(engine, experiment_id)

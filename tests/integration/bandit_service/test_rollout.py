@@ -32,11 +32,10 @@ from producers.publisher import Publisher, ensure_topics
 from producers.simulator import Fault, Scenario, VariantProfile, generate, parse_fault, virtual_clock
 from storage.queries import AGGREGATES_CHANNEL, allocation_history
 from storage.registry import create_experiment
-from tests.conftest import wait_until
+from tests.conftest import ADMIN, wait_until
 from tests.integration.bandit_service.test_refresher import topic_records
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
-TOKEN = "test-token"
 LOOSE_GUARDRAILS = [{"name": "conversion_rate", "role": "primary"},
                     {"name": "error_rate", "role": "guardrail", "margin": 0.05},
                     {"name": "latency_p95", "role": "guardrail", "margin": 0.05}]
@@ -390,14 +389,14 @@ def test_operators_steer_a_rollout_from_the_cli_and_the_api(settings, engine, co
     assert shown["transitions"][-1]["reason"] == "looking into a ticket" and shown["transitions"][-1]["actor"] == "operator"
 
     ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
-    with TestClient(create_app(settings, TOKEN)) as client:
+    with TestClient(create_app(settings)) as client:
         path = f"/experiments/{config.experiment_id}/rollout"
         assert client.post(f"{path}/resume").status_code == 401
-        resumed = client.post(f"{path}/resume", headers={"Authorization": f"Bearer {TOKEN}"})
+        resumed = client.post(f"{path}/resume", headers=ADMIN)
         assert resumed.status_code == 200 and resumed.json()["state"] == "running"
-        assert client.post(f"{path}/resume", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 409
-        assert client.post(f"{path}/explode", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 422
-        aborted = client.post(f"{path}/abort", json={"reason": "budget"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert client.post(f"{path}/resume", headers=ADMIN).status_code == 409
+        assert client.post(f"{path}/explode", headers=ADMIN).status_code == 422
+        aborted = client.post(f"{path}/abort", json={"reason": "budget"}, headers=ADMIN)
         assert aborted.json()["state"] == "aborted"
         assert client.get(path).json()["transitions"][-1]["actor"] == "api"
         assert client.get("/experiments/nope/rollout").status_code == 404

@@ -17,9 +17,17 @@ AUTH = ADMIN
 
 @pytest.fixture
 def client(settings):
+    """A client that sends no key unless a request names one."""
     ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def admin(client):
+    """The same app, every request with the admin key."""
+    client.headers.update(AUTH)
+    return client
 
 
 def config(experiment_id: str, **extra) -> dict:
@@ -119,92 +127,92 @@ def test_bodies_over_the_limit_are_413(client):
     assert small.status_code == 422  # under the limit, a chunked body is read as usual
 
 
-def test_create_list_show_and_lifecycle(client):
+def test_create_list_show_and_lifecycle(admin):
     experiment_id = new_id()
-    created = client.post("/experiments", json=config(experiment_id, min_weight=0.05), headers=AUTH).json()
+    created = admin.post("/experiments", json=config(experiment_id, min_weight=0.05), headers=AUTH).json()
     assert created["status"] == "running" and created["min_weight"] == 0.05
     assert [v["name"] for v in created["variants"]] == ["Champion", "Challenger"]
-    assert experiment_id in [e["experiment_id"] for e in client.get("/experiments").json()]
-    assert client.post("/experiments", json=config(experiment_id), headers=AUTH).status_code == 409
-    assert client.post(f"/experiments/{experiment_id}/resume", headers=AUTH).status_code == 409  # not paused
-    assert client.post(f"/experiments/{experiment_id}/pause", headers=AUTH).json()["status"] == "paused"
-    assert client.post(f"/experiments/{experiment_id}/resume", headers=AUTH).json()["status"] == "running"
-    assert client.post(f"/experiments/{experiment_id}/stop", headers=AUTH).json()["status"] == "stopped"
-    assert client.post(f"/experiments/{experiment_id}/resume", headers=AUTH).status_code == 409
+    assert experiment_id in [e["experiment_id"] for e in admin.get("/experiments").json()]
+    assert admin.post("/experiments", json=config(experiment_id), headers=AUTH).status_code == 409
+    assert admin.post(f"/experiments/{experiment_id}/resume", headers=AUTH).status_code == 409  # not paused
+    assert admin.post(f"/experiments/{experiment_id}/pause", headers=AUTH).json()["status"] == "paused"
+    assert admin.post(f"/experiments/{experiment_id}/resume", headers=AUTH).json()["status"] == "running"
+    assert admin.post(f"/experiments/{experiment_id}/stop", headers=AUTH).json()["status"] == "stopped"
+    assert admin.post(f"/experiments/{experiment_id}/resume", headers=AUTH).status_code == 409
 
 
-def test_bad_requests_name_the_field(client):
-    bad = client.post("/experiments", json=config(new_id(), epsilon=3), headers=AUTH)
+def test_bad_requests_name_the_field(admin):
+    bad = admin.post("/experiments", json=config(new_id(), epsilon=3), headers=AUTH)
     assert bad.status_code == 422 and "epsilon must be in [0, 1]" in bad.json()["detail"]
     experiment_id = new_id()
-    client.post("/experiments", json=config(experiment_id), headers=AUTH)
-    no_unit = client.post(f"/experiments/{experiment_id}/assign", json={}, headers=AUTH)
+    admin.post("/experiments", json=config(experiment_id), headers=AUTH)
+    no_unit = admin.post(f"/experiments/{experiment_id}/assign", json={}, headers=AUTH)
     assert no_unit.status_code == 422 and no_unit.json()["detail"][0]["loc"] == ["body", "unit_id"]
-    wrong_variant = client.post(f"/experiments/{experiment_id}/invocations", headers=AUTH,
+    wrong_variant = admin.post(f"/experiments/{experiment_id}/invocations", headers=AUTH,
                                 json={"variant": "Nope", "user_id": "u"})
     assert wrong_variant.status_code == 422 and wrong_variant.json()["detail"]["field"] == "variant"
-    negative = client.post(f"/experiments/{experiment_id}/invocations", headers=AUTH,
+    negative = admin.post(f"/experiments/{experiment_id}/invocations", headers=AUTH,
                            json={"variant": "Champion", "user_id": "u", "latency_ms": -5})
     assert negative.status_code == 422 and "'latency_ms' must be >= 0" in negative.json()["detail"]["message"]
-    bad_time = client.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
+    bad_time = admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
                            json={"variant": "Champion", "user_id": "u", "timestamp": "yesterday"})
     assert bad_time.status_code == 422 and bad_time.json()["detail"]["reason"] == "invalid_value"
 
 
-def test_unknown_experiment_is_404(client):
+def test_unknown_experiment_is_404(admin):
     for method, path in [("get", "/experiments/nope"), ("get", "/experiments/nope/stats"),
                          ("get", "/experiments/nope/weights"), ("get", "/experiments/nope/weights/history"),
                          ("post", "/experiments/nope/pause")]:
-        assert getattr(client, method)(path, headers=AUTH).status_code == 404, path
-    assert client.post("/experiments/nope/assign", json={"unit_id": "u"}, headers=AUTH).status_code == 404
-    assert client.post("/experiments/nope/invocations", json={"variant": "A", "user_id": "u"},
+        assert getattr(admin, method)(path, headers=AUTH).status_code == 404, path
+    assert admin.post("/experiments/nope/assign", json={"unit_id": "u"}, headers=AUTH).status_code == 404
+    assert admin.post("/experiments/nope/invocations", json={"variant": "A", "user_id": "u"},
                        headers=AUTH).status_code == 404
 
 
-def test_assign_is_sticky_and_events_reach_the_aggregates(client, settings, engine, workers):
+def test_assign_is_sticky_and_events_reach_the_aggregates(admin, settings, engine, workers):
     experiment_id = new_id()
-    client.post("/experiments", json=config(experiment_id), headers=AUTH)
-    first = client.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "user-9"}, headers=AUTH).json()
-    again = client.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "user-9"}, headers=AUTH).json()
+    admin.post("/experiments", json=config(experiment_id), headers=AUTH)
+    first = admin.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "user-9"}, headers=AUTH).json()
+    again = admin.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "user-9"}, headers=AUTH).json()
     assert first["new"] and not again["new"]
     assert (again["variant"], again["propensity"]) == (first["variant"], 0.5)
 
     worker = workers()
     for i in range(20):
-        response = client.post(f"/experiments/{experiment_id}/invocations", headers=AUTH,
+        response = admin.post(f"/experiments/{experiment_id}/invocations", headers=AUTH,
                                json={"variant": "Challenger", "user_id": f"u{i}", "latency_ms": 20, "propensity": 0.5})
         assert response.status_code == 202
-    accepted = client.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
+    accepted = admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
                            json={"variant": "Challenger", "user_id": "u1", "reward": 4.0, "event_id": "conv-1"})
     assert accepted.json() == {"event_id": "conv-1", "accepted": True}
-    client.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,  # a retry: counted once
+    admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,  # a retry: counted once
                 json={"variant": "Challenger", "user_id": "u1", "reward": 4.0, "event_id": "conv-1"})
     wait_until(lambda: counted_events(engine, [experiment_id]) == 21, 60, message="API events aggregated",
                workers=[worker])
-    stats = {v["variant"]: v for v in client.get(f"/experiments/{experiment_id}/stats").json()["variants"]}
+    stats = {v["variant"]: v for v in admin.get(f"/experiments/{experiment_id}/stats").json()["variants"]}
     assert stats["Challenger"]["invocations"] == 20 and stats["Challenger"]["conversions"] == 1
     assert stats["Challenger"]["reward_per_invocation"] == pytest.approx(0.2)
     assert stats["Champion"]["invocations"] == 0 and stats["Champion"]["conversion_rate"] is None
 
 
-def test_weights_endpoints_and_metrics(client):
+def test_weights_endpoints_and_metrics(admin):
     experiment_id = new_id()
-    client.post("/experiments", json=config(experiment_id), headers=AUTH)
-    current = client.get(f"/experiments/{experiment_id}/weights").json()
+    admin.post("/experiments", json=config(experiment_id), headers=AUTH)
+    current = admin.get(f"/experiments/{experiment_id}/weights").json()
     assert current == {"experiment_id": experiment_id, "version": None,
                        "weights": {"Champion": 0.5, "Challenger": 0.5}}  # before the refresher's first version
-    assert client.get(f"/experiments/{experiment_id}/weights/history").json() == []
-    assert client.get(f"/experiments/{experiment_id}/weights/history?limit=0").status_code == 422
-    client.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "m1"}, headers=AUTH)
-    assert client.get("/healthz").json() == {"status": "ok"}
-    text = client.get("/metrics").text
+    assert admin.get(f"/experiments/{experiment_id}/weights/history").json() == []
+    assert admin.get(f"/experiments/{experiment_id}/weights/history?limit=0").status_code == 422
+    admin.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "m1"}, headers=AUTH)
+    assert admin.get("/healthz").json() == {"status": "ok"}
+    text = admin.get("/metrics").text
     assert f'abflow_assignments_total{{experiment_id="{experiment_id}",new="true"' in text
     assert 'abflow_http_requests_total{method="POST",route="/experiments/{experiment_id}/assign",status="200"}' in text
     assert "abflow_refresh_lag_seconds" in text
 
 
-def test_openapi_schema_lists_the_endpoints(client):
-    paths = client.get("/openapi.json").json()["paths"]
+def test_openapi_schema_lists_the_endpoints(admin):
+    paths = admin.get("/openapi.json").json()["paths"]
     for path in ["/experiments", "/experiments/{experiment_id}/assign", "/experiments/{experiment_id}/invocations",
                  "/experiments/{experiment_id}/conversions", "/experiments/{experiment_id}/stats",
                  "/experiments/{experiment_id}/weights", "/experiments/{experiment_id}/weights/history",

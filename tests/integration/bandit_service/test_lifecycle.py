@@ -109,6 +109,6 @@ def test_promotion_with_evidence_creates_the_next_version(engine, run_env, setti
         assert forced.json()["next_variants"] == ["Next", "Later"]
         assert forced.json()["evidence"] == {"source": "forced"}
         assert client.post("/experiments/nope/promote", json={"variant": "x"}, headers=auth).status_code == 404
-        champions = client.get(f"/experiments/{experiment_id}/champions").json()
+        champions = client.get(f"/experiments/{experiment_id}/champions", headers=auth).json()
     assert [c["variant"] for c in champions] == ["Champion", "Challenger", "Next"]
     assert champions[2]["reason"] == "hotfix" and champions[2]["actor"] == "api"

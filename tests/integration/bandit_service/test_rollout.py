@@ -398,8 +398,8 @@ def test_operators_steer_a_rollout_from_the_cli_and_the_api(settings, engine, co
         assert client.post(f"{path}/explode", headers=ADMIN).status_code == 422
         aborted = client.post(f"{path}/abort", json={"reason": "budget"}, headers=ADMIN)
         assert aborted.json()["state"] == "aborted"
-        assert client.get(path).json()["transitions"][-1]["actor"] == "api"
-        assert client.get("/experiments/nope/rollout").status_code == 404
+        assert client.get(path, headers=ADMIN).json()["transitions"][-1]["actor"] == "api"
+        assert client.get("/experiments/nope/rollout", headers=ADMIN).status_code == 404
     with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
         controller.check(conn, config)  # the controller publishes what the operator decided
         assert rollout_controller.status(conn, config.experiment_id)["weights"]["weights"]["Canary"] == 0.0

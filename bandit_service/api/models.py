@@ -95,7 +95,7 @@ class ExperimentConfigIn(_Strict):
 
     def as_config_data(self) -> dict:
         """What the user sent, as plain data for ``parse_config`` (absent keys stay absent)."""
-        return self.model_dump(exclude_unset=True)
+        return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
 class VariantOut(BaseModel):
@@ -291,7 +291,9 @@ class ChampionOut(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    detail: str | dict[str, Any] = Field(description="What is wrong: a message, or {reason, message, field} for events")
+    detail: str | dict[str, Any] | list[dict[str, Any]] = Field(
+        description="What is wrong: a message; {reason, message, field} for events; or, for a body or parameter "
+                    "of the wrong shape, one {loc, msg, type} per problem (loc is the field's path)")
 
 
 class HealthOut(BaseModel):
@@ -299,6 +301,8 @@ class HealthOut(BaseModel):
 
 
 ERRORS = {401: {"model": ErrorOut, "description": "No API key, or an unknown one"},
-          403: {"model": ErrorOut, "description": "The key's role may not do this"}}
+          403: {"model": ErrorOut, "description": "The key's role may not do this"},
+          422: {"model": ErrorOut, "description": "Input that breaks a rule (not JSON, a wrong type, an unknown field, "
+                                                  "a value out of range); the body names the field"}}
 NOT_FOUND = {404: {"model": ErrorOut, "description": "No such experiment (or rollout)"}}
 CONFLICT = {409: {"model": ErrorOut, "description": "The experiment's state refuses the change"}}

@@ -157,6 +157,20 @@ def test_bad_requests_name_the_field(admin):
     bad_time = admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
                            json={"variant": "Champion", "user_id": "u", "timestamp": "yesterday"})
     assert bad_time.status_code == 422 and bad_time.json()["detail"]["reason"] == "invalid_value"
+    # Found by the fuzzer: a body that is not UTF-8 was a bare, undocumented 400.
+    garbled = admin.post(f"/experiments/{experiment_id}/assign", content=b"\xff\x04",
+                         headers={**AUTH, "Content-Type": "application/json"})
+    assert garbled.status_code == 422 and "not JSON" in garbled.json()["detail"]
+    not_json = admin.post(f"/experiments/{experiment_id}/assign", content=b"{unit_id",
+                          headers={**AUTH, "Content-Type": "application/json"})
+    assert not_json.status_code == 422
+
+
+def test_null_in_the_config_means_the_default(admin):
+    """Found by the fuzzer: "epsilon": null was refused as "must be a number, got None"."""
+    created = admin.post("/experiments", json=config(new_id(), epsilon=None, layer=None, analysis=None))
+    assert created.status_code == 201, created.text
+    assert created.json()["epsilon"] == 0.1
 
 
 def test_unknown_experiment_is_404(admin):

@@ -15,11 +15,12 @@ SAME_WEIGHTS_TOLERANCE = 1e-9
 
 
 def allocation_record(experiment_id: str, version: int, strategy: str, phase: str, weights: dict[str, float],
-                      computed_at: datetime, champion: str | None = None, layer: tuple[str, int, int] | None = None
-                      ) -> bytes:
-    """The value published on the allocations topic (key: experiment id)."""
+                      computed_at: datetime, champion: str | None = None, layer: tuple[str, int, int] | None = None,
+                      shadows: list[str] | None = None) -> bytes:
+    """The value published on the allocations topic (key: experiment id); ``shadows`` are the shadow
+    variants the experiment declares, which the SDK may call beside the served one."""
     record = {"experiment_id": experiment_id, "version": version, "strategy": strategy, "phase": phase,
-              "weights": weights, "computed_at": computed_at.isoformat()}
+              "weights": weights, "computed_at": computed_at.isoformat(), "shadows": list(shadows or ())}
     if champion is not None:
         record["champion"] = champion
     if layer is not None:
@@ -38,9 +39,9 @@ def publish_allocation(conn: psycopg.Connection, publisher: Publisher, topic: st
     with conn.transaction():
         computed_at = datetime.now(timezone.utc)
         version = insert_next_allocation(conn, experiment_id, strategy, phase, weights, statistics, computed_at)
-        champion, layer = serving_context(conn, experiment_id)
+        champion, layer, shadows = serving_context(conn, experiment_id)
         publisher.produce(topic, allocation_record(experiment_id, version, strategy, phase, weights, computed_at,
-                                                   champion, layer), key=experiment_id)
+                                                   champion, layer, shadows), key=experiment_id)
         publisher.flush(10)
     return version
 

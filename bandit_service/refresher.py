@@ -109,10 +109,10 @@ class WeightRefresher:
         one keeps topics in memory) gets it back when a leader starts.
         """
         for experiment_id, version, strategy, phase, weights, computed_at in store.latest_of_served_experiments(conn):
-            champion, layer = store.serving_context(conn, experiment_id)
+            champion, layer, shadows = store.serving_context(conn, experiment_id)
             self.publisher.produce(self.settings.topics.allocations,
                                    allocation_record(experiment_id, version, strategy, phase, weights, computed_at,
-                                                     champion, layer), key=experiment_id)
+                                                     champion, layer, shadows), key=experiment_id)
         self.publisher.flush(10)
 
     def refresh_all(self, conn: psycopg.Connection) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 
@@ -17,6 +19,29 @@ class PublishError(AbflowError):
     """Some records could not be delivered."""
 
 
+class _Repeats(logging.Filter):
+    """Lets a message through once a minute: librdkafka retries a refused connection every 50 ms and
+    logs each try."""
+
+    def __init__(self, every: float = 60.0):
+        super().__init__()
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = re.sub(r"\d+ms", "", record.getMessage())
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every) < self.every:
+            return False
+        self._last[key] = now
+        return True
+
+
+# librdkafka's own log, through Python's logging, each repeated message once a minute.
+KAFKA_LOG = logging.getLogger("abflow.kafka")
+KAFKA_LOG.addFilter(_Repeats())
+
+
 class Publisher:
     """Publishes events keyed by user id; nothing is dropped silently.
 
@@ -25,7 +50,10 @@ class Publisher:
     ``PublishError`` if any record failed since the last flush.
     """
 
-    def __init__(self, bootstrap: str, topics: Topics | None = None, config: dict | None = None):
+    def __init__(self, bootstrap: str, topics: Topics | None = None, config: dict | None = None,
+                 connect_timeout: float = 10.0):
+        """Fails within ``connect_timeout`` seconds, with ``PublishError``, when no broker at
+        ``bootstrap`` answers (rather than queueing records that can never be delivered)."""
         self.topics = topics or Topics()
         conf = {
             "bootstrap.servers": bootstrap,
@@ -35,9 +63,16 @@ class Publisher:
             "queue.buffering.max.messages": 200_000,
             "message.timeout.ms": 60_000,
             "log.connection.close": False,  # idle connections closed by the broker are not news
+            "logger": KAFKA_LOG,
         }
         conf.update(config or {})
         self._producer = Producer(conf)
+        try:
+            self._producer.list_topics(timeout=connect_timeout)
+        except KafkaException as exc:
+            self._producer = None
+            raise PublishError(f"no Kafka broker answered at {bootstrap} within {connect_timeout:g} s ({exc.args[0]}); "
+                               "check the bootstrap servers (ABFLOW_KAFKA_BOOTSTRAP) and that the broker runs") from None
         self._lock = threading.Lock()
         self.delivered = 0
         self.failed = 0
@@ -80,6 +115,8 @@ class Publisher:
             raise PublishError("delivery failed: " + "; ".join(errors))
 
     def close(self) -> None:
+        if self._producer is None:
+            return
         try:
             self.flush()
         finally:

@@ -40,10 +40,10 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from abflow.core.buckets import DEFAULT_SALT, LAYER_BUCKETS, choose, hash_point, layer_bucket
-from abflow.core.errors import ExperimentNotFound
+from abflow.core.errors import ExperimentNotFound, Invalid
 from abflow.settings import Topics
 from producers.contracts import Conversion, Invocation, Shadow
-from producers.publisher import Publisher
+from producers.publisher import KAFKA_LOG, Publisher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,6 +72,10 @@ class Served:
     in_experiment: bool = True  # False outside the experiment's share of its layer: no events are logged
 
 
+class UndeclaredShadow(Invalid):
+    """``tee`` was asked to call a shadow the experiment's config does not declare."""
+
+
 @dataclass(frozen=True)
 class _Serving:
     """What the newest allocations record says about serving one experiment."""
@@ -81,24 +85,31 @@ class _Serving:
     champion: str | None
     layer: str
     buckets: tuple[int, int]
+    shadows: frozenset[str]
 
 
 class ServingClient:
     def __init__(self, bootstrap: str, topics: Topics | None = None, salt: str = DEFAULT_SALT,
-                 sticky_capacity: int = 1_000_000, publisher: Publisher | None = None, shadow_threads: int = 4):
+                 sticky_capacity: int = 1_000_000, publisher: Publisher | None = None, shadow_threads: int = 4,
+                 weights_timeout: float = 5.0):
+        """``weights_timeout``: how long the first ``assign`` of an experiment waits for its weights
+        (the client reads them in the background from its start) before it raises."""
         self.topics = topics or Topics()
         self.salt = salt
+        self.bootstrap = bootstrap
+        self.weights_timeout = weights_timeout
         self.publisher = publisher or Publisher(bootstrap, self.topics)
         self._serving: dict[str, _Serving] = {}
         self._sticky: OrderedDict[tuple[str, str], Served] = OrderedDict()
         self._capacity = sticky_capacity
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # notified whenever weights arrive
         self._shadow_pool = ThreadPoolExecutor(shadow_threads, thread_name_prefix="abflow-shadow")
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"abflow-sdk-{uuid.uuid4().hex}",
                                    "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                                   "enable.partition.eof": True, "log.connection.close": False})
+                                   "enable.partition.eof": True, "log.connection.close": False, "logger": KAFKA_LOG})
         self._thread = threading.Thread(target=self._follow, name="abflow-sdk-weights", daemon=True)
         self._thread.start()
 
@@ -122,11 +133,12 @@ class ServingClient:
                 experiment_id = record["experiment_id"]
                 layer = record.get("layer") or {"name": experiment_id, "buckets": [0, LAYER_BUCKETS]}
                 serving = _Serving(record["version"], record["weights"], record.get("champion"), layer["name"],
-                                   tuple(layer["buckets"]))
+                                   tuple(layer["buckets"]), frozenset(record.get("shadows") or ()))
                 with self._lock:
                     known = self._serving.get(experiment_id)
                     if known is None or serving.version > known.version:
                         self._serving[experiment_id] = serving
+                        self._arrived.notify_all()
         self._consumer.close()
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
@@ -134,14 +146,22 @@ class ServingClient:
         return self._ready.wait(timeout)
 
     def _current(self, experiment_id: str) -> _Serving:
+        """The experiment's newest weights, waiting up to ``weights_timeout`` for the first ones."""
         with self._lock:
             found = self._serving.get(experiment_id)
+            if found is None:
+                self._arrived.wait_for(lambda: experiment_id in self._serving, self.weights_timeout)
+                found = self._serving.get(experiment_id)
         if found is None:
             raise self._unknown(experiment_id)
         return found
 
     def _unknown(self, experiment_id: str) -> ExperimentNotFound:
-        return ExperimentNotFound(experiment_id, f"no weights for it on {self.topics.allocations}")
+        return ExperimentNotFound(
+            experiment_id, f"no weights for it on topic {self.topics.allocations!r} at {self.bootstrap} after "
+                           f"{self.weights_timeout:g} s; check that the experiment is registered and running, that "
+                           "`abflow serve` (its weight refresher) runs against the same broker, and that this "
+                           "client's bootstrap servers and topic names are the service's")
 
     def weights(self, experiment_id: str) -> tuple[int, dict[str, float]]:
         """(version, weights) of the newest allocation."""
@@ -167,7 +187,7 @@ class ServingClient:
                 return Served(experiment_id, user_id, served.variant, served.propensity, served.version,
                               str(uuid.uuid4()))
         if found is None:
-            raise self._unknown(experiment_id)
+            found = self._current(experiment_id)
         version, weights = found.version, found.weights
         start, end = found.buckets
         if found.champion is not None and not start <= layer_bucket(found.layer, unit, self.salt) < end:
@@ -203,6 +223,12 @@ class ServingClient:
         does (an error, slowness) reaches the user. Units outside the experiment get
         ``serve()`` only.
         """
+        undeclared = sorted(set(shadows) - self._current(served.experiment_id).shadows)
+        if undeclared:
+            declared = ", ".join(sorted(self._current(served.experiment_id).shadows)) or "none"
+            raise UndeclaredShadow(f"experiment {served.experiment_id!r} declares no shadow "
+                                   f"{', '.join(map(repr, undeclared))} (declared: {declared}); add it to the "
+                                   "config's `shadows`, or its events would all be dead letters")
         if not served.in_experiment:
             return serve()
         pending = {name: self._shadow_pool.submit(_timed, call) for name, call in shadows.items()}

@@ -12,14 +12,18 @@ from psycopg.types.json import Jsonb
 # experiment's share of its layer, and that share.
 _SERVING_CONTEXT = (
     "SELECT coalesce(e.winner, (SELECT name FROM variants v WHERE v.experiment_id = e.experiment_id "
-    "AND v.role = 'champion')), e.layer, e.layer_start, e.layer_end FROM experiments e WHERE e.experiment_id = %s"
+    "AND v.role = 'champion')), e.layer, e.layer_start, e.layer_end, "
+    "coalesce((SELECT array_agg(s ->> 'name' ORDER BY s ->> 'name') FROM jsonb_array_elements(CASE "
+    "WHEN jsonb_typeof(e.config -> 'shadows') = 'array' THEN e.config -> 'shadows' ELSE '[]' END) s), '{}') "
+    "FROM experiments e WHERE e.experiment_id = %s"
 )
 
 
-def serving_context(conn: psycopg.Connection, experiment_id: str) -> tuple[str | None, tuple[str, int, int] | None]:
-    """(champion or winner, (layer, start, end)) of the experiment."""
+def serving_context(conn: psycopg.Connection, experiment_id: str
+                    ) -> tuple[str | None, tuple[str, int, int] | None, list[str]]:
+    """(champion or winner, (layer, start, end), declared shadows) of the experiment."""
     row = conn.execute(_SERVING_CONTEXT, (experiment_id,)).fetchone()
-    return (None, None) if row is None else (row[0], (row[1], row[2], row[3]))
+    return (None, None, []) if row is None else (row[0], (row[1], row[2], row[3]), list(row[4]))
 
 
 def insert_next_allocation(conn: psycopg.Connection, experiment_id: str, strategy: str, phase: str,

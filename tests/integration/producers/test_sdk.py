@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import Counter
 
+import psycopg
 import pytest
 from sqlalchemy import text
 
 from abflow.core.buckets import choose, hash_point
 from abflow.core.errors import ExperimentNotFound
-from producers.publisher import ensure_topics
-from producers.sdk import ServingClient
+from bandit_service.allocations import publish_allocation
+from producers.publisher import Publisher, PublishError, ensure_topics
+from producers.sdk import ServingClient, UndeclaredShadow
 from tests.conftest import wait_until
 from tests.helpers import counted_events, make_experiment
 from tests.integration.bandit_service.test_refresher import latest, thompson_experiment
@@ -103,9 +106,52 @@ def test_sdk_routes_by_the_refreshed_weights_and_logs_propensities(settings, eng
 
 
 def test_unknown_experiment_without_weights(settings, engine):
+    """Without weights (no refresher ran) the first assign waits its timeout, then says what to check."""
     ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
     experiment_id = make_experiment(engine)
+    with ServingClient(settings.kafka_bootstrap, settings.topics, weights_timeout=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(ExperimentNotFound, match=experiment_id) as info:
+            client.assign(experiment_id, "u1")
+        assert 1.0 <= time.monotonic() - started < 10
+        assert "`abflow serve`" in str(info.value) and settings.topics.allocations in str(info.value)
+
+
+def test_assign_right_after_start_waits_for_the_first_weights(settings, engine):
+    """Constructed and used at once (as a service does at start-up): the first assign waits for the
+    weights to be read, or published, instead of failing."""
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = make_experiment(engine)
+    with ServingClient(settings.kafka_bootstrap, settings.topics, weights_timeout=20) as client:
+        def publish_later():
+            time.sleep(1.5)
+            with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+                publish_allocation(conn, client.publisher, settings.topics.allocations, experiment_id,
+                                   "ThompsonSampling", "warmup", {"Champion": 0.5, "Challenger": 0.5}, {})
+
+        threading.Thread(target=publish_later, daemon=True).start()
+        started = time.monotonic()
+        served = client.assign(experiment_id, "u1")
+        assert served.variant in ("Champion", "Challenger") and time.monotonic() - started >= 1.0
+
+
+def test_tee_with_a_shadow_the_experiment_does_not_declare_raises_at_once(settings, engine):
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = make_experiment(engine)
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn, \
+            Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
+        publish_allocation(conn, publisher, settings.topics.allocations, experiment_id, "ThompsonSampling",
+                           "warmup", {"Champion": 0.5, "Challenger": 0.5}, {})
     with ServingClient(settings.kafka_bootstrap, settings.topics) as client:
-        assert client.wait_ready(30)
-        with pytest.raises(ExperimentNotFound, match=experiment_id):
-            client.weights(experiment_id)  # no refresher ran: nothing on the topic yet
+        served = client.assign(experiment_id, "u1")
+        called = []
+        with pytest.raises(UndeclaredShadow, match="'model-v9'.*declared: none"):
+            client.tee(served, lambda: called.append("served"), {"model-v9": lambda: called.append("shadow")})
+        assert called == []  # neither model ran: the mistake is the caller's
+
+
+def test_a_publisher_without_a_broker_fails_fast_with_one_error():
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="no Kafka broker answered at 127.0.0.1:9 within 2 s"):
+        Publisher("127.0.0.1:9", connect_timeout=2)
+    assert time.monotonic() - started < 10

@@ -64,7 +64,9 @@ def refresher(poll_seconds: float) -> None:
 @click.option("--refresher/--no-refresher", "with_refresher", default=True, show_default=True,
               help="Also run a weight refresher replica in this process.")
 @click.option("--poll-seconds", default=5.0, show_default=True, help="The refresher's full-recompute interval.")
-def serve(host: str, port: int, with_refresher: bool, poll_seconds: float) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="API server processes (uvicorn workers); the refresher stays one thread of this process.")
+def serve(host: str, port: int, with_refresher: bool, poll_seconds: float, workers: int) -> None:
     """Run the HTTP API (OpenAPI at /docs) and a weight refresher replica.
 
     Every endpoint but /ping, /healthz and /metrics needs `Authorization: Bearer KEY` with a key of
@@ -93,7 +95,11 @@ def serve(host: str, port: int, with_refresher: bool, poll_seconds: float) -> No
             name="abflow-refresher", daemon=True)
         refresher_thread.start()
     try:
-        uvicorn.run(create_app(settings, publisher), host=host, port=port, log_level="warning")
+        if workers == 1:
+            uvicorn.run(create_app(settings, publisher), host=host, port=port, log_level="warning")
+        else:  # each worker process builds its own app (and publisher) from the same environment
+            uvicorn.run("abflow.cli.services:api_from_environment", factory=True, workers=workers, host=host,
+                        port=port, log_level="warning")
     finally:
         stop.set()
         if refresher_thread is not None:
@@ -102,3 +108,10 @@ def serve(host: str, port: int, with_refresher: bool, poll_seconds: float) -> No
 
 
 COMMANDS = (worker, refresher, serve)
+
+
+def api_from_environment():
+    """The API app of one `abflow serve --workers N` process."""
+    from bandit_service.api import create_app
+
+    return create_app(load_settings())

@@ -27,7 +27,9 @@ class ApiState:
     publisher: Publisher
 
 
-def api_state(request: Request) -> ApiState:
+# The dependencies that do no I/O are coroutines: FastAPI runs a plain function in a worker thread,
+# and each such hop costs the request latency under load.
+async def api_state(request: Request) -> ApiState:
     return request.app.state.abflow
 
 
@@ -50,7 +52,7 @@ def requires(*roles: str) -> list:
     known key, 403 with a key of another role."""
     allowed = set(roles) | {"admin"}
 
-    def check(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+    async def check(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
         authorize(state, authorization, allowed)
 
     return [Depends(check)]
@@ -67,7 +69,7 @@ def authorize(state: ApiState, authorization: str | None, allowed: set[str]) -> 
                                  f"{' or '.join(r for r in API_ROLES if r in allowed)}")
 
 
-def metrics_access(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+async def metrics_access(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
     """/metrics is open unless ABFLOW_METRICS_PUBLIC=0 puts it behind the read role."""
     if not state.settings.metrics_public:
         authorize(state, authorization, {"read", "admin"})

@@ -6,7 +6,9 @@
     publish to the first weights version whose statistics include it (p50/p95/p99);
 (b) API assign from --concurrency concurrent clients, p50/p99, against GET /ping
     (no I/O) of the same server in the same run: once as fast as the clients go
-    (saturated), once at a steady --api-rate requests/s;
+    (saturated), once at a steady --api-rate requests/s (a Python httpx load
+    generator); and, when `wrk` is installed, saturated with `wrk` (C, its own
+    process) against `abflow serve --workers 1` and `--workers 2`;
 (c) SDK assign per call, in-process (new users and returning users);
 (d) regret of each policy against the oracle and against a uniform split, averaged
     over seeds, in seed 001's scenario (4.5 % vs 5.2 %) and a three-arm scenario.
@@ -138,6 +140,68 @@ async def load(url: str, method: str, body_of, requests: int, concurrency: int, 
     return latencies
 
 
+WRK_ASSIGN = """
+key = "%s"
+counter = 0
+request = function()
+   counter = counter + 1
+   local unit = %s
+   return wrk.format("POST", nil, {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key},
+                     string.format('{"unit_id": "%%s"}', unit))
+end
+"""
+
+
+def wrk(url: str, connections: int, seconds: int, script: Path | None = None) -> dict:
+    """p50/p99 (ms) and requests/s of `wrk` against ``url``; errors (non-2xx) counted."""
+    import re
+    import subprocess
+
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if script is not None:
+        command[1:1] = ["-s", str(script)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()
+        return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit], 2)
+
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"p50": ms("50%"), "p99": ms("99%"), "requests_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out)
+                                                                                   .group(1))),
+            "non_2xx": int(failed.group(1)) if failed else 0}
+
+
+def api_with_wrk(stack: Stack, env: dict, experiment_id: str, token: str, concurrency: int) -> dict:
+    import subprocess
+
+    scripts = {"assign_new_user": stack.home / "wrk-new.lua", "assign_returning_user": stack.home / "wrk-returning.lua"}
+    scripts["assign_new_user"].write_text(WRK_ASSIGN % (token, 'string.format("w-%d-%d", math.random(1, 1e9), counter)'))
+    scripts["assign_returning_user"].write_text(WRK_ASSIGN % (token, 'string.format("r-%d", math.random(1, 1000))'))
+    result = {}
+    for workers in (1, 2):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "abflow.cli", "serve", "--port", str(port), "--no-refresher",
+                                   "--workers", str(workers)], env=env, cwd=ROOT,
+                                  stdout=open(stack.home / f"serve-wrk-{workers}.log", "ab"), stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, 60, server, "the API")
+            base = f"http://127.0.0.1:{port}"
+            assign_url = f"{base}/experiments/{experiment_id}/assign"
+            wrk(assign_url, concurrency, 3, scripts["assign_returning_user"])  # warm up, and store the returning units
+            runs = {"ping": wrk(f"{base}/ping", concurrency, 10)}
+            for name, script in scripts.items():
+                runs[name] = wrk(assign_url, concurrency, 10, script)
+            result[f"workers_{workers}"] = runs
+            for name, figures in runs.items():
+                log(f"(b) wrk, {workers} worker(s), {name}: p50 {figures['p50']} ms, p99 {figures['p99']} ms, "
+                    f"{figures['requests_per_s']}/s")
+        finally:
+            server.terminate()
+            server.wait(30)
+    return result
+
+
 def api(stack: Stack, requests: int, concurrency: int, rate: float) -> dict:
     import subprocess
 
@@ -174,6 +238,12 @@ def api(stack: Stack, requests: int, concurrency: int, rate: float) -> dict:
     finally:
         server.terminate()
         server.wait(30)
+    import shutil
+
+    if shutil.which("wrk"):
+        result["wrk_saturated"] = api_with_wrk(stack, env, experiment_id, token, concurrency)
+    else:
+        log("(b) wrk is not installed: the wrk runs are skipped")
     return result
 
 

@@ -99,7 +99,7 @@ class LocalRun:
         write_stack_file(s.home, bootstrap, database_url, pids, api_url=self.api_url, api_keys=api_keys.to_dict())
         click.echo(f"Kafka:      {bootstrap}")
         click.echo(f"PostgreSQL: {database_url}")
-        click.echo(f"API:        {self.api_url}  (OpenAPI: {self.api_url}/docs; token: `abflow env`)")
+        click.echo(f"API:        {self.api_url}  (OpenAPI: {self.api_url}/docs; a key per role: `abflow env`)")
 
     def _wait_for_worker(self, timeout: float = 60) -> None:
         """Until the worker holds partitions (a consumer group join takes a few seconds)."""

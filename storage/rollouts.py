@@ -89,15 +89,11 @@ def mark_sent(conn: psycopg.Connection, transition_id: int, outcome: str) -> Non
                  (outcome, transition_id))
 
 
-def stage_aggregates(conn: psycopg.Connection, experiment_id: str, since: datetime, buckets: int
-                     ) -> tuple[dict[str, dict], dict[str, list[int]]]:
-    """Sums per variant, and latency histograms (``buckets`` counts), of the windows that overlap [since, now)."""
+def stage_histograms(conn: psycopg.Connection, experiment_id: str, since: datetime, buckets: int
+                     ) -> dict[str, list[int]]:
+    """Latency histograms (``buckets`` counts) per variant of the windows that overlap [since, now)."""
     rows = conn.execute(
-        "SELECT variant, sum(invocations)::bigint, sum(conversions)::bigint, sum(reward_sum), sum(reward_sq_sum), "
-        f"sum(errors)::bigint, {bucket_sums(buckets)} FROM variant_windows WHERE experiment_id = %s "
+        f"SELECT variant, {bucket_sums(buckets)} FROM variant_windows WHERE experiment_id = %s "
         "AND window_start + make_interval(secs => window_seconds) > %s GROUP BY variant",
         (experiment_id, since)).fetchall()
-    sums = {row[0]: {"invocations": int(row[1]), "conversions": int(row[2]), "reward_sum": float(row[3]),
-                     "reward_sq_sum": float(row[4]), "errors": int(row[5])} for row in rows}
-    histograms = {row[0]: [int(c) for c in row[6:]] for row in rows}
-    return sums, histograms
+    return {row[0]: [int(c) for c in row[1:]] for row in rows}

@@ -105,7 +105,7 @@ class _Experiment:
                 for key, value in sums.items():
                     bucket[key] = bucket.get(key, 0) + (value or 0)
         self.unit_periods = [data.units[k] for k in sorted(data.units)]
-        self.units = pooled_units(self.unit_periods)
+        self.units = pooled(self.unit_periods)
         self.notes: list[str] = []
 
     # -- per variant -------------------------------------------------------------------------
@@ -408,14 +408,6 @@ class _Experiment:
                        for t, v, n, c, r in self.data.series],
             "notes": sorted(set(self.notes)),
         }
-
-
-def pooled_units(periods: list[dict[str, UnitMoments]]) -> dict[str, UnitMoments]:
-    total: dict[str, UnitMoments] = {}
-    for period in periods:
-        for name, moments in period.items():
-            total[name] = total.get(name, EMPTY_UNITS) + moments
-    return total
 
 
 def build_report(data: ReportInput) -> dict:

@@ -8,7 +8,7 @@ from abflow.core.config import ExperimentConfig, parse_config
 from abflow.core.windowing import LATENCY_BUCKETS
 from bandit_service.report.build import ReportInput
 from bandit_service.report.evidence import BASE_VARIABLES, UnitMoments, metric_pairs, metric_variables
-from bandit_service.stats.adaptive import period_starts
+from bandit_service.stats.adaptive import period_starts, pooled
 from storage import queries, units
 from storage.registry import get_experiment
 
@@ -59,8 +59,4 @@ def moments_by_period(rows: list[tuple], names: list[str], pairs: list[tuple[str
 
 def moments_by_variant(rows: list[tuple], names: list[str], pairs: list[tuple[str, str]]) -> dict[str, UnitMoments]:
     """The same rows added up per variant."""
-    total: dict[str, UnitMoments] = {}
-    for period in moments_by_period(rows, names, pairs).values():
-        for variant, moments in period.items():
-            total[variant] = total[variant] + moments if variant in total else moments
-    return total
+    return pooled(list(moments_by_period(rows, names, pairs).values()))

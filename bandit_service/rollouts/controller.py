@@ -138,7 +138,7 @@ class RolloutController:
         return due
 
     def _judge(self, conn, config: ExperimentConfig, current: rollout.RolloutState, now: datetime) -> None:
-        _, histograms = store.stage_aggregates(conn, config.experiment_id, current.stage_started_at, LATENCY_BUCKETS)
+        histograms = store.stage_histograms(conn, config.experiment_id, current.stage_started_at, LATENCY_BUCKETS)
         variables, pairs = unit_variables(config)
         rows = unit_moments(conn, config.experiment_id, variables, pairs,
                             exposed_since=current.stage_started_at.timestamp())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from bandit_service.stats.frequentist import MeanSummary, StatsInputError
 
@@ -32,6 +33,7 @@ MIN_CELL = 2  # observations per variant and period
 
 
 EMPTY = MeanSummary(0, 0.0, 0.0)  # a variant absent from a period
+T = TypeVar("T")
 
 
 def period_starts(initial: dict[str, float], versions: list[tuple[datetime, dict[str, float]]],
@@ -113,12 +115,13 @@ def stratified_means(periods: list[dict[str, MeanSummary]], traffic: list[int],
     return {name: StratifiedMean(mean, variance, len(periods)) for name, (mean, variance) in sums.items()}
 
 
-def pooled(periods: list[dict[str, MeanSummary]]) -> dict[str, MeanSummary]:
-    """Every period added together: the naive estimate's input."""
-    total: dict[str, MeanSummary] = {}
+def pooled(periods: list[dict[str, T]]) -> dict[str, T]:
+    """Every period added together, per variant: the naive estimate's input (any cells that add up:
+    ``MeanSummary``, ``RatioSummary``, the report's unit moments)."""
+    total: dict[str, T] = {}
     for period in periods:
         for name, cell in period.items():
-            total[name] = total.get(name, EMPTY) + cell
+            total[name] = total[name] + cell if name in total else cell  # type: ignore[operator]
     return total
 
 

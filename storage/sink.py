@@ -69,17 +69,19 @@ def _many(conn: psycopg.Connection, sql: str, rows: list[tuple]) -> None:
         cur.executemany(sql, rows)
 
 
-def registry(conn: psycopg.Connection
-             ) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]], dict[str, float | None]]:
+def registry(conn: psycopg.Connection) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]],
+                                               dict[str, tuple[float | None, tuple[int, ...]]]]:
     """What the sink needs of every experiment: its variants, its declared shadows, and its attribution
-    window in seconds (None: the config's default)."""
+    windows in seconds: the experiment's (None: the config's default) and its metrics' own."""
     known: dict[str, set[str]] = {}
     for experiment_id, name in conn.execute("SELECT experiment_id, name FROM variants"):
         known.setdefault(experiment_id, set()).add(name)
     shadows = {experiment_id: frozenset(s["name"] for s in declared) for experiment_id, declared in conn.execute(
         "SELECT experiment_id, config->'shadows' FROM experiments WHERE jsonb_typeof(config->'shadows') = 'array'")}
-    windows = {experiment_id: window for experiment_id, window in conn.execute(
-        "SELECT experiment_id, (config->>'attribution_window_seconds')::float8 FROM experiments")}
+    windows = {experiment_id: (window, tuple(sorted({int(m["attribution_window_seconds"]) for m in metrics or ()
+                                                     if m.get("attribution_window_seconds") is not None})))
+               for experiment_id, window, metrics in conn.execute(
+        "SELECT experiment_id, (config->>'attribution_window_seconds')::float8, config->'metrics' FROM experiments")}
     return {k: frozenset(v) for k, v in known.items()}, shadows, windows
 
 

@@ -13,7 +13,9 @@ The unit is what was randomized: the user (or the session), the events' ``user_i
   the experiment's ``attribution_window_seconds`` after the exposure's (one a little before it
   counts too: the clocks of different services differ), whatever variant it claims (a claim that
   disagrees is counted as a ``variant_mismatch``) and whenever it arrives. An event after the
-  window does not count (``outside_window``).
+  window does not count (``outside_window``). A metric with its own, shorter window reads the unit's
+  sums over the events within it: ``revenue@3600``, ``conversions@600`` (``config.windowed``), kept
+  in ``value_sums`` beside the full-window sums.
 - **Outcomes before their exposure.** Conversions travel on their own topic and may be counted
   before the unit's first invocation: they wait in ``held_outcomes`` and are attributed when the
   exposure arrives, or given up (``no_exposure``) once they have waited ``hold_seconds``.
@@ -29,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import psycopg
+from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 
-from abflow.core.config import UNIT_VARIABLES, VALUE_NAME
+from abflow.core.config import UNIT_VARIABLES, VALUE_NAME, WINDOWED_NAME
 
 # Why an event did not count as it claimed (per experiment and variant).
 HELD = "held"  # waited for its exposure (a count of arrivals, not of what still waits)
@@ -41,8 +44,8 @@ NO_EXPOSURE = "no_exposure"  # its unit was never exposed in time: not counted
 REASONS = (HELD, VARIANT_MISMATCH, OUTSIDE_WINDOW, NO_EXPOSURE)
 
 # A per-unit variable the report reads: a linear combination of the unit's sums ((name, coefficient)
-# pairs: a column of UNIT_VARIABLES or a key of value_sums), optionally turned into an indicator
-# (> 0) or capped at a value.
+# pairs: a column of UNIT_VARIABLES, or a key of value_sums: a value's name or a windowed name),
+# optionally turned into an indicator (> 0) or capped at a value.
 Variable = tuple[tuple[tuple[str, float], ...], bool, float | None]
 
 _BATCH = ("CREATE TEMPORARY TABLE IF NOT EXISTS unit_batch (seq int, kind smallint, experiment_id text, unit_id text, "
@@ -95,12 +98,22 @@ exposure AS (
   SELECT * FROM stored UNION ALL SELECT * FROM made),
 joined AS MATERIALIZED (
   SELECT b.experiment_id, b.unit_id, b.kind, b.variant AS claimed, e.variant, b.reward, b.error, b.vals,
-         b.ts <= e.exposed_at + b.attribution_seconds AS inside
+         b.ts <= e.exposed_at + b.attribution_seconds AS inside, b.ts - e.exposed_at AS age
   FROM unit_batch b JOIN exposure e ON e.experiment_id = b.experiment_id AND e.unit_id = b.unit_id),
 value_sums AS (
   SELECT experiment_id, unit_id, jsonb_object_agg(name, total) AS sums
-  FROM (SELECT j.experiment_id, j.unit_id, v.key AS name, sum(v.value::float8) AS total
-        FROM joined j, jsonb_each_text(j.vals) v WHERE j.inside GROUP BY 1, 2, 3) named
+  FROM (SELECT experiment_id, unit_id, name, sum(value) AS total FROM (
+          SELECT j.experiment_id, j.unit_id, v.key AS name, v.value::float8 AS value
+          FROM joined j, jsonb_each_text(j.vals) v WHERE j.inside
+          UNION ALL
+          -- The sums within a metric's own, shorter window: "name@seconds", of the stream's variables too.
+          SELECT j.experiment_id, j.unit_id, v.key || '@' || w.seconds, v.value::float8
+          FROM joined j, jsonb_array_elements_text(%(metric_windows)s::jsonb -> j.experiment_id) w(seconds),
+               jsonb_each_text(coalesce(j.vals, '{}') || CASE WHEN j.kind = 0
+                   THEN jsonb_build_object('invocations', 1, 'errors', j.error::int)
+                   ELSE jsonb_build_object('conversions', 1, 'reward', j.reward) END) v
+          WHERE j.inside AND j.age <= w.seconds::float8) event_values
+        GROUP BY 1, 2, 3) named
   GROUP BY experiment_id, unit_id),
 per_unit AS (
   SELECT experiment_id, unit_id,
@@ -151,12 +164,14 @@ SELECT experiment_id, variant, count(*) FROM gone GROUP BY experiment_id, varian
 """
 
 
-def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], now: float, hold_seconds: float, sweep: bool
-                ) -> dict[tuple[str, str, str], int]:
+def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], now: float, hold_seconds: float, sweep: bool,
+                metric_windows: dict[str, tuple[int, ...]] | None = None) -> dict[tuple[str, str, str], int]:
     """Expose, attribute and hold the batch's counted invocations and outcomes (``rows``, see
     ``INVOCATION_KIND``), in the caller's transaction. A ``sweep`` also attributes every held outcome
-    whose unit is exposed now and gives up those held for longer than ``hold_seconds``. Returns the
-    counters added, per (experiment, variant, reason)."""
+    whose unit is exposed now and gives up those held for longer than ``hold_seconds``. For each of an
+    experiment's ``metric_windows`` (seconds), every unit also sums its variables over the events
+    within that window of its exposure (``config.windowed`` names). Returns the counters added, per
+    (experiment, variant, reason)."""
     counters: dict[tuple[str, str, str], int] = {}
 
     def add(experiment_id: str, variant: str, reason: str, count: int) -> None:
@@ -176,8 +191,9 @@ def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], now: float, hol
         cur.execute("ANALYZE unit_batch")
         if copied or sweep:
             cur.execute(_RELEASE, {"sweep": sweep})
+            windows = Jsonb({e: list(ws) for e, ws in (metric_windows or {}).items() if ws})
             for experiment_id, variant, outside, mismatched, held in cur.execute(
-                    _APPLY, {"now": now}).fetchall():
+                    _APPLY, {"now": now, "metric_windows": windows}).fetchall():
                 add(experiment_id, variant, OUTSIDE_WINDOW, outside)
                 add(experiment_id, variant, VARIANT_MISMATCH, mismatched)
                 add(experiment_id, variant, HELD, held)
@@ -211,7 +227,7 @@ def _expression(variable: Variable) -> str:
         # Names are validated by the config (UNIT_VARIABLES or VALUE_NAME): safe to write into the SQL.
         if name in UNIT_VARIABLES:
             column = name
-        elif VALUE_NAME.match(name):
+        elif VALUE_NAME.match(name) or WINDOWED_NAME.match(name):
             column = f"coalesce((value_sums ->> '{name}')::float8, 0)"
         else:
             raise ValueError(f"not a unit variable: {name!r}")

@@ -76,6 +76,7 @@ class PostgresSink:
         self._known: dict[str, frozenset[str]] = {}
         self._shadows: dict[str, frozenset[str]] = {}
         self._attribution: dict[str, float] = {}
+        self._metric_windows: dict[str, tuple[int, ...]] = {}
         self._known_at = 0.0
         self._swept_at = 0.0
 
@@ -96,7 +97,9 @@ class PostgresSink:
         self._known, self._shadows, windows = store.registry(conn)
         conn.rollback()
         self._attribution = {experiment_id: window or DEFAULT_ATTRIBUTION_WINDOW_SECONDS
-                             for experiment_id, window in windows.items()}
+                             for experiment_id, (window, _) in windows.items()}
+        self._metric_windows = {experiment_id: metric_windows for experiment_id, (_, metric_windows) in windows.items()
+                                if metric_windows}
         self._known_at = time.monotonic()
 
     def _validate_all(self, records: list[Record], now: float) -> list:
@@ -175,7 +178,8 @@ class PostgresSink:
              t.reward_sq_sum, t.errors, t.latency.count, t.latency.ms_sum, t.latency.hist)
             for (experiment_id, variant, start), t in sorted(aggregate(batch.counted, window_seconds).items())])
         sweep = time.monotonic() - self._swept_at > HELD_SWEEP_SECONDS
-        unit_store.apply_batch(conn, self._unit_rows(batch.counted), now, self.settings.exposure_wait_seconds, sweep)
+        unit_store.apply_batch(conn, self._unit_rows(batch.counted), now, self.settings.exposure_wait_seconds, sweep,
+                               self._metric_windows)
         if batch.rejected:
             self.dead_letters.publish(batch.rejected)
             counts: dict[tuple[str, str], int] = {}

@@ -18,13 +18,21 @@ from storage.registry import create_experiment
 WINDOW = 60
 
 
-def make_experiment(engine, variants=("Champion", "Challenger"), prefix="exp") -> str:
+def make_experiment(engine, variants=("Champion", "Challenger"), prefix="exp", metric_window: int | None = None) -> str:
+    """An experiment; with ``metric_window`` (seconds), its metrics also read every stream variable
+    within that window of exposure (so the stream keeps those windowed sums too)."""
     experiment_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    create_experiment(engine, parse_config({
+    config = {
         "experiment_id": experiment_id,
         "strategy": "ThompsonSampling",
         "variants": [{"name": name, "initial_weight": 1.0} for name in variants],
-    }))
+    }
+    if metric_window is not None:
+        config["metrics"] = [
+            {"name": "converted_units", "role": "primary", "attribution_window_seconds": metric_window},
+            {"name": "reward_per_unit", "role": "secondary", "attribution_window_seconds": metric_window},
+            {"name": "error_rate", "role": "guardrail", "attribution_window_seconds": metric_window}]
+    create_experiment(engine, parse_config(config))
     return experiment_id
 
 
@@ -180,32 +188,40 @@ def assert_windows_match(engine, expected: Expected) -> None:
                 assert got == want, (key, column, got, want)
 
 
-def read_unit_moments(engine, experiment_ids) -> dict:
+def read_unit_moments(engine, experiment_ids, window: int | None = None) -> dict:
     """The units' moments as the report reads them (storage.units.unit_moments): the sums of the stream's
-    variables and of each product of two."""
+    variables (over the events within ``window`` seconds of exposure, when given) and of each product of two."""
+    from abflow.core.config import windowed
     from bandit_service.report.evidence import BASE_VARIABLES
     from storage.units import read_units
 
-    names = list(BASE_VARIABLES)
+    variables = BASE_VARIABLES if window is None else {
+        name: (tuple((windowed(term, window), c) for term, c in terms), indicator, cap)
+        for name, (terms, indicator, cap) in BASE_VARIABLES.items()}
+    names = list(variables)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
     found = {}
     for experiment_id in experiment_ids:
-        rows, _, _ = read_units(engine, experiment_id, BASE_VARIABLES, pairs, [], [])
+        rows, _, _ = read_units(engine, experiment_id, variables, pairs, [], [])
         for variant, _, units, _, *moments in rows:
             found[(experiment_id, variant)] = (units, list(moments[:5]), list(moments[5:]))
     return found
 
 
-def assert_units_match(engine, expected: Expected) -> None:
-    """Every unit-level moment equals the plain recount: no unit, value or product lost or counted twice."""
+def assert_units_match(engine, expected: Expected, metric_window: int | None = None) -> None:
+    """Every unit-level moment equals the plain recount: no unit, value or product lost or counted twice
+    (nor any of the sums within ``metric_window`` seconds of exposure, when given)."""
+    for window in (None,) if metric_window is None else (None, metric_window):
+        want = expected.unit_moments() if window is None else expected.unit_moments(window)
+        got = read_unit_moments(engine, {key[0] for key in expected.windows}, window)
+        assert set(got) == set(want), (sorted(set(want) - set(got))[:5],
+                                       [(k, got[k]) for k in sorted(set(got) - set(want))[:3]])
+        for key, (units, sums, products) in want.items():
+            assert got[key][0] == units, (key, got[key][0], units)
+            for name, have, should in (("sums", got[key][1], sums), ("products", got[key][2], products)):
+                for i, (a, b) in enumerate(zip(have, should)):
+                    assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (window, key, name, i, a, b)
     want = expected.unit_moments()
-    got = read_unit_moments(engine, {key[0] for key in expected.windows})
-    assert set(got) == set(want), (sorted(set(want) - set(got))[:5], [(k, got[k]) for k in sorted(set(got) - set(want))[:3]])
-    for key, (units, sums, products) in want.items():
-        assert got[key][0] == units, (key, got[key][0], units)
-        for name, have, should in (("sums", got[key][1], sums), ("products", got[key][2], products)):
-            for i, (a, b) in enumerate(zip(have, should)):
-                assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (key, name, i, a, b)
     # The bandits' input: the attributed events per variant of exposure.
     totals: dict[tuple[str, str], list[float]] = {}
     for (experiment_id, variant), (_, sums, _) in want.items():

@@ -31,6 +31,14 @@ _VARIANT = {"name", "initial_weight", "model_version", "role"}
 # A numerator or a denominator is a linear combination of variables, e.g. F1 = 2·tp / (2·tp + fp + fn).
 UNIT_VARIABLES = ("invocations", "conversions", "reward", "errors")
 VALUE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# A unit variable counted only within a shorter attribution window after exposure ("revenue@3600"):
+# what a metric with its own attribution_window_seconds reads (storage.units keeps these sums).
+WINDOWED_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}@[1-9][0-9]{0,9}$")
+
+
+def windowed(variable: str, seconds: int) -> str:
+    """The name of ``variable``'s sum over the events within ``seconds`` of the unit's exposure."""
+    return f"{variable}@{seconds}"
 METRIC_KINDS = ("proportion", "mean", "ratio")
 DIRECTIONS = ("higher", "lower")
 Combination = tuple[tuple[str, float], ...]  # (variable, coefficient) pairs
@@ -69,7 +77,7 @@ DEFAULT_MARGINS = {"error_rate": 0.01, "latency_p95": 0.01, "latency_p99": 0.005
                    "reward_per_unit": 0.01}
 CORRECTIONS = ("holm", "benjamini-hochberg")
 CORRECTION_ALIASES = {"bh": "benjamini-hochberg"}
-_METRIC = {"name", "role", "margin"}
+_METRIC = {"name", "role", "margin", "attribution_window_seconds"}
 _CUSTOM_METRIC = _METRIC | {"kind", "numerator", "denominator", "direction", "cap"}
 _ANALYSIS = {"alpha", "power", "mde", "correction", "min_sample"}
 _ROLLOUT = {"challenger", "stages", "min_duration_seconds", "min_sample", "max_duration_seconds",
@@ -77,6 +85,7 @@ _ROLLOUT = {"challenger", "stages", "min_duration_seconds", "min_sample", "max_d
             "webhook_timeout_seconds", "webhook_retries"}
 DEFAULT_STAGES = (5.0, 10.0, 25.0, 50.0, 100.0)
 DEFAULT_ATTRIBUTION_WINDOW_SECONDS = 24 * 3600.0
+MAX_METRIC_WINDOW_SECONDS = 10**9
 
 
 class ConfigError(Invalid):
@@ -105,6 +114,9 @@ class MetricConfig:
     role: str
     margin: float | None = None  # guardrails only: how much worse the challenger may be
     custom: MetricDefinition | None = None  # a metric the experiment defines; None: a built-in one
+    # Only the events within this many seconds of the unit's exposure count for this metric
+    # (None: the experiment's attribution window).
+    attribution_window_seconds: int | None = None
 
     @property
     def definition(self) -> MetricDefinition:
@@ -123,6 +135,8 @@ class MetricConfig:
                 data["denominator"] = dict(c.denominator)
             if c.cap is not None:
                 data["cap"] = c.cap
+        if self.attribution_window_seconds is not None:
+            data["attribution_window_seconds"] = self.attribution_window_seconds
         return data
 
 
@@ -188,6 +202,12 @@ class ExperimentConfig:
     shadows: tuple[ShadowConfig, ...] = ()
     # How long after a unit's exposure its events count for it (storage.units).
     attribution_window_seconds: float = DEFAULT_ATTRIBUTION_WINDOW_SECONDS
+
+    @property
+    def metric_windows(self) -> tuple[int, ...]:
+        """The metrics' own attribution windows, for which the stream keeps windowed sums."""
+        return tuple(sorted({m.attribution_window_seconds for m in self.metrics
+                             if m.attribution_window_seconds is not None}))
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -282,7 +302,17 @@ def _metrics(data, reward_model: str) -> tuple[MetricConfig, ...]:
             raise ConfigError(f"{where}.margin applies to guardrails only")
         if role != "guardrail" and definition.kind == "quantile":
             raise ConfigError(f"{where}: {name} can only be a guardrail")
-        metrics.append(MetricConfig(name, role, margin, definition if custom else None))
+        window = item.get("attribution_window_seconds")
+        if window is not None:
+            if definition.kind == "quantile":
+                raise ConfigError(f"{where}.attribution_window_seconds: {name} is measured per request, not attributed "
+                                  "to units")
+            if isinstance(window, bool) or not isinstance(window, (int, float)) or window != int(window) \
+                    or not 0 < window <= MAX_METRIC_WINDOW_SECONDS:
+                raise ConfigError(f"{where}.attribution_window_seconds must be a whole number of seconds in "
+                                  f"[1, {MAX_METRIC_WINDOW_SECONDS}], got {window!r}")
+            window = int(window)
+        metrics.append(MetricConfig(name, role, margin, definition if custom else None, window))
     names = [m.name for m in metrics]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -414,6 +444,12 @@ def parse_config(data) -> ExperimentConfig:
                           "attribution_window_seconds")
     if attribution <= 0:
         raise ConfigError(f"attribution_window_seconds must be > 0, got {attribution}")
+    metrics = _metrics(data.get("metrics"), reward_model)
+    for index, metric in enumerate(metrics):
+        # An event after the experiment's window is not kept for its unit at all.
+        if metric.attribution_window_seconds is not None and metric.attribution_window_seconds > attribution:
+            raise ConfigError(f"metrics[{index}].attribution_window_seconds ({metric.attribution_window_seconds}) "
+                              f"must not exceed the experiment's attribution_window_seconds ({attribution:g})")
     return ExperimentConfig(
         experiment_id=experiment_id,
         strategy=strategy,
@@ -424,7 +460,7 @@ def parse_config(data) -> ExperimentConfig:
         min_weight=min_weight,
         reward_model=reward_model,
         description=None if description is None else str(description),
-        metrics=_metrics(data.get("metrics"), reward_model),
+        metrics=metrics,
         analysis=_analysis(data.get("analysis")),
         rollout=_rollout(data.get("rollout"), [v.name for v in variants if v.role == "challenger"]),
         layer=layer,

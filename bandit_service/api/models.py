@@ -42,6 +42,9 @@ class MetricIn(_Strict):
     denominator: str | dict[str, float] | None = Field(None, description="ratio metrics: as the numerator")
     direction: str | None = Field(None, description="higher (default) or lower is better")
     cap: float | None = Field(None, description="winsorize each unit's numerator at this value (mean, ratio)")
+    attribution_window_seconds: int | None = Field(
+        None, description="only events within this many seconds of the unit's exposure count for this metric "
+                          "(default: the experiment's attribution_window_seconds, which it must not exceed)")
 
 
 class AnalysisIn(_Strict):

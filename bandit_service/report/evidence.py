@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from abflow.core.config import MetricConfig
+from abflow.core.config import MetricConfig, windowed
 from bandit_service.stats.adaptive import merge_thin_periods, stratified_means
 from bandit_service.stats.decision import GuardrailEvidence
 from bandit_service.stats.frequentist import MeanSummary, RatioSummary, StatsInputError
@@ -85,9 +85,14 @@ def metric_variables(metric: MetricConfig) -> dict[str, tuple]:
     d = metric.definition
     if d.kind == "quantile":
         return {}
-    variables = {f"{metric.name}:y": (d.numerator, d.kind == "proportion", d.cap)}
+    numerator, denominator = d.numerator, d.denominator
+    if metric.attribution_window_seconds is not None:
+        # The unit's sums over the events within the metric's own window of its exposure.
+        numerator, denominator = (tuple((windowed(name, metric.attribution_window_seconds), coefficient)
+                                        for name, coefficient in terms) for terms in (numerator, denominator))
+    variables = {f"{metric.name}:y": (numerator, d.kind == "proportion", d.cap)}
     if d.kind == "ratio":
-        variables[f"{metric.name}:x"] = (d.denominator, False, None)
+        variables[f"{metric.name}:x"] = (denominator, False, None)
     return variables
 
 

@@ -212,3 +212,31 @@ def test_metrics_of_your_own():
                  {"name": "latency_budget", "kind": "mean", "numerator": "slow", "role": "guardrail"}]
     with pytest.raises(ConfigError, match=r"metrics\[1\]\.margin is required"):
         parse_config({**BASE, "metrics": unguarded})
+
+
+def test_a_metric_with_its_own_attribution_window():
+    metrics = [{"name": "converted_units", "role": "primary", "attribution_window_seconds": 3600},
+               {"name": "revenue_first_day", "kind": "mean", "numerator": "revenue", "role": "secondary",
+                "attribution_window_seconds": 86400.0},
+               {"name": "error_rate", "role": "guardrail"}]
+    config = parse_config({**BASE, "metrics": metrics})
+    assert [m.attribution_window_seconds for m in config.metrics] == [3600, 86400, None]
+    assert config.metric_windows == (3600, 86400)
+    assert parse_config(config.to_dict()) == config
+
+    def refused(extra: dict, message: str) -> None:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**BASE, **extra})
+
+    refused({"metrics": [{"name": "converted_units", "role": "primary", "attribution_window_seconds": 90000}]},
+            r"metrics\[0\]\.attribution_window_seconds \(90000\) must not exceed the experiment's "
+            r"attribution_window_seconds \(86400\)")
+    refused({"attribution_window_seconds": 600,
+             "metrics": [{"name": "converted_units", "role": "primary", "attribution_window_seconds": 601}]},
+            r"must not exceed the experiment's attribution_window_seconds \(600\)")
+    for window in (0, 1.5, "3600", True, -5):
+        refused({"metrics": [{"name": "converted_units", "role": "primary", "attribution_window_seconds": window}]},
+                r"metrics\[0\]\.attribution_window_seconds must be a whole number of seconds")
+    refused({"metrics": [{"name": "converted_units", "role": "primary"},
+                         {"name": "latency_p95", "role": "guardrail", "attribution_window_seconds": 60}]},
+            r"metrics\[1\]\.attribution_window_seconds: latency_p95 is measured per request")

@@ -6,7 +6,9 @@
 and on the same records: a plain confluent-kafka consumer that parses (orjson)
 and aggregates per (experiment, variant, window) in a dict (the baseline), and
 `abflow worker` until `variant_totals` holds every event. Prints events/s and
-the ratio worker / baseline.
+the ratio worker / baseline; then the floor of keeping a row per unit in
+PostgreSQL (a COPY and a bare upsert of each batch's units, nothing else) on
+the same units, as a ratio to the same baseline.
 
 (b) Freshness. With a worker running, publishes at a steady ``--rate`` for
 ``--seconds`` and polls PostgreSQL every 10 ms; the delay of the k-th event is
@@ -154,6 +156,8 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
     with Publisher(bootstrap, topics) as publisher:
         publish(publisher, payloads)
     publish_rate = args.events / (time.perf_counter() - started)
+    unit_batches = [sorted({key.decode() for _, key, _ in payloads[i:i + FLOOR_BATCH]})
+                    for i in range(0, len(payloads), FLOOR_BATCH)]
     del payloads
     log("(a) baseline: plain confluent-kafka consume + orjson + dict aggregation…")
     baseline_s = plain_consumer_baseline(bootstrap, topics, args.partitions, args.events, 60)
@@ -180,6 +184,9 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
     stop_worker(worker)
     assert n == args.events, (n, args.events)
     log(f"    {units:,} exposed units of {distinct_units:,} distinct, {int(unit_events):,} events attributed")
+    log("(a) the floor of a row per unit: COPY + a bare upsert of each batch's units, nothing else…")
+    floor_s = unit_row_floor(database_url, unit_batches)
+    log(f"    {args.events / floor_s:,.0f} events/s")
     steady_rate = (args.events - first_n) / (done_at - first_at) if done_at > first_at else float("nan")
     return {
         "events": args.events,
@@ -193,7 +200,38 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
         "worker_events_per_s_including_startup": round(args.events / (done_at - started)),
         "worker_startup_s": round(first_at - started, 2),
         "ratio_worker_to_baseline": round(steady_rate * baseline_s / args.events, 3),
+        "unit_row_floor_events_per_s": round(args.events / floor_s),
+        "ratio_unit_row_floor_to_baseline": round(baseline_s / floor_s, 3),
     }
+
+
+FLOOR_BATCH = 10_000  # the worker's batch size (ABFLOW_BATCH_MAX_EVENTS' default)
+
+
+def unit_row_floor(database_url: str, unit_batches: list[list[str]]) -> float:
+    """Seconds to write a row per unit the way the worker's storage must at least: per batch, a COPY
+    of its distinct units and one INSERT … ON CONFLICT DO UPDATE adding to their sums, committed.
+    No validation, exposure, attribution, windows, dedup ids or offsets: the cost of keeping
+    units in PostgreSQL alone, which no worker that keeps them there can beat."""
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        conn.execute("CREATE TABLE bench_unit_floor (LIKE unit_state INCLUDING ALL) WITH (fillfactor = 75)")
+        conn.execute("CREATE TEMPORARY TABLE floor_batch (unit_id text, invocations float8) ON COMMIT DELETE ROWS")
+        conn.commit()
+        started = time.perf_counter()
+        for units in unit_batches:
+            with conn.cursor() as cur:
+                with cur.copy("COPY floor_batch (unit_id, invocations) FROM STDIN") as copy:
+                    for unit in units:
+                        copy.write_row((unit, 1.0))
+                cur.execute(
+                    "INSERT INTO bench_unit_floor AS s (experiment_id, unit_id, variant, exposed_at, invocations) "
+                    "SELECT 'bench', unit_id, 'Champion', 0, invocations FROM floor_batch "
+                    "ON CONFLICT (experiment_id, unit_id) DO UPDATE SET invocations = s.invocations + excluded.invocations")
+            conn.commit()
+        elapsed = time.perf_counter() - started
+        conn.execute("DROP TABLE bench_unit_floor")
+        conn.commit()
+    return elapsed
 
 
 def freshness(args, bootstrap, database_url, home, engine) -> dict:

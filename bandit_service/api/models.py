@@ -16,10 +16,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _strict(*examples: dict) -> ConfigDict:
+    """A request body's config: unknown keys refused, types strict, and examples for the schema."""
+    return ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": list(examples)})
+
+
+def _loose(*examples: dict) -> ConfigDict:
+    """A response body's config: examples for the schema."""
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
 # -- the experiment config --------------------------------------------------------------
 
 
 class VariantIn(_Strict):
+    model_config = _strict({"name": "Challenger", "initial_weight": 0.5, "model_version": "v2", "role": "challenger"})
+
     name: str
     initial_weight: float | None = Field(None, description="Default: an equal share")
     model_version: str | int | None = None
@@ -27,11 +39,20 @@ class VariantIn(_Strict):
 
 
 class ShadowIn(_Strict):
+    model_config = _strict({"name": "candidate", "model_version": "v3"})
+
     name: str
     model_version: str | int | None = None
 
 
 class MetricIn(_Strict):
+    model_config = _strict({"name": "converted_units", "role": "primary"},
+                            {"name": "error_rate", "role": "guardrail", "margin": 0.01},
+                            {"name": "f1", "kind": "ratio", "numerator": {"tp": 2}, "denominator": {"tp": 2, "fp": 1, "fn": 1},
+                             "role": "secondary"},
+                            {"name": "revenue_per_user", "kind": "mean", "numerator": "revenue", "cap": 500,
+                             "role": "secondary", "attribution_window_seconds": 86400})
+
     name: str
     role: str
     margin: float | None = None
@@ -48,6 +69,8 @@ class MetricIn(_Strict):
 
 
 class AnalysisIn(_Strict):
+    model_config = _strict({"alpha": 0.05, "power": 0.8, "mde": 0.1, "correction": "holm"})
+
     alpha: float | None = None
     power: float | None = None
     mde: float | None = None
@@ -56,6 +79,9 @@ class AnalysisIn(_Strict):
 
 
 class RolloutIn(_Strict):
+    model_config = _strict({"challenger": "model-v2", "stages": [5, 25, 50, 100], "min_duration_seconds": 600,
+                            "min_sample": 1000})
+
     challenger: str | None = None
     stages: list[float] | None = None
     min_duration_seconds: float | None = None
@@ -73,10 +99,10 @@ class RolloutIn(_Strict):
 class ExperimentConfigIn(_Strict):
     """The experiment config, as in an `abflow experiment create -f FILE` file."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{
+    model_config = _strict({
         "experiment_id": "demo", "strategy": "ThompsonSampling", "warmup": 100,
         "variants": [{"name": "Champion", "initial_weight": 1, "role": "champion", "model_version": "v1"},
-                     {"name": "Challenger", "initial_weight": 1, "role": "challenger", "model_version": "v2"}]}]})
+                     {"name": "Challenger", "initial_weight": 1, "role": "challenger", "model_version": "v2"}]})
 
     experiment_id: str
     strategy: str
@@ -102,6 +128,8 @@ class ExperimentConfigIn(_Strict):
 
 
 class VariantOut(BaseModel):
+    model_config = _loose({"name": "Champion", "role": "champion", "initial_weight": 0.5, "model_version": "v1"})
+
     name: str
     role: str
     initial_weight: float
@@ -109,11 +137,21 @@ class VariantOut(BaseModel):
 
 
 class LayerOut(BaseModel):
+    model_config = _loose({"name": "ranking", "buckets": [0, 5000]})
+
     name: str
     buckets: list[int] = Field(description="[start, end) of the experiment's buckets in its layer")
 
 
 class ExperimentOut(BaseModel):
+    model_config = _loose({"experiment_id": "demo", "strategy": "ThompsonSampling", "status": "stopped", "epsilon": 0.1,
+                          "warmup": 100, "unit": "user", "min_weight": 0.0, "reward_model": "binary",
+                          "created_at": "2026-12-02T09:00:00+00:00", "lineage": "demo", "version": 1, "winner": "Challenger",
+                          "layer": {"name": "demo", "buckets": [0, 10000]},
+                          "variants": [{"name": "Champion", "role": "champion", "initial_weight": 0.5, "model_version": "v1"},
+                                       {"name": "Challenger", "role": "challenger", "initial_weight": 0.5,
+                                        "model_version": "v2"}]})
+
     experiment_id: str
     strategy: str
     status: Literal["running", "paused", "stopped"]
@@ -134,10 +172,15 @@ class ExperimentOut(BaseModel):
 
 
 class AssignRequest(_Strict):
+    model_config = _strict({"unit_id": "user-42"})
+
     unit_id: str = Field(min_length=1, max_length=256, description="The user id, or the session id for session experiments")
 
 
 class AssignResponse(BaseModel):
+    model_config = _loose({"experiment_id": "demo", "unit_id": "user-42", "variant": "Challenger",
+                           "propensity": 0.62, "allocation_version": 17, "new": True, "in_experiment": True})
+
     experiment_id: str
     unit_id: str
     variant: str
@@ -148,7 +191,11 @@ class AssignResponse(BaseModel):
                                             "serve the variant, but log no events for it")
 
 
-class InvocationRequest(BaseModel):
+class InvocationRequest(_Strict):
+    model_config = _strict({"variant": "Challenger", "user_id": "user-42", "event_id": "inv-7f3a",
+                            "timestamp": "2026-12-02T09:15:00Z", "propensity": 0.62, "latency_ms": 41.5,
+                            "error": False, "model_version": "v2", "values": {"confidence": 0.91}})
+
     variant: str
     user_id: str
     event_id: str | None = Field(None, description="Generated when absent; send one to make retries idempotent")
@@ -157,18 +204,28 @@ class InvocationRequest(BaseModel):
     latency_ms: float | None = None
     error: bool = False
     model_version: str | None = None
+    values: dict[str, float] | None = Field(
+        None, description="Named numbers for metrics of your own (at most 32; names of lower-case letters, digits and _)")
 
 
-class ConversionRequest(BaseModel):
+class ConversionRequest(_Strict):
+    model_config = _strict({"variant": "Challenger", "user_id": "user-42", "event_id": "conv-91c2",
+                            "timestamp": 1796202900.0, "reward": 1.0, "invocation_id": "inv-7f3a",
+                            "values": {"revenue": 31.5, "correct": 1, "labelled": 1}})
+
     variant: str
     user_id: str
     event_id: str | None = None
     timestamp: float | str | None = None
     reward: float = 1.0
     invocation_id: str | None = None
+    values: dict[str, float] | None = Field(
+        None, description="Named numbers for metrics of your own (at most 32; names of lower-case letters, digits and _)")
 
 
 class EventAccepted(BaseModel):
+    model_config = _loose({"event_id": "inv-7f3a", "accepted": True})
+
     event_id: str
     accepted: bool
 
@@ -177,6 +234,10 @@ class EventAccepted(BaseModel):
 
 
 class VariantStats(BaseModel):
+    model_config = _loose({"variant": "Champion", "role": "champion", "invocations": 5120, "conversions": 262,
+                             "conversion_rate": 0.0512, "reward_sum": 262.0, "reward_per_invocation": 0.0512, "errors": 4,
+                             "error_rate": 0.00078})
+
     variant: str
     role: str
     invocations: int
@@ -189,6 +250,12 @@ class VariantStats(BaseModel):
 
 
 class StatsOut(BaseModel):
+    model_config = _loose({"experiment_id": "demo", "strategy": "ThompsonSampling", "status": "running",
+                           "variants": [{"variant": "Champion", "role": "champion", "invocations": 5120,
+                           "conversions": 262,
+                             "conversion_rate": 0.0512, "reward_sum": 262.0, "reward_per_invocation": 0.0512, "errors": 4,
+                             "error_rate": 0.00078}]})
+
     experiment_id: str
     strategy: str
     status: str
@@ -196,12 +263,19 @@ class StatsOut(BaseModel):
 
 
 class WeightsOut(BaseModel):
+    model_config = _loose({"experiment_id": "demo", "version": 17, "weights": {"Champion": 0.38, "Challenger": 0.62}})
+
     experiment_id: str
     version: int | None = Field(description="The allocation version; null before the first one (initial weights)")
     weights: dict[str, float]
 
 
 class AllocationOut(BaseModel):
+    model_config = _loose({"version": 17, "strategy": "ThompsonSampling", "phase": "bandit",
+                           "weights": {"Champion": 0.38, "Challenger": 0.62},
+                           "statistics": {"Champion": {"invocations": 5120, "conversions": 262}},
+                           "computed_at": "2026-12-02T09:15:00+00:00"})
+
     version: int
     strategy: str
     phase: str
@@ -212,6 +286,17 @@ class AllocationOut(BaseModel):
 
 class ReportOut(BaseModel):
     """The report (as `abflow report --json`); the README's report section describes each part."""
+
+    model_config = _loose({
+        "experiment": {"experiment_id": "demo", "strategy": "ThompsonSampling", "status": "running",
+                       "champion": "Champion", "challengers": ["Challenger"]},
+        "decision": {"verdict": "keep running", "variant": None, "reasons": ["not enough data for the primary metric yet"]},
+        "variants": [{"variant": "Champion", "units": 3769}, {"variant": "Challenger", "units": 5733}],
+        "comparisons": [{"metric": "converted_units", "variant": "Challenger", "p_value": 0.012,
+                         "test": "two-proportion z-test (pooled) on exposed units"}],
+        "guardrails": [], "sample_ratio": {"checked": True, "p_value": 0.94}, "attribution": {"window_seconds": 86400},
+        "bayesian": {"metric": "converted_units", "prior": "Beta(1, 1)", "variants": []}, "shadows": [],
+        "weights_history": [], "series": [], "notes": []})
 
     experiment: dict[str, Any]
     decision: dict[str, Any]
@@ -231,16 +316,25 @@ class ReportOut(BaseModel):
 
 
 class RolloutAction(_Strict):
+    model_config = _strict({"reason": "error budget spent elsewhere; hold the canary"})
+
     reason: str | None = None
 
 
 class RolloutWeights(BaseModel):
+    model_config = _loose({"version": 9, "phase": "rollout", "weights": {"model-v1": 0.75, "model-v2": 0.25}})
+
     version: int
     phase: str
     weights: dict[str, float]
 
 
 class RolloutStatusOut(BaseModel):
+    model_config = _loose({"experiment_id": "canary", "challenger": "model-v2", "stages": [5, 10, 25, 50, 100],
+                                "plan": {"min_duration_seconds": 60}, "state": "running", "stage": 2, "percent": 25,
+                                "weights": {"version": 9, "phase": "rollout", "weights": {"model-v1": 0.75, "model-v2": 0.25}},
+                                "transitions": [], "stage_started_at": "2026-12-02T09:10:00+00:00"})
+
     experiment_id: str
     challenger: str
     stages: list[float]
@@ -258,6 +352,8 @@ class RolloutStatusOut(BaseModel):
 
 
 class PromoteRequest(_Strict):
+    model_config = _strict({"variant": "model-v2", "challengers": {"model-v3": "3"}, "reason": "won the canary"})
+
     variant: str = Field(description="The challenger that won")
     challengers: dict[str, str | None] = Field(default_factory=dict,
                                                description="New challengers of the next version: name → model version")
@@ -266,6 +362,10 @@ class PromoteRequest(_Strict):
 
 
 class PromoteOut(BaseModel):
+    model_config = _loose({"experiment_id": "canary", "champion": "model-v2", "model_version": "2", "lineage": "canary",
+                          "version": 2, "allocation_version": 12, "next_experiment_id": "canary-v2",
+                          "next_variants": ["model-v2", "model-v3"], "evidence": {"decision": "SHIP"}})
+
     experiment_id: str
     champion: str
     model_version: str | None
@@ -278,6 +378,10 @@ class PromoteOut(BaseModel):
 
 
 class ChampionOut(BaseModel):
+    model_config = _loose({"lineage": "canary", "version": 2, "experiment_id": "canary", "variant": "model-v2",
+                           "model_version": "2", "promoted_from": "model-v1", "promoted_at": "2026-12-02T10:00:00+00:00",
+                           "actor": "admin", "reason": "won the canary", "evidence": {"decision": "SHIP"}})
+
     lineage: str
     version: int
     experiment_id: str
@@ -294,12 +398,16 @@ class ChampionOut(BaseModel):
 
 
 class ErrorOut(BaseModel):
+    model_config = _loose({"detail": "no such experiment: nope"})
+
     detail: str | dict[str, Any] | list[dict[str, Any]] = Field(
         description="What is wrong: a message; {reason, message, field} for events; or, for a body or parameter "
                     "of the wrong shape, one {loc, msg, type} per problem (loc is the field's path)")
 
 
 class HealthOut(BaseModel):
+    model_config = _loose({"status": "ok"})
+
     status: Literal["ok"]
 
 

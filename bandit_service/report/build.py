@@ -390,7 +390,10 @@ class _Experiment:
         return {
             "experiment": {"experiment_id": config.experiment_id, "strategy": config.strategy, "status": self.data.status,
                            "champion": self.champion, "challengers": self.challengers,
-                           "metrics": [{"name": m.name, "role": m.role, "margin": m.margin} for m in config.metrics],
+                           "metrics": [{"name": m.name, "role": m.role, "margin": m.margin,
+                                        "attribution_window_seconds": None if m.definition.kind == "quantile" else
+                                        m.attribution_window_seconds or config.attribution_window_seconds}
+                                       for m in config.metrics],
                            "analysis": {"alpha": self.alpha, "power": config.analysis.power, "mde": config.analysis.mde,
                                         "correction": config.analysis.correction, "min_sample": min_sample},
                            "allocation_periods": len(self.unit_periods),

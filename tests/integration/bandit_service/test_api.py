@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from bandit_service.api import create_app
 from producers.publisher import ensure_topics
@@ -157,6 +158,12 @@ def test_bad_requests_name_the_field(admin):
     bad_time = admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
                            json={"variant": "Champion", "user_id": "u", "timestamp": "yesterday"})
     assert bad_time.status_code == 422 and bad_time.json()["detail"]["reason"] == "invalid_value"
+    typo = admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
+                      json={"variant": "Champion", "user_id": "u", "rewrad": 3.0})
+    assert typo.status_code == 422 and typo.json()["detail"][0]["loc"] == ["body", "rewrad"]
+    bad_name = admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
+                          json={"variant": "Champion", "user_id": "u", "values": {"Revenue": 3.0}})
+    assert bad_name.status_code == 422 and "Revenue" in bad_name.json()["detail"]["message"]
     # Found by the fuzzer: a body that is not UTF-8 was a bare, undocumented 400.
     garbled = admin.post(f"/experiments/{experiment_id}/assign", content=b"\xff\x04",
                          headers={**AUTH, "Content-Type": "application/json"})
@@ -201,11 +208,18 @@ def test_assign_is_sticky_and_events_reach_the_aggregates(admin, settings, engin
     assert accepted.json() == {"event_id": "conv-1", "accepted": True}
     admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,  # a retry: counted once
                 json={"variant": "Challenger", "user_id": "u1", "reward": 4.0, "event_id": "conv-1"})
-    wait_until(lambda: counted_events(engine, [experiment_id]) == 21, 60, message="API events aggregated",
+    labelled = admin.post(f"/experiments/{experiment_id}/conversions", headers=AUTH,
+                          json={"variant": "Challenger", "user_id": "u2", "values": {"revenue": 31.5, "correct": 1}})
+    assert labelled.status_code == 202
+    wait_until(lambda: counted_events(engine, [experiment_id]) == 22, 60, message="API events aggregated",
                workers=[worker])
+    with engine.connect() as conn:  # the values reached the unit they belong to
+        sums = conn.execute(text("SELECT value_sums FROM unit_state WHERE experiment_id = :e AND unit_id = 'u2'"),
+                            {"e": experiment_id}).scalar_one()
+    assert sums == {"revenue": 31.5, "correct": 1.0}
     stats = {v["variant"]: v for v in admin.get(f"/experiments/{experiment_id}/stats").json()["variants"]}
-    assert stats["Challenger"]["invocations"] == 20 and stats["Challenger"]["conversions"] == 1
-    assert stats["Challenger"]["reward_per_invocation"] == pytest.approx(0.2)
+    assert stats["Challenger"]["invocations"] == 20 and stats["Challenger"]["conversions"] == 2
+    assert stats["Challenger"]["reward_per_invocation"] == pytest.approx(0.25)
     assert stats["Champion"]["invocations"] == 0 and stats["Champion"]["conversion_rate"] is None
 
 

@@ -4,6 +4,7 @@ Built from the app without starting it: no database or broker needed."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from pydantic import ValidationError
@@ -57,3 +58,23 @@ def test_the_model_passes_on_exactly_what_was_sent():
     sent = {"experiment_id": "x", "strategy": "UCB1", "variants": [{"name": "A"}, {"name": "B"}]}
     assert ExperimentConfigIn.model_validate(sent).as_config_data() == sent
     assert parse_config(ExperimentConfigIn.model_validate(sent).as_config_data()) == parse_config(sent)
+
+
+# Schemas the framework adds (FastAPI's validation error shapes), not ours.
+FRAMEWORK_SCHEMAS = {"HTTPValidationError", "ValidationError"}
+
+
+def test_every_body_in_the_schema_has_examples_that_its_model_accepts():
+    from bandit_service.api import models
+
+    schemas = set(SPEC["components"]["schemas"]) - FRAMEWORK_SCHEMAS
+    assert {"ExperimentConfigIn", "AssignRequest", "ErrorOut", "ReportOut"} <= schemas
+    for name in sorted(schemas):
+        examples = SPEC["components"]["schemas"][name].get("examples")
+        assert examples, f"{name} has no example"
+        model = getattr(models, name)
+        for example in examples:
+            model.model_validate_json(json.dumps(example))  # raises when the example is wrong
+    # The config's examples are also configs that parse_config accepts.
+    for example in SPEC["components"]["schemas"]["ExperimentConfigIn"]["examples"]:
+        parse_config(ExperimentConfigIn.model_validate(example).as_config_data())

@@ -58,7 +58,8 @@ def current_weights(conn: psycopg.Connection, experiment_id: str) -> tuple[dict[
     return _weights_of(variants, latest), version
 
 
-def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str = DEFAULT_SALT) -> Assignment:
+async def assign(conn: psycopg.AsyncConnection, experiment_id: str, unit_id: str, salt: str = DEFAULT_SALT
+                 ) -> Assignment:
     """The unit's variant: its stored one, or a new one drawn from the current weights and stored.
 
     ``conn`` is in autocommit mode: each statement stands alone, and the insert is atomic.
@@ -66,7 +67,7 @@ def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str
     if not conn.autocommit:
         raise ValueError("assign() needs an autocommit connection")
     # One round trip for everything but the insert.
-    c = store.assign_context(conn, experiment_id, unit_id)
+    c = await store.assign_context(conn, experiment_id, unit_id)
     if c is None:
         raise ExperimentNotFound(experiment_id)
     if c.status == "stopped":
@@ -81,10 +82,10 @@ def assign(conn: psycopg.Connection, experiment_id: str, unit_id: str, salt: str
     variant = choose(weights, hash_point(experiment_id, unit_id, salt))
     propensity = weights[variant] / sum(weights.values())
     if c.stored_variant is not None:  # its variant was removed or no longer gets traffic: assign again
-        store.replace_assignment(conn, experiment_id, unit_id, variant, propensity, c.version)
+        await store.replace_assignment(conn, experiment_id, unit_id, variant, propensity, c.version)
         return Assignment(experiment_id, unit_id, variant, propensity, c.version, new=True)
-    if store.insert_assignment(conn, experiment_id, unit_id, variant, propensity, c.version):
+    if await store.insert_assignment(conn, experiment_id, unit_id, variant, propensity, c.version):
         return Assignment(experiment_id, unit_id, variant, propensity, c.version, new=True)
     # A concurrent request stored the unit first: its answer stands.
-    won, won_propensity, won_version = store.stored_assignment(conn, experiment_id, unit_id)
+    won, won_propensity, won_version = await store.stored_assignment(conn, experiment_id, unit_id)
     return Assignment(experiment_id, unit_id, won, won_propensity, won_version, new=False)

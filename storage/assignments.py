@@ -1,5 +1,6 @@
-"""Stored first assignments of units. psycopg on autocommit connections from the API's pool: this is
-the hot path of `POST /assign`, one round trip for a returning unit and two for a new one."""
+"""Stored first assignments of units. Asynchronous psycopg on autocommit connections from the API's
+pool: this is the hot path of `POST /assign`, one round trip for a returning unit and two for a new
+one, with no thread per request and the commits of concurrent new units overlapping."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ class AssignContext:
     version: int | None
 
 
-def assign_context(conn: psycopg.Connection, experiment_id: str, unit_id: str) -> AssignContext | None:
-    row = conn.execute(_ASSIGN_CONTEXT, (unit_id, experiment_id)).fetchone()
+async def assign_context(conn: psycopg.AsyncConnection, experiment_id: str, unit_id: str) -> AssignContext | None:
+    row = await (await conn.execute(_ASSIGN_CONTEXT, (unit_id, experiment_id))).fetchone()
     return None if row is None else AssignContext(*row)
 
 
@@ -56,22 +57,28 @@ def weights_context(conn: psycopg.Connection, experiment_id: str) -> tuple[list,
                         + " WHERE e.experiment_id = %s", (experiment_id,)).fetchone()
 
 
-def insert_assignment(conn: psycopg.Connection, experiment_id: str, unit_id: str, variant: str, propensity: float,
-                      version: int | None) -> bool:
+async def insert_assignment(conn: psycopg.AsyncConnection, experiment_id: str, unit_id: str, variant: str,
+                            propensity: float, version: int | None) -> bool:
     """Store the unit's first assignment; False when a concurrent request stored one first."""
-    return conn.execute(
+    inserted = await conn.execute(
         "INSERT INTO assignments (experiment_id, unit_id, variant, propensity, allocation_version) "
         "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING variant",
-        (experiment_id, unit_id, variant, propensity, version)).fetchone() is not None
+        (experiment_id, unit_id, variant, propensity, version))
+    return await inserted.fetchone() is not None
 
 
-def replace_assignment(conn: psycopg.Connection, experiment_id: str, unit_id: str, variant: str, propensity: float,
-                       version: int | None) -> None:
-    conn.execute("UPDATE assignments SET variant = %s, propensity = %s, allocation_version = %s, assigned_at = now() "
-                 "WHERE experiment_id = %s AND unit_id = %s", (variant, propensity, version, experiment_id, unit_id))
+async def replace_assignment(conn: psycopg.AsyncConnection, experiment_id: str, unit_id: str, variant: str,
+                             propensity: float, version: int | None) -> None:
+    await conn.execute("UPDATE assignments SET variant = %s, propensity = %s, allocation_version = %s, "
+                       "assigned_at = now() WHERE experiment_id = %s AND unit_id = %s",
+                       (variant, propensity, version, experiment_id, unit_id))
 
 
-def stored_assignment(conn: psycopg.Connection, experiment_id: str, unit_id: str) -> tuple[str, float, int | None]:
+async def stored_assignment(conn: psycopg.AsyncConnection, experiment_id: str, unit_id: str
+                            ) -> tuple[str, float, int | None]:
     """(variant, propensity, allocation version) of the unit's stored assignment."""
-    return conn.execute("SELECT variant, propensity, allocation_version FROM assignments "
-                        "WHERE experiment_id = %s AND unit_id = %s", (experiment_id, unit_id)).fetchone()
+    found = await conn.execute("SELECT variant, propensity, allocation_version FROM assignments "
+                               "WHERE experiment_id = %s AND unit_id = %s", (experiment_id, unit_id))
+    row = await found.fetchone()
+    assert row is not None  # only asked after a conflict: the row exists
+    return row

@@ -249,3 +249,34 @@ def stream_counters(engine, topics) -> dict[str, int]:
             "FROM stream_counters WHERE topic = ANY(:topics)"
         ), {"topics": list(topics)}).one()
     return {"counted": int(row[0]), "duplicates": int(row[1]), "dead_letters": int(row[2])}
+
+
+class Assigner:
+    """``bandit_service.assignment.assign`` on an asynchronous connection of its own (what the API
+    uses), called synchronously: ``assigner(experiment_id, unit_id)``."""
+
+    def __init__(self, database_url: str):
+        import asyncio
+
+        import psycopg
+
+        from abflow.settings import libpq_url
+
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(psycopg.AsyncConnection.connect(libpq_url(database_url),
+                                                                                 autocommit=True))
+
+    def __call__(self, experiment_id: str, unit_id: str):
+        from bandit_service.assignment import assign
+
+        return self.loop.run_until_complete(assign(self.conn, experiment_id, unit_id))
+
+    def __enter__(self) -> "Assigner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()

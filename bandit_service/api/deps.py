@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from sqlalchemy import Engine
 
 from abflow.settings import API_ROLES, ApiKeys, Settings
@@ -22,7 +22,8 @@ class ApiState:
     settings: Settings
     keys: ApiKeys
     metrics: ApiMetrics
-    pool: ConnectionPool  # psycopg, autocommit: the hot paths (assign, weights, health)
+    pool: ConnectionPool  # psycopg, autocommit: weights, rollout status, health
+    assign_pool: AsyncConnectionPool  # the same, asynchronous: `assign`, the hottest path
     engine: Engine  # SQLAlchemy: the registry and the reports
     publisher: Publisher
 

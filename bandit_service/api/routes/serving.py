@@ -25,10 +25,10 @@ router = APIRouter(prefix="/experiments", tags=["serving"], dependencies=SERVING
 
 
 @router.post("/{experiment_id}/assign")
-def assign_unit(experiment_id: str, body: AssignRequest, state: State) -> AssignResponse:
+async def assign_unit(experiment_id: str, body: AssignRequest, state: State) -> AssignResponse:
     """The unit's sticky variant: drawn from the current weights on first sight, then stored."""
-    with state.pool.connection() as conn:
-        result = assign(conn, experiment_id, body.unit_id)
+    async with state.assign_pool.connection() as conn:
+        result = await assign(conn, experiment_id, body.unit_id)
     state.metrics.assignments.labels(experiment_id, result.variant, str(result.new).lower()).inc()
     return AssignResponse(experiment_id=experiment_id, unit_id=body.unit_id, variant=result.variant,
                           propensity=result.propensity, allocation_version=result.allocation_version,

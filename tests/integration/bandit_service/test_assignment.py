@@ -16,8 +16,8 @@ from abflow.core.buckets import choose, hash_point
 from abflow.core.config import parse_config
 from abflow.core.errors import ExperimentNotFound
 from abflow.settings import libpq_url
-from bandit_service.assignment import assign
 from storage.registry import create_experiment
+from tests.helpers import Assigner
 
 
 def test_hash_points_are_uniform_and_stable():
@@ -49,6 +49,13 @@ def conn(stack):
         yield connection
 
 
+@pytest.fixture
+def assigned(stack):
+    assigner = Assigner(stack.database_url)
+    yield assigner
+    assigner.close()
+
+
 def new_experiment(engine, strategy="ThompsonSampling") -> str:
     experiment_id = f"assign-{uuid.uuid4().hex[:8]}"
     create_experiment(engine, parse_config({
@@ -58,21 +65,22 @@ def new_experiment(engine, strategy="ThompsonSampling") -> str:
     return experiment_id
 
 
-def test_first_assignment_is_stored_and_returned_from_then_on(engine, conn, stack):
+def test_first_assignment_is_stored_and_returned_from_then_on(engine, conn, assigned, stack):
     experiment_id = new_experiment(engine)
-    first = assign(conn, experiment_id, "user-1")
+    first = assigned(experiment_id, "user-1")
     assert first.new and first.propensity == 0.5 and first.allocation_version is None
     # The weights move; the user stays where they were, with the propensity logged at the time.
     conn.execute("INSERT INTO allocations (experiment_id, version, strategy, phase, weights, statistics) "
                  "VALUES (%s, 1, 'ThompsonSampling', 'ThompsonSampling', %s, '{}')",
                  (experiment_id, Jsonb({"Champion": 0.1, "Challenger": 0.9})))
-    with psycopg.connect(libpq_url(stack.database_url), autocommit=True) as after_restart:
-        again = assign(after_restart, experiment_id, "user-1")
+    after_restart = Assigner(stack.database_url)
+    again = after_restart(experiment_id, "user-1")
+    after_restart.close()
     assert (again.variant, again.propensity, again.new) == (first.variant, 0.5, False)
     # New users follow the new weights.
-    newcomers = Counter(assign(conn, experiment_id, f"new-{i}").variant for i in range(400))
+    newcomers = Counter(assigned(experiment_id, f"new-{i}").variant for i in range(400))
     assert newcomers["Challenger"] > 300
-    assert {assign(conn, experiment_id, f"new-{i}").allocation_version for i in range(5)} == {1}
+    assert {assigned(experiment_id, f"new-{i}").allocation_version for i in range(5)} == {1}
 
 
 def test_concurrent_first_requests_get_one_answer(engine, stack):
@@ -82,9 +90,12 @@ def test_concurrent_first_requests_get_one_answer(engine, stack):
 
     def request() -> None:
         try:
-            with psycopg.connect(libpq_url(stack.database_url), autocommit=True) as connection:
+            assigner = Assigner(stack.database_url)
+            try:
                 barrier.wait()
-                results.append(assign(connection, experiment_id, "contended-user"))
+                results.append(assigner(experiment_id, "contended-user"))
+            finally:
+                assigner.close()
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -101,22 +112,22 @@ def test_concurrent_first_requests_get_one_answer(engine, stack):
                              (experiment_id,)).fetchone()[0] == 1
 
 
-def test_paused_stopped_and_removed_variants(engine, conn):
+def test_paused_stopped_and_removed_variants(engine, conn, assigned):
     experiment_id = new_experiment(engine)
-    kept = assign(conn, experiment_id, "early-user")
+    kept = assigned(experiment_id, "early-user")
     conn.execute("UPDATE experiments SET status = 'paused' WHERE experiment_id = %s", (experiment_id,))
-    assert assign(conn, experiment_id, "early-user").variant == kept.variant  # sticky while paused
-    late = assign(conn, experiment_id, "late-user")
+    assert assigned(experiment_id, "early-user").variant == kept.variant  # sticky while paused
+    late = assigned(experiment_id, "late-user")
     assert (late.variant, late.stored) == ("Champion", False)
     conn.execute("UPDATE experiments SET status = 'stopped' WHERE experiment_id = %s", (experiment_id,))
-    assert {assign(conn, experiment_id, u).variant for u in ("early-user", "late-user")} == {"Champion"}
+    assert {assigned(experiment_id, u).variant for u in ("early-user", "late-user")} == {"Champion"}
 
     conn.execute("UPDATE experiments SET status = 'running' WHERE experiment_id = %s", (experiment_id,))
     users = [f"u{i}" for i in range(40)]
-    before = {u: assign(conn, experiment_id, u).variant for u in users}
+    before = {u: assigned(experiment_id, u).variant for u in users}
     conn.execute("DELETE FROM variants WHERE experiment_id = %s AND name = 'Challenger'", (experiment_id,))
-    after = {u: assign(conn, experiment_id, u) for u in users}
+    after = {u: assigned(experiment_id, u) for u in users}
     assert all(a.variant == "Champion" for a in after.values())
     assert all(after[u].new for u in users if before[u] == "Challenger")  # re-assigned, explicitly
     with pytest.raises(ExperimentNotFound):
-        assign(conn, "no-such-experiment", "u")
+        assigned("no-such-experiment", "u")

@@ -16,11 +16,11 @@ from abflow.core.buckets import LAYER_BUCKETS, choose, free_range, hash_point, l
 from abflow.core.config import ConfigError, parse_config
 from abflow.settings import libpq_url
 from bandit_service.allocations import publish_allocation
-from bandit_service.assignment import assign
 from producers.publisher import Publisher, ensure_topics
 from producers.sdk import ServingClient
 from storage.registry import LayerFull, create_experiment
 from tests.conftest import wait_until
+from tests.helpers import Assigner
 
 UNITS = [f"user-{i}" for i in range(6000)]
 
@@ -60,6 +60,12 @@ def conn(stack):
         yield connection
 
 
+@pytest.fixture
+def assigned(stack):
+    with Assigner(stack.database_url) as assigner:
+        yield assigner
+
+
 def test_free_range_takes_the_first_gap_or_the_preferred_one():
     assert free_range([], 5000) == (0, 5000)
     assert free_range([(0, 3000), (5000, 10000)], 2000) == (3000, 5000)
@@ -81,14 +87,14 @@ def test_config_checks_layer_and_traffic():
         parse_config({**base, "layer": "has space"})
 
 
-def test_one_layer_is_exclusive_and_layers_are_independent(engine, conn):
+def test_one_layer_is_exclusive_and_layers_are_independent(engine, conn, assigned):
     ranking, pricing = f"ranking-{uuid.uuid4().hex[:6]}", f"pricing-{uuid.uuid4().hex[:6]}"
     first, second = layered(engine, ranking, 0.6), layered(engine, ranking, 0.4)
     with pytest.raises(LayerFull, match="no free run of 10.0%"):
         layered(engine, ranking, 0.1)
     other = layered(engine, pricing, 1.0)
 
-    results = {e: [assign(conn, e, unit) for unit in UNITS] for e in (first, second, other)}
+    results = {e: [assigned(e, unit) for unit in UNITS] for e in (first, second, other)}
     inside = {e: [a.in_experiment for a in results[e]] for e in results}
     # Exclusive: no unit is in both experiments of the ranking layer, and every unit is in one of them.
     assert not any(a and b for a, b in zip(inside[first], inside[second]))
@@ -129,7 +135,7 @@ def test_one_layer_is_exclusive_and_layers_are_independent(engine, conn):
     assert (start, end) == (6000, 10000)
 
 
-def test_the_sdk_keeps_the_layer_like_the_api(settings, engine, conn):
+def test_the_sdk_keeps_the_layer_like_the_api(settings, engine, assigned):
     """Both serving paths hash the same way: the SDK puts each unit where the API does."""
     ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
     layer = f"search-{uuid.uuid4().hex[:6]}"
@@ -143,7 +149,7 @@ def test_the_sdk_keeps_the_layer_like_the_api(settings, engine, conn):
         wait_until(lambda: client._serving.get(experiment_id) is not None, 30, message="the weights in the SDK")
         units = UNITS[:2000]
         sdk = [client.assign(experiment_id, u) for u in units]
-        api = [assign(conn, experiment_id, u) for u in units]
+        api = [assigned(experiment_id, u) for u in units]
         assert [s.in_experiment for s in sdk] == [a.in_experiment for a in api]
         assert [s.variant for s in sdk] == [a.variant for a in api]
         assert 0.25 < sum(s.in_experiment for s in sdk) / len(units) < 0.35

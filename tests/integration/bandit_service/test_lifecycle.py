@@ -7,17 +7,16 @@ import subprocess
 import sys
 import uuid
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 from abflow.core.config import parse_config
 from bandit_service.api import create_app
-from bandit_service.assignment import assign
 from bandit_service.lifecycle import champion_history, next_version_config
 from producers.publisher import ensure_topics
 from storage.registry import create_experiment, get_experiment
 from tests.conftest import ADMIN
+from tests.helpers import Assigner
 from tests.integration.bandit_service.test_refresher import topic_records
 from tests.integration.bandit_service.test_report import fixed_split
 
@@ -78,8 +77,8 @@ def test_promotion_with_evidence_creates_the_next_version(engine, run_env, setti
     assert (new.layer_start, new.layer_end) == first_range  # the same units stay in the lineage
     assert [(v.name, v.role) for v in new.variants] == [("Challenger", "champion"), ("Next", "challenger")]
     # The promoted experiment serves the winner to every unit inside its share, on both serving paths.
-    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
-        served = [assign(conn, experiment_id, f"user-{i}") for i in range(200)]
+    with Assigner(settings.database_url) as assigned:
+        served = [assigned(experiment_id, f"user-{i}") for i in range(200)]
     assert {a.variant for a in served} == {"Challenger"}
     records = topic_records(settings.kafka_bootstrap, settings.topics.allocations, experiment_id, 1)
     assert records[-1]["weights"] == {"Champion": 0.0, "Challenger": 1.0}

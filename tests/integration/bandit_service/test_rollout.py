@@ -21,7 +21,6 @@ from fastapi.testclient import TestClient
 from abflow.core.config import parse_config
 from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from bandit_service.api import create_app
-from bandit_service.assignment import assign
 from bandit_service.refresher import WeightRefresher
 from bandit_service.report.evidence import UnitMoments
 from bandit_service.rollouts import controller as rollout_controller
@@ -33,6 +32,7 @@ from producers.simulator import Fault, Scenario, VariantProfile, generate, parse
 from storage.queries import AGGREGATES_CHANNEL, allocation_history
 from storage.registry import create_experiment
 from tests.conftest import ADMIN, wait_until
+from tests.helpers import Assigner
 from tests.integration.bandit_service.test_refresher import topic_records
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
@@ -232,11 +232,11 @@ def test_healthy_canary_is_promoted_through_every_stage(settings, engine, contro
 def test_injected_errors_roll_back_within_two_checks(settings, engine, controller):
     config = new_rollout(engine)
     rng = np.random.default_rng(11)
-    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn, Assigner(settings.database_url) as assigned:
         controller.check(conn, config, T0)
         # A unit the canary got keeps it while it is healthy …
         on_canary = next(f"user-{i}" for i in range(10_000)
-                         if assign(conn, config.experiment_id, f"user-{i}").variant == "Canary")
+                         if assigned(config.experiment_id, f"user-{i}").variant == "Canary")
         for second in range(1, 5):
             add_window(conn, config.experiment_id, T0 + timedelta(seconds=second - 1), *stage_units(rng, 3_800, 200))
             assert controller.check(conn, config, T0 + timedelta(seconds=second)) == "running"
@@ -249,7 +249,7 @@ def test_injected_errors_roll_back_within_two_checks(settings, engine, controlle
                 break
         status = rollout_controller.status(conn, config.experiment_id)
         # … and is sent back to the champion once the canary is rolled back.
-        assert assign(conn, config.experiment_id, on_canary).variant == "Champion"
+        assert assigned(config.experiment_id, on_canary).variant == "Champion"
     assert status["state"] == "rolled_back", status["last_check"]
     rollback = status["transitions"][-1]
     assert rollback["action"] == "rollback" and "error_rate" in rollback["reason"]

@@ -13,10 +13,15 @@ is not in it (it gets the champion, not stored, ``in_experiment`` false). An
 experiment without a layer is alone in a layer named after it.
 
 Lifecycle rules:
-- a *paused* experiment keeps its assigned units; new units get the champion, unstored;
-- a *stopped* experiment gives everyone the champion, or the winner once one was promoted;
+- a *paused* experiment keeps its assigned units; new units get the champion, unstored and outside
+  the experiment (``in_experiment`` false: they are not randomized, so they log nothing for it);
+- a *stopped* experiment gives everyone the champion, or the winner once one was promoted, outside
+  the experiment: its share of the layer may belong to another experiment by now;
 - a unit whose stored variant was removed from the experiment, or whose weight is now zero (a
-  rollout rolled back, or finished), is assigned again.
+  rollout rolled back, or finished), is assigned again;
+- during a rollout (weights that are not *sticky*) every unit, stored or not, is placed by its hash
+  on the stage's weights, and its stored assignment follows: a stage's share is the share of all
+  units, and since the challenger's slice only grows, a unit on it stays on it until a rollback.
 """
 
 from __future__ import annotations
@@ -71,17 +76,21 @@ async def assign(conn: psycopg.AsyncConnection, experiment_id: str, unit_id: str
     if c is None:
         raise ExperimentNotFound(experiment_id)
     if c.status == "stopped":
-        return Assignment(experiment_id, unit_id, c.winner or c.champion, 1.0, None, new=False, stored=False)
+        return Assignment(experiment_id, unit_id, c.winner or c.champion, 1.0, None, new=False, stored=False,
+                          in_experiment=False)
     if not c.layer_start <= layer_bucket(c.layer, unit_id, salt) < c.layer_end:
         return Assignment(experiment_id, unit_id, c.champion, 1.0, None, new=False, stored=False, in_experiment=False)
     weights = _weights_of(c.variants, c.latest_weights)
-    if c.stored_variant is not None and c.stored_variant_exists and weights.get(c.stored_variant, 0.0) > 0:
+    by_hash = choose(weights, hash_point(experiment_id, unit_id, salt))
+    keep = c.stored_variant == by_hash if not c.sticky and c.status == "running" else \
+        c.stored_variant_exists and weights.get(c.stored_variant or "", 0.0) > 0
+    if c.stored_variant is not None and keep:
         return Assignment(experiment_id, unit_id, c.stored_variant, c.stored_propensity, c.stored_version, new=False)
     if c.status == "paused":
-        return Assignment(experiment_id, unit_id, c.champion, 1.0, None, new=False, stored=False)
-    variant = choose(weights, hash_point(experiment_id, unit_id, salt))
+        return Assignment(experiment_id, unit_id, c.champion, 1.0, None, new=False, stored=False, in_experiment=False)
+    variant = by_hash
     propensity = weights[variant] / sum(weights.values())
-    if c.stored_variant is not None:  # its variant was removed or no longer gets traffic: assign again
+    if c.stored_variant is not None:  # its variant was removed, gets no traffic now, or the rollout moved it
         await store.replace_assignment(conn, experiment_id, unit_id, variant, propensity, c.version)
         return Assignment(experiment_id, unit_id, variant, propensity, c.version, new=True)
     if await store.insert_assignment(conn, experiment_id, unit_id, variant, propensity, c.version):

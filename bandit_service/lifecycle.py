@@ -1,4 +1,10 @@
-"""Champion / challenger lifecycle: promote a winning challenger to champion.
+"""Champion / challenger lifecycle: pause, resume and stop an experiment; promote a winning
+challenger to champion.
+
+A status change is also a new allocation version with the same weights, so that serving processes
+that follow the allocations topic (the SDK) learn it as the API does: paused, units already placed
+keep their variant and new ones get the champion outside the experiment; stopped, every unit gets
+the champion (or the promoted winner) outside it, and its share of the layer is free for another.
 
 Promotion, in one transaction:
 - the experiment stops and from then on serves the winner to every unit (API: the
@@ -15,23 +21,53 @@ from the report; ``force`` promotes without it (the reason is stored).
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func
 from sqlalchemy.orm import Session
 
 from abflow.core.config import ExperimentConfig, parse_config
 from abflow.core.errors import Conflict, ExperimentNotFound
 from bandit_service.allocations import publish_allocation
+from bandit_service.assignment import current_weights
 from bandit_service.report.build import build_report
 from bandit_service.report.load import load_report_input
 from bandit_service.rollouts.machine import COMPLETED
 from bandit_service.stats.decision import SHIP
 from producers.publisher import Publisher
+from storage.allocations import latest_allocation
+from storage.models import Experiment
 from storage.queries import notify_aggregates, rollout_state
-from storage.registry import add_champion, champion_history, lock_experiment, new_experiment
+from storage.registry import (
+    add_champion,
+    champion_history,
+    get_experiment,
+    lock_experiment,
+    new_experiment,
+    next_status,
+)
 
-__all__ = ["PromotionRefused", "champion_history", "evidence_for", "next_version_config", "promote"]
+__all__ = ["PromotionRefused", "champion_history", "change_status", "evidence_for", "next_version_config", "promote"]
 
 PROMOTED_PHASE = "promoted"
+STATUS_PHASES = {"pause": "paused", "resume": "resumed", "stop": "stopped"}
+
+
+def change_status(engine: Engine, publisher: Publisher, topic: str, experiment_id: str, action: str) -> Experiment:
+    """Pause, resume or stop (``storage.registry.next_status``; row-locked, so concurrent changes
+    serialise) and publish the status with the weights in force; ``Conflict`` when the status refuses."""
+    with Session(engine) as session:
+        experiment = lock_experiment(session, experiment_id)
+        if experiment is None:
+            raise ExperimentNotFound(experiment_id)
+        experiment.status = next_status(experiment_id, experiment.status, action)
+        experiment.updated_at = func.now()
+        session.flush()
+        conn = session.connection().connection.driver_connection
+        weights, _ = current_weights(conn, experiment_id)
+        latest = latest_allocation(conn, experiment_id)
+        publish_allocation(conn, publisher, topic, experiment_id, experiment.strategy, STATUS_PHASES[action], weights,
+                           {"status": experiment.status}, sticky=latest is None or latest[3])
+        session.commit()
+    return get_experiment(engine, experiment_id)
 
 
 class PromotionRefused(Conflict):
@@ -39,12 +75,13 @@ class PromotionRefused(Conflict):
 
 
 def next_version_config(config: ExperimentConfig, winner: str, experiment_id: str,
-                        new_challengers: dict[str, str | None]) -> ExperimentConfig | None:
+                        new_challengers: dict[str, str | None], keep_rollout: bool = True) -> ExperimentConfig | None:
     """The next version's config: the winner as champion, the other challengers and the new ones
-    (name → model version). None when that leaves no challenger. The rollout plan, made for the
-    old champion, is not carried over."""
+    (name → model version). None when that leaves no challenger. A rollout plan carries over
+    (unless ``keep_rollout`` is false): the next version's one challenger starts as a canary at the
+    plan's first stage, never at an equal share."""
     data = config.to_dict()
-    data.pop("rollout", None)
+    plan = data.pop("rollout", None)
     variants = []
     for variant in data["variants"]:
         if variant["name"] == winner:
@@ -55,6 +92,16 @@ def next_version_config(config: ExperimentConfig, winner: str, experiment_id: st
                  for name, model_version in new_challengers.items()]
     if len(variants) < 2:
         return None
+    if plan is not None and keep_rollout:
+        if len(variants) != 2:
+            raise PromotionRefused(
+                f"{config.experiment_id!r} has a rollout plan, which takes one challenger, but the next version would "
+                f"have {len(variants) - 1} ({', '.join(v['name'] for v in variants[1:])}): promote with one new "
+                "challenger, or without the plan (--no-rollout; the API's \"rollout\": false)")
+        first = plan["stages"][0] / 100.0
+        variants[0]["initial_weight"], variants[1]["initial_weight"] = 1.0 - first, first
+        data["rollout"] = {**plan, "challenger": variants[1]["name"]}
+        return parse_config({**data, "experiment_id": experiment_id, "variants": variants})
     for variant in variants:  # equal shares to start with, as a fresh experiment would
         variant["initial_weight"] = 1.0 / len(variants)
     return parse_config({**data, "experiment_id": experiment_id, "variants": variants})
@@ -73,7 +120,7 @@ def evidence_for(engine: Engine, config: ExperimentConfig, variant: str) -> dict
 
 def promote(engine: Engine, publisher: Publisher, topic: str, experiment_id: str, variant: str,
             new_challengers: dict[str, str | None] | None = None, actor: str = "operator",
-            reason: str | None = None, force: bool = False) -> dict:
+            reason: str | None = None, force: bool = False, keep_rollout: bool = True) -> dict:
     """Promote ``variant`` of ``experiment_id`` to champion (see the module's notes); returns what was done."""
     new_challengers = new_challengers or {}
     with Session(engine) as session:
@@ -99,7 +146,7 @@ def promote(engine: Engine, publisher: Publisher, topic: str, experiment_id: str
             evidence = {"source": "forced"}
         lineage, version = experiment.lineage, experiment.version + 1
         next_id = f"{lineage}-v{version}"
-        next_config = next_version_config(config, variant, next_id, new_challengers)
+        next_config = next_version_config(config, variant, next_id, new_challengers, keep_rollout)
 
         experiment.status, experiment.winner = "stopped", variant
         session.flush()  # frees its share of the layer for the next version
@@ -124,4 +171,6 @@ def promote(engine: Engine, publisher: Publisher, topic: str, experiment_id: str
             "lineage": lineage, "version": version, "allocation_version": allocation,
             "next_experiment_id": next_id if next_config is not None else None,
             "next_variants": [v.name for v in next_config.variants] if next_config is not None else [],
+            "next_rollout": next_config.to_dict()["rollout"] if next_config is not None and next_config.rollout
+            else None,
             "evidence": evidence}

@@ -103,16 +103,17 @@ class WeightRefresher:
     # -- one experiment ------------------------------------------------------------------
 
     def republish_latest(self, conn: psycopg.Connection) -> None:
-        """Put each running (or promoted) experiment's newest version on the topic again.
+        """Put each experiment's newest version on the topic again, with its status now.
 
         The topic is a cache of the history: a broker that lost it (the embedded
         one keeps topics in memory) gets it back when a leader starts.
         """
-        for experiment_id, version, strategy, phase, weights, computed_at in store.latest_of_served_experiments(conn):
-            champion, layer, shadows = store.serving_context(conn, experiment_id)
+        for experiment_id, version, strategy, phase, weights, computed_at, sticky in \
+                store.latest_of_every_experiment(conn):
+            champion, layer, shadows, status = store.serving_context(conn, experiment_id)
             self.publisher.produce(self.settings.topics.allocations,
                                    allocation_record(experiment_id, version, strategy, phase, weights, computed_at,
-                                                     champion, layer, shadows), key=experiment_id)
+                                                     champion, layer, shadows, sticky, status), key=experiment_id)
         self.publisher.flush(10)
 
     def refresh_all(self, conn: psycopg.Connection) -> None:

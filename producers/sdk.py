@@ -86,6 +86,8 @@ class _Serving:
     layer: str
     buckets: tuple[int, int]
     shadows: frozenset[str]
+    sticky: bool = True  # False for a rollout's weights: place every unit by its hash, never from memory
+    status: str = "running"  # paused: no new unit enters; stopped: no unit is in the experiment
 
 
 class ServingClient:
@@ -133,7 +135,8 @@ class ServingClient:
                 experiment_id = record["experiment_id"]
                 layer = record.get("layer") or {"name": experiment_id, "buckets": [0, LAYER_BUCKETS]}
                 serving = _Serving(record["version"], record["weights"], record.get("champion"), layer["name"],
-                                   tuple(layer["buckets"]), frozenset(record.get("shadows") or ()))
+                                   tuple(layer["buckets"]), frozenset(record.get("shadows") or ()),
+                                   bool(record.get("sticky", True)), record.get("status", "running"))
                 with self._lock:
                     known = self._serving.get(experiment_id)
                     if known is None or serving.version > known.version:
@@ -181,8 +184,10 @@ class ServingClient:
         with self._lock:
             served = self._sticky.get(key)
             found = self._serving.get(experiment_id)
-            # A variant whose weight fell to zero (a rollout rolled back) is no longer served.
-            if served is not None and (found is None or found.weights.get(served.variant, 0.0) > 0):
+            # A variant whose weight fell to zero (a rollout rolled back) is no longer served, a
+            # rollout places every unit by its hash, and a stopped experiment holds no unit.
+            if served is not None and (found is None or (found.sticky and found.status != "stopped"
+                                                         and found.weights.get(served.variant, 0.0) > 0)):
                 self._sticky.move_to_end(key)
                 return Served(experiment_id, user_id, served.variant, served.propensity, served.version,
                               str(uuid.uuid4()))
@@ -190,8 +195,11 @@ class ServingClient:
             found = self._current(experiment_id)
         version, weights = found.version, found.weights
         start, end = found.buckets
-        if found.champion is not None and not start <= layer_bucket(found.layer, unit, self.salt) < end:
-            return Served(experiment_id, user_id, found.champion, 1.0, version, str(uuid.uuid4()), in_experiment=False)
+        outside = found.status != "running" or (found.champion is not None
+                                                 and not start <= layer_bucket(found.layer, unit, self.salt) < end)
+        if outside:  # the champion (or the winner), and no events for the experiment
+            return Served(experiment_id, user_id, found.champion or next(iter(weights)), 1.0, version,
+                          str(uuid.uuid4()), in_experiment=False)
         variant = choose(weights, hash_point(experiment_id, unit, self.salt))
         served = Served(experiment_id, user_id, variant, weights[variant] / sum(weights.values()), version,
                         str(uuid.uuid4()))

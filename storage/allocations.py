@@ -9,10 +9,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 # What a serving process needs beside the weights: the variant to serve units outside the
-# experiment's share of its layer, and that share.
+# experiment's share of its layer (and everyone once it stopped), that share, and the status.
 _SERVING_CONTEXT = (
     "SELECT coalesce(e.winner, (SELECT name FROM variants v WHERE v.experiment_id = e.experiment_id "
-    "AND v.role = 'champion')), e.layer, e.layer_start, e.layer_end, "
+    "AND v.role = 'champion')), e.layer, e.layer_start, e.layer_end, e.status, "
     "coalesce((SELECT array_agg(s ->> 'name' ORDER BY s ->> 'name') FROM jsonb_array_elements(CASE "
     "WHEN jsonb_typeof(e.config -> 'shadows') = 'array' THEN e.config -> 'shadows' ELSE '[]' END) s), '{}') "
     "FROM experiments e WHERE e.experiment_id = %s"
@@ -20,38 +20,38 @@ _SERVING_CONTEXT = (
 
 
 def serving_context(conn: psycopg.Connection, experiment_id: str
-                    ) -> tuple[str | None, tuple[str, int, int] | None, list[str]]:
-    """(champion or winner, (layer, start, end), declared shadows) of the experiment."""
+                    ) -> tuple[str | None, tuple[str, int, int] | None, list[str], str]:
+    """(champion or winner, (layer, start, end), declared shadows, status) of the experiment."""
     row = conn.execute(_SERVING_CONTEXT, (experiment_id,)).fetchone()
-    return (None, None, []) if row is None else (row[0], (row[1], row[2], row[3]), list(row[4]))
+    return (None, None, [], "running") if row is None else (row[0], (row[1], row[2], row[3]), list(row[5]), row[4])
 
 
 def insert_next_allocation(conn: psycopg.Connection, experiment_id: str, strategy: str, phase: str,
-                           weights: dict[str, float], statistics: dict, computed_at: datetime) -> int:
+                           weights: dict[str, float], statistics: dict, computed_at: datetime, sticky: bool = True
+                           ) -> int:
     """Store the experiment's next version; returns it. Run it inside the caller's transaction."""
     latest = conn.execute("SELECT max(version) FROM allocations WHERE experiment_id = %s",
                           (experiment_id,)).fetchone()[0]
     version = 1 if latest is None else latest + 1
     conn.execute(
-        "INSERT INTO allocations (experiment_id, version, strategy, phase, weights, statistics, computed_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (experiment_id, version, strategy, phase, Jsonb(weights), Jsonb(statistics), computed_at))
+        "INSERT INTO allocations (experiment_id, version, strategy, phase, weights, statistics, computed_at, sticky) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (experiment_id, version, strategy, phase, Jsonb(weights), Jsonb(statistics), computed_at, sticky))
     return version
 
 
-def latest_allocation(conn: psycopg.Connection, experiment_id: str) -> tuple[int, str, dict] | None:
-    """(version, phase, weights) of the newest allocation, or None."""
-    return conn.execute("SELECT version, phase, weights FROM allocations WHERE experiment_id = %s "
+def latest_allocation(conn: psycopg.Connection, experiment_id: str) -> tuple[int, str, dict, bool] | None:
+    """(version, phase, weights, sticky) of the newest allocation, or None."""
+    return conn.execute("SELECT version, phase, weights, sticky FROM allocations WHERE experiment_id = %s "
                         "ORDER BY version DESC LIMIT 1", (experiment_id,)).fetchone()
 
 
-def latest_of_served_experiments(conn: psycopg.Connection) -> list[tuple]:
-    """The newest version of each running or promoted experiment:
-    (experiment_id, version, strategy, phase, weights, computed_at)."""
+def latest_of_every_experiment(conn: psycopg.Connection) -> list[tuple]:
+    """The newest version of each experiment, stopped ones too (serving must learn that they stopped):
+    (experiment_id, version, strategy, phase, weights, computed_at, sticky)."""
     return conn.execute(
-        "SELECT DISTINCT ON (a.experiment_id) a.experiment_id, a.version, a.strategy, a.phase, a.weights, "
-        "a.computed_at FROM allocations a JOIN experiments e USING (experiment_id) "
-        "WHERE e.status = 'running' OR e.winner IS NOT NULL ORDER BY a.experiment_id, a.version DESC").fetchall()
+        "SELECT DISTINCT ON (experiment_id) experiment_id, version, strategy, phase, weights, computed_at, sticky "
+        "FROM allocations ORDER BY experiment_id, version DESC").fetchall()
 
 
 def running_experiments(conn: psycopg.Connection) -> list[str]:

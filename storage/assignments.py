@@ -14,13 +14,13 @@ _WEIGHTS_SQL = (
     " WHERE experiment_id = e.experiment_id), a.weights, a.version"
 )
 _LATEST_ALLOCATION = (
-    "LEFT JOIN LATERAL (SELECT weights, version FROM allocations WHERE experiment_id = e.experiment_id "
+    "LEFT JOIN LATERAL (SELECT weights, version, sticky FROM allocations WHERE experiment_id = e.experiment_id "
     "ORDER BY version DESC LIMIT 1) a ON true"
 )
 _ASSIGN_CONTEXT = (
     "SELECT e.status, (SELECT name FROM variants c WHERE c.experiment_id = e.experiment_id AND c.role = 'champion'), "
     "e.winner, e.layer, e.layer_start, e.layer_end, s.variant, s.propensity, s.allocation_version, "
-    "v.name IS NOT NULL, " + _WEIGHTS_SQL + " FROM experiments e "
+    "v.name IS NOT NULL, " + _WEIGHTS_SQL + ", coalesce(a.sticky, true) FROM experiments e "
     "LEFT JOIN assignments s ON s.experiment_id = e.experiment_id AND s.unit_id = %s "
     "LEFT JOIN variants v ON v.experiment_id = s.experiment_id AND v.name = s.variant "
     + _LATEST_ALLOCATION + " WHERE e.experiment_id = %s"
@@ -44,6 +44,7 @@ class AssignContext:
     variants: list  # [[name, initial_weight], ...] in declared order
     latest_weights: dict | None  # the newest allocation's weights, None before the first
     version: int | None
+    sticky: bool  # False for a rollout's weights: every unit is placed by its hash
 
 
 async def assign_context(conn: psycopg.AsyncConnection, experiment_id: str, unit_id: str) -> AssignContext | None:

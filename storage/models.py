@@ -183,6 +183,8 @@ class AllocationVersion(Base):
     weights: Mapped[dict] = mapped_column(JSONB)
     statistics: Mapped[dict] = mapped_column(JSONB)
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # False for a rollout's: serving places every unit by its hash, returning ones too (migration 0007).
+    sticky: Mapped[bool] = mapped_column(Boolean, server_default="true")
 
 
 class Assignment(Base):

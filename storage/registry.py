@@ -126,17 +126,6 @@ def next_status(experiment_id: str, status: str, action: str) -> str:
     return target
 
 
-def change_status(engine: Engine, experiment_id: str, action: str) -> Experiment:
-    """Pause, resume or stop an experiment (row-locked, so concurrent changes serialise)."""
-    with Session(engine) as session, session.begin():
-        experiment = session.get(Experiment, experiment_id, with_for_update=True)
-        if experiment is None:
-            raise ExperimentNotFound(experiment_id)
-        experiment.status = next_status(experiment_id, experiment.status, action)
-        experiment.updated_at = func.now()
-    return get_experiment(engine, experiment_id)
-
-
 def lock_experiment(session: Session, experiment_id: str) -> Experiment | None:
     """The experiment, row-locked until the session's transaction ends; None when there is none."""
     return session.scalars(select(Experiment).where(Experiment.experiment_id == experiment_id)

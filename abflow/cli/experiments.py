@@ -93,10 +93,12 @@ def _status_command(action: str, summary: str) -> None:
     @experiment.command(action, help=summary)
     @click.argument("experiment_id", metavar="EXPERIMENT")
     def command(experiment_id: str) -> None:
-        from storage.registry import change_status
+        from bandit_service.lifecycle import change_status
+        from producers.publisher import Publisher
 
-        with database() as engine:
-            changed = change_status(engine, experiment_id, action)
+        settings = load_settings()
+        with database(settings) as engine, Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
+            changed = change_status(engine, publisher, settings.topics.allocations, experiment_id, action)
         click.echo(f"experiment {experiment_id!r} is {changed.status}")
 
 
@@ -112,16 +114,21 @@ _status_command("stop", "Stop: everyone gets the champion (or the promoted winne
               help="A new challenger for the next version (repeatable).")
 @click.option("--reason", help="Why; stored in the champions history.")
 @click.option("--force", is_flag=True, help="Promote without a completed rollout or a SHIP decision for VARIANT.")
+@click.option("--no-rollout", "no_rollout", is_flag=True,
+              help="Start the next version without EXPERIMENT's rollout plan (default: its challenger is a canary).")
 @json_option("Print the result as JSON.")
 def experiment_promote(experiment_id: str, variant: str, challengers: tuple[str, ...], reason: str | None,
-                       force: bool, as_json: bool) -> None:
+                       force: bool, no_rollout: bool, as_json: bool) -> None:
     """Make VARIANT, a challenger that won, the champion of EXPERIMENT's lineage.
 
     Needs evidence: a completed rollout of VARIANT, or a SHIP decision for it in
     `abflow report` (or --force with a --reason). EXPERIMENT stops and serves
     VARIANT to everyone; the next version `<lineage>-v<N>` starts with VARIANT as
     champion, the other challengers and any --challenger, in the same share of
-    the same layer. `abflow experiment champions` lists the lineage's history.
+    the same layer. When EXPERIMENT had a rollout plan, the next version keeps it:
+    its one challenger starts as a canary at the first stage (--no-rollout: an
+    ordinary experiment at equal shares). `abflow experiment champions` lists the
+    lineage's history.
     """
     from bandit_service.lifecycle import promote
     from producers.publisher import Publisher
@@ -133,7 +140,7 @@ def experiment_promote(experiment_id: str, variant: str, challengers: tuple[str,
     settings = load_settings()
     with database(settings) as engine, Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
         result = promote(engine, publisher, settings.topics.allocations, experiment_id, variant, new,
-                         "operator", reason, force)
+                         "operator", reason, force, keep_rollout=not no_rollout)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
@@ -141,6 +148,10 @@ def experiment_promote(experiment_id: str, variant: str, challengers: tuple[str,
                f"(evidence: {result['evidence']['source']}); {experiment_id} is stopped and serves it to everyone")
     if result["next_experiment_id"]:
         click.echo(f"next version: {result['next_experiment_id']} with {', '.join(result['next_variants'])}")
+        plan = result["next_rollout"]
+        if plan:
+            click.echo(f"  a canary of {plan['challenger']}: stages {', '.join(f'{p:g}%' for p in plan['stages'])} "
+                       "(--no-rollout to start it at equal shares instead)")
     else:
         click.echo("no challenger left, so no next version; add challengers with --challenger next time")
 

@@ -47,6 +47,13 @@ def render_rollout(status: dict) -> str:
         w = status["weights"]
         lines.append(f"weights (version {w['version']}, {w['phase']}): "
                      + ", ".join(f"{k} {v:.1%}" for k, v in w["weights"].items()))
+    exposure = status.get("exposure")
+    if exposure and exposure["variants"]:
+        def share(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1%}"
+
+        lines.append(f"this stage served the challenger {share(exposure['challenger_share_of_invocations'])} of "
+                     f"invocations and {share(exposure['challenger_share_of_new_units'])} of the units first seen in it")
     check = status.get("last_check")
     if check:
         lines.append(f"last check {status['last_check_at']}: {check.get('action')}")

@@ -349,6 +349,9 @@ class RolloutStatusOut(BaseModel):
     failed_checks: int | None = None
     last_check_at: str | None = None
     last_check: dict[str, Any] | None = None
+    exposure: dict[str, Any] | None = Field(
+        None, description="What the stage served: per variant, the invocations since it began and the units first "
+                          "exposed in it, and the challenger's share of each")
 
 
 class PromoteRequest(_Strict):
@@ -359,6 +362,8 @@ class PromoteRequest(_Strict):
                                                description="New challengers of the next version: name → model version")
     reason: str | None = None
     force: bool = Field(False, description="Promote without a completed rollout or a SHIP decision")
+    rollout: bool = Field(True, description="When the experiment had a rollout plan, the next version's one "
+                                            "challenger starts as a canary at its first stage; false: equal shares")
 
 
 class PromoteOut(BaseModel):
@@ -374,6 +379,7 @@ class PromoteOut(BaseModel):
     allocation_version: int
     next_experiment_id: str | None
     next_variants: list[str]
+    next_rollout: dict[str, Any] | None = Field(None, description="The next version's rollout plan, when it is a canary")
     evidence: dict[str, Any]
 
 

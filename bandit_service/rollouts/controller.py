@@ -171,8 +171,9 @@ class RolloutController:
         latest = latest_allocation(conn, config.experiment_id)
         if latest is not None and latest[1] == phase and same_weights(latest[2], weights):
             return None
+        # Not sticky: every unit, returning ones too, is placed by its hash on the stage's weights.
         version = publish_allocation(conn, self.publisher, self.topic, config.experiment_id, STRATEGY, phase, weights,
-                                     {"rollout": {"state": state, "stage": stage}})
+                                     {"rollout": {"state": state, "stage": stage}}, sticky=False)
         log.info("rollout %s: weights version %d (%s)", config.experiment_id, version, phase)
         return version
 
@@ -239,6 +240,16 @@ def operate(conn: psycopg.Connection, experiment_id: str, action: str, actor: st
     return status(conn, experiment_id)
 
 
+def _exposure(per_variant: dict[str, dict[str, int]], challenger: str) -> dict:
+    """The stage's measured exposure, and the challenger's share of it (None before any)."""
+    shares = {}
+    for measure in ("invocations", "new_units"):
+        total = sum(v[measure] for v in per_variant.values())
+        shares[f"challenger_share_of_{measure}"] = per_variant.get(challenger, {}).get(measure, 0) / total \
+            if total else None
+    return {"variants": per_variant, **shares}
+
+
 def status(conn: psycopg.Connection, experiment_id: str, transitions: int = 50) -> dict:
     """The plan, the state, the newest check's figures, the weights in force and the transitions."""
     config = _config(conn, experiment_id)
@@ -253,7 +264,8 @@ def status(conn: psycopg.Connection, experiment_id: str, transitions: int = 50) 
         state, stage, started, deadline, failed, checked_at, last_check = row
         result.update(state=state, stage=stage, percent=plan.stages[stage], stage_started_at=started.isoformat(),
                       deadline_at=deadline.isoformat(), failed_checks=failed,
-                      last_check_at=checked_at and checked_at.isoformat(), last_check=last_check)
+                      last_check_at=checked_at and checked_at.isoformat(), last_check=last_check,
+                      exposure=_exposure(store.stage_exposure(conn, experiment_id, started), plan.challenger))
     for item in store.transitions(conn, experiment_id, transitions):
         result["transitions"].append({**item, "at": item["at"].isoformat()})
     return result

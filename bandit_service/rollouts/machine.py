@@ -122,6 +122,9 @@ def judge(config: ExperimentConfig, current: RolloutState, now: datetime, units:
                "units": {name: m.n for name, m in units.items()},
                "invocations": {name: int(m.sums.get("invocations", 0)) for name, m in units.items()},
                "alpha": stage_alpha(config), "guardrails": json_safe(rows)}
+    requests = sum(sum(counts) for counts in histograms.values())
+    # What the stage really served: with units placed by their hash, the stage's share of requests.
+    figures["challenger_share_of_requests"] = sum(histograms.get(plan.challenger, ())) / requests if requests else None
     harmful = [row for row in rows if row.get("harmful")]
     if harmful:
         failed = current.failed_checks + 1
@@ -143,8 +146,10 @@ def judge(config: ExperimentConfig, current: RolloutState, now: datetime, units:
                        f"non-inferiority not yet shown (interval up to {row['high']:+.4g}, margin {row['margin']:.4g})"))
     if not waiting:
         target = plan.stages[current.stage + 1] if current.stage + 1 < len(plan.stages) else 100
-        return Judgement(ADVANCE, (f"stage {plan.stages[current.stage]:g}% passed: every guardrail within its margin "
-                                   f"after {elapsed:.0f} s and {n_challenger} exposed units; next {target:g}%",),
+        served = figures["challenger_share_of_requests"]
+        served_text = "" if served is None else f" ({plan.challenger} served {served:.1%} of its requests)"
+        return Judgement(ADVANCE, (f"stage {plan.stages[current.stage]:g}% passed{served_text}: every guardrail within "
+                                   f"its margin after {elapsed:.0f} s and {n_challenger} exposed units; next {target:g}%",),
                          figures, 0)
     if now >= current.deadline_at:
         return Judgement(PAUSE, ("inconclusive past the stage's deadline: " + "; ".join(waiting),), figures, 0)

@@ -24,12 +24,12 @@ from bandit_service.api.models import (
     WeightsOut,
 )
 from bandit_service.assignment import current_weights
-from bandit_service.lifecycle import champion_history, promote
+from bandit_service.lifecycle import champion_history, change_status, promote
 from bandit_service.report.build import build_report
 from bandit_service.report.load import load_report_input
 from storage.models import Experiment
 from storage.queries import allocation_history, variant_totals
-from storage.registry import change_status, create_experiment, get_experiment, list_experiments
+from storage.registry import create_experiment, get_experiment, list_experiments
 
 router = APIRouter(prefix="/experiments", tags=["experiments"], responses={**NOT_FOUND, **ERRORS})
 
@@ -66,7 +66,8 @@ def _status_route(action: str, summary: str) -> None:
     @router.post(f"/{{experiment_id}}/{action}", dependencies=ADMIN, responses=CONFLICT,
                  summary=summary, name=action)
     def change(experiment_id: str, state: State) -> ExperimentOut:
-        return describe(change_status(state.engine, experiment_id, action))
+        return describe(change_status(state.engine, state.publisher, state.settings.topics.allocations,
+                                      experiment_id, action))
 
 
 _status_route("pause", "Pause: assigned units keep their variant, new units get the champion")
@@ -115,7 +116,7 @@ def weights_history(experiment: ExistingExperiment, state: State,
 def promote_champion(experiment_id: str, body: PromoteRequest, state: State) -> PromoteOut:
     """Make a winning challenger the champion (as `abflow experiment promote`); 409 without evidence."""
     result = promote(state.engine, state.publisher, state.settings.topics.allocations, experiment_id,
-                     body.variant, body.challengers, "api", body.reason, body.force)
+                     body.variant, body.challengers, "api", body.reason, body.force, body.rollout)
     return PromoteOut.model_validate(json_safe(result))
 
 

@@ -16,6 +16,8 @@ from abflow.core.buckets import LAYER_BUCKETS, choose, free_range, hash_point, l
 from abflow.core.config import ConfigError, parse_config
 from abflow.settings import libpq_url
 from bandit_service.allocations import publish_allocation
+from bandit_service.lifecycle import change_status
+from bandit_service.refresher import WeightRefresher
 from producers.publisher import Publisher, ensure_topics
 from producers.sdk import ServingClient
 from storage.registry import LayerFull, create_experiment
@@ -161,3 +163,52 @@ def test_the_sdk_keeps_the_layer_like_the_api(settings, engine, assigned):
     logged = [r for r in whole_topic(settings.kafka_bootstrap, settings.topics.invocations)
               if r["experiment_id"] == experiment_id]
     assert len(logged) == expected
+
+
+def test_a_layer_stays_exclusive_through_stop_and_restarts(settings, engine, assigned):
+    """A stopped experiment claims no unit, on either serving path, once another took its share of the
+    layer; serving processes that start afterwards, or read a republished topic, agree."""
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    layer = f"ranking-{uuid.uuid4().hex[:6]}"
+    first, second = layered(engine, layer, 0.5), layered(engine, layer, 0.5)
+    units = UNITS[:3000]
+
+    def claims(assign_one, experiments) -> list[int]:
+        """Per unit: how many of ``experiments`` say it is in them."""
+        return [sum(assign_one(e, u).in_experiment for e in experiments) for u in units]
+
+    with Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
+        with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+            for experiment_id in (first, second):
+                publish_allocation(conn, publisher, settings.topics.allocations, experiment_id, "WeightedSampling",
+                                   "WeightedSampling", {"A": 0.5, "B": 0.5}, {})
+        with ServingClient(settings.kafka_bootstrap, settings.topics) as before:
+            assert before.wait_ready(30)
+            wait_until(lambda: all(before._serving.get(e) for e in (first, second)), 30, message="the SDK's weights")
+            before.assign(first, units[0])  # a unit this process placed, and remembers
+            change_status(engine, publisher, settings.topics.allocations, first, "stop")
+            third = layered(engine, layer, 0.5)  # takes the share the stopped experiment freed
+            with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+                publish_allocation(conn, publisher, settings.topics.allocations, third, "WeightedSampling",
+                                   "WeightedSampling", {"A": 0.5, "B": 0.5}, {})
+            wait_until(lambda: before._serving[first].status == "stopped" and before._serving.get(third), 30,
+                       message="the SDK to see the stop and the new experiment")
+            running = (second, third)
+            # A process that was serving all along: the stopped experiment claims nobody, not even
+            # the unit it remembers; every unit is in exactly one running experiment.
+            assert claims(before.assign, (first,)) == [0] * len(units)
+            assert claims(before.assign, running) == [1] * len(units)
+        assert claims(assigned, (first,)) == [0] * len(units)
+        assert claims(assigned, running) == [1] * len(units)
+        assert {assigned(first, u).variant for u in units} == {"A"}  # the champion, outside the experiment
+
+        # Restarts: a refresher leader republishes every experiment's newest version with its
+        # status, and a serving process that starts now reads the same.
+        with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+            WeightRefresher(settings, publisher).republish_latest(conn)
+        with ServingClient(settings.kafka_bootstrap, settings.topics) as after:
+            assert after.wait_ready(30)
+            wait_until(lambda: all(after._serving.get(e) for e in (first, second, third)), 30,
+                       message="the restarted SDK's weights")
+            assert claims(after.assign, (first,)) == [0] * len(units)
+            assert claims(after.assign, running) == [1] * len(units)

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from abflow.core.config import parse_config
 from bandit_service.api import create_app
-from bandit_service.lifecycle import champion_history, next_version_config
+from bandit_service.lifecycle import PromotionRefused, champion_history, next_version_config
 from producers.publisher import ensure_topics
 from storage.registry import create_experiment, get_experiment
 from tests.conftest import ADMIN
@@ -38,8 +38,7 @@ def run_cli(run_env, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_next_version_config():
-    current = parse_config({**three_variants("demo"), "rollout": {"challenger": "Challenger"}, "layer": "ranking",
-                            "traffic": 0.5, "shadows": [{"name": "v3"}]})
+    current = parse_config({**three_variants("demo"), "layer": "ranking", "traffic": 0.5, "shadows": [{"name": "v3"}]})
     after = next_version_config(current, "Challenger", "demo-v2", {"New": "3.0"})
     assert [(v.name, v.role, v.model_version, v.initial_weight) for v in after.variants] == [
         ("Challenger", "champion", "2.0", pytest.approx(1 / 3)), ("Other", "challenger", "2.1", pytest.approx(1 / 3)),
@@ -47,6 +46,18 @@ def test_next_version_config():
     assert after.experiment_id == "demo-v2" and after.rollout is None
     assert (after.layer, after.traffic, [s.name for s in after.shadows]) == ("ranking", 0.5, ["v3"])
     assert next_version_config(parse_config(config("x")), "Challenger", "x-v2", {}) is None  # the winner alone
+
+    # A canary's next version is a canary of its one new challenger, from the plan's first stage.
+    canary = parse_config(config("canary", rollout={"challenger": "Challenger", "stages": [2, 20, 100],
+                                                     "min_sample": 500}))
+    after = next_version_config(canary, "Challenger", "canary-v2", {"Next": "3.0"})
+    assert [(v.name, v.role, v.initial_weight) for v in after.variants] == [
+        ("Challenger", "champion", pytest.approx(0.98)), ("Next", "challenger", pytest.approx(0.02))]
+    assert (after.rollout.challenger, after.rollout.stages, after.rollout.min_sample) == ("Next", (2, 20, 100), 500)
+    plain = next_version_config(canary, "Challenger", "canary-v2", {"Next": "3.0"}, keep_rollout=False)
+    assert plain.rollout is None and plain.variants[1].initial_weight == pytest.approx(0.5)
+    with pytest.raises(PromotionRefused, match="takes one challenger, but the next version would have 2"):
+        next_version_config(canary, "Challenger", "canary-v2", {"Next": "3.0", "Other": "3.1"})
 
 
 def test_promotion_with_evidence_creates_the_next_version(engine, run_env, settings, stack):

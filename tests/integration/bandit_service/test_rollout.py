@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from abflow.core.config import parse_config
 from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from bandit_service.api import create_app
+from bandit_service.lifecycle import promote
 from bandit_service.refresher import WeightRefresher
 from bandit_service.report.evidence import UnitMoments
 from bandit_service.rollouts import controller as rollout_controller
@@ -28,11 +29,14 @@ from bandit_service.rollouts import machine as rollout
 from bandit_service.rollouts import webhooks
 from bandit_service.rollouts.machine import RolloutState
 from producers.publisher import Publisher, ensure_topics
+from producers.sdk import ServingClient
 from producers.simulator import Fault, Scenario, VariantProfile, generate, parse_fault, virtual_clock
+from storage import rollouts as rollout_store
+from storage.allocations import latest_allocation
 from storage.queries import AGGREGATES_CHANNEL, allocation_history
-from storage.registry import create_experiment
+from storage.registry import create_experiment, get_experiment
 from tests.conftest import ADMIN, wait_until
-from tests.helpers import Assigner
+from tests.helpers import Assigner, counted_events, invocation, publish
 from tests.integration.bandit_service.test_refresher import topic_records
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
@@ -200,6 +204,54 @@ def new_rollout(engine, **plan):
     return config
 
 
+def test_a_stage_is_the_share_of_all_units_returning_ones_too(settings, engine, controller, run_env, workers):
+    """The same 4,000 units come back at every stage, through the API and the SDK: each stage's
+    share of units and of invocations is the stage, a unit on the canary stays on it, the stream
+    measures the same share in `rollout status`, and a rollback sends every unit home."""
+    run_env["ABFLOW_WINDOW_SECONDS"] = "1"  # stage boundaries to the second in the measured exposure
+    config = new_rollout(engine, stages=[5, 25, 50, 100])
+    exp, units = config.experiment_id, [f"back-{i}" for i in range(4_000)]
+    visits = dict(zip(units, 1 + np.random.default_rng(17).poisson(2.0, len(units))))
+    worker = workers()
+    published = 0
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn, Assigner(settings.database_url) as assigned, \
+            ServingClient(settings.kafka_bootstrap, settings.topics) as sdk, \
+            Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
+        controller.check(conn, config, T0)
+        on_canary: set[str] = set()
+        for stage, percent in enumerate(config.rollout.stages[:-1]):
+            time.sleep(1.1)  # the previous stage's events fall in earlier windows
+            started = datetime.now(timezone.utc)
+            rollout_store.save_state(conn, exp, "running", stage, started, started + timedelta(hours=1), 0)
+            controller.reconcile(conn, config, "running", stage)
+            version = latest_allocation(conn, exp)[0]
+            served = {u: assigned(exp, u).variant for u in units}
+            wait_until(lambda: sdk._serving.get(exp) is not None and sdk._serving[exp].version == version, 30,
+                       message=f"the SDK to read version {version}")
+            assert {u: sdk.assign(exp, u).variant for u in units} == served  # both paths place units alike
+            now_on = {u for u, variant in served.items() if variant == "Canary"}
+            assert abs(len(now_on) / len(units) - percent / 100) <= 0.02, (percent, len(now_on))
+            share_of_invocations = sum(visits[u] for u in now_on) / sum(visits.values())
+            assert abs(share_of_invocations - percent / 100) <= 0.02, (percent, share_of_invocations)
+            assert on_canary <= now_on  # the canary's slice only grows
+            on_canary = now_on
+            for unit in units:
+                for _ in range(visits[unit]):
+                    publish(publisher, "invocation", invocation(exp, served[unit], time.time(), unit))
+            publisher.flush(30)
+            published += sum(visits.values())
+            wait_until(lambda: counted_events(engine, [exp]) == published, 90, message="the stage's invocations",
+                       workers=[worker])
+            measured = rollout_controller.status(conn, exp)["exposure"]
+            assert measured["challenger_share_of_invocations"] == pytest.approx(share_of_invocations, abs=1e-9)
+        status = rollout_controller.operate(conn, exp, "abort", "operator", "test")
+        assert status["state"] == "aborted"
+        controller.reconcile(conn, config, "aborted", status["stage"])
+        assert {assigned(exp, u).variant for u in units} == {"Champion"}  # every unit back home
+        wait_until(lambda: sdk._serving[exp].weights.get("Canary") == 0.0, 30, message="the SDK to see the abort")
+        assert {sdk.assign(exp, u).variant for u in units} == {"Champion"}
+
+
 def test_healthy_canary_is_promoted_through_every_stage(settings, engine, controller):
     config = new_rollout(engine)
     rng = np.random.default_rng(7)
@@ -227,6 +279,21 @@ def test_healthy_canary_is_promoted_through_every_stage(settings, engine, contro
                        ("rollout complete", 1.0)]
     records = topic_records(settings.kafka_bootstrap, settings.topics.allocations, config.experiment_id, 5)
     assert [r["weights"]["Canary"] for r in records] == [0.05, 0.1, 0.25, 0.5, 1.0]
+    assert not any(r["sticky"] for r in records)  # serving places every unit by its hash during a rollout
+    for t in status["transitions"][1:]:  # what each stage served, as its transition says
+        stage_share = config.rollout.stages[t["from_stage"]] / 100
+        assert abs(t["figures"]["challenger_share_of_requests"] - stage_share) < 0.02
+        assert f"Canary served {t['figures']['challenger_share_of_requests']:.1%} of its requests" in t["reason"]
+
+    # Promoted, the winner's next version is a canary of the new challenger from the first stage.
+    promoted = promote(engine, controller.publisher, settings.topics.allocations, config.experiment_id, "Canary",
+                       {"Canary2": "3"})
+    following = parse_config(get_experiment(engine, promoted["next_experiment_id"]).config)
+    assert (following.rollout.challenger, following.rollout.stages) == ("Canary2", config.rollout.stages)
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+        assert controller.check(conn, following, T0) == "running"
+        status = rollout_controller.status(conn, following.experiment_id)
+    assert status["weights"]["weights"] == {"Canary": 0.95, "Canary2": 0.05}
 
 
 def test_injected_errors_roll_back_within_two_checks(settings, engine, controller):

@@ -279,6 +279,24 @@ class UnitState(Base):
     value_sums: Mapped[dict] = mapped_column(JSONB, default=dict)
 
 
+class StageUnit(Base):
+    """A unit's events in one stage of a running rollout, for the stage's judgement (``storage.units``)."""
+
+    __tablename__ = "stage_units"
+    __table_args__ = {"postgresql_with": {"fillfactor": 75}}
+
+    experiment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    stage_start: Mapped[float] = mapped_column(Float, primary_key=True)  # epoch seconds
+    unit_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128))
+    multiple: Mapped[bool] = mapped_column(Boolean, default=False)
+    invocations: Mapped[float] = mapped_column(Float, default=0.0)
+    conversions: Mapped[float] = mapped_column(Float, default=0.0)
+    reward: Mapped[float] = mapped_column(Float, default=0.0)
+    errors: Mapped[float] = mapped_column(Float, default=0.0)
+    value_sums: Mapped[dict] = mapped_column(JSONB, default=dict)
+
+
 class HeldOutcome(Base):
     """An outcome that arrived before its unit's exposure, waiting for it."""
 

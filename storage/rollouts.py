@@ -98,17 +98,3 @@ def stage_histograms(conn: psycopg.Connection, experiment_id: str, since: dateti
         (experiment_id, since)).fetchall()
     return {row[0]: [int(c) for c in row[1:]] for row in rows}
 
-
-def stage_exposure(conn: psycopg.Connection, experiment_id: str, since: datetime) -> dict[str, dict[str, int]]:
-    """What a stage really served, per variant: the invocations of the windows that overlap [since,
-    now) and the units first exposed since ``since``."""
-    found: dict[str, dict[str, int]] = {}
-    for variant, invocations in conn.execute(
-            "SELECT variant, sum(invocations) FROM variant_windows WHERE experiment_id = %s "
-            "AND window_start + make_interval(secs => window_seconds) > %s GROUP BY variant", (experiment_id, since)):
-        found.setdefault(variant, {"invocations": 0, "new_units": 0})["invocations"] = int(invocations)
-    for variant, units in conn.execute(
-            "SELECT variant, count(*) FROM unit_state WHERE experiment_id = %s AND exposed_at >= %s GROUP BY variant",
-            (experiment_id, since.timestamp())):
-        found.setdefault(variant, {"invocations": 0, "new_units": 0})["new_units"] = int(units)
-    return found

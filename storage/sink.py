@@ -85,6 +85,12 @@ def registry(conn: psycopg.Connection) -> tuple[dict[str, frozenset[str]], dict[
     return {k: frozenset(v) for k, v in known.items()}, shadows, windows
 
 
+def rollout_stages(conn: psycopg.Connection) -> dict[str, float]:
+    """The start (epoch seconds) of each running or paused rollout's current stage."""
+    return {experiment_id: float(start) for experiment_id, start in conn.execute(
+        "SELECT experiment_id, extract(epoch FROM stage_started_at) FROM rollouts WHERE state IN ('running', 'paused')")}
+
+
 def lock_offsets(conn: psycopg.Connection, partitions: list[TopicPartition], topic_ids: dict[str, str]
                  ) -> dict[TopicPartition, tuple[str, int]]:
     """Lock the partitions' offset rows (created at 0 when new); (topic id, next offset) of each."""

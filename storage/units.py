@@ -158,6 +158,41 @@ UNION ALL
 SELECT experiment_id, variant, 0, 0, count(*) FROM held GROUP BY experiment_id, variant
 """
 
+# The events of units of a running rollout in its current stage (those timed at or after the stage's
+# start; a late one of an earlier stage is left out: that stage was judged): per unit, the variant
+# of its first event in the stage (the stage places it by its hash, so all agree but at a boundary)
+# and its sums. Held outcomes let go now (seq -1) were added here when they first arrived.
+_STAGE = """
+WITH stage AS (
+  SELECT key AS experiment_id, value::float8 AS start FROM jsonb_each_text(%(stages)s::jsonb)),
+events AS (
+  SELECT b.*, s.start FROM unit_batch b JOIN stage s ON s.experiment_id = b.experiment_id
+  WHERE b.seq >= 0 AND b.ts >= s.start),
+named AS (
+  SELECT experiment_id, unit_id, jsonb_object_agg(name, total) AS sums
+  FROM (SELECT e.experiment_id, e.unit_id, v.key AS name, sum(v.value::float8) AS total
+        FROM events e, jsonb_each_text(e.vals) v GROUP BY 1, 2, 3) by_name
+  GROUP BY experiment_id, unit_id),
+per_unit AS (
+  SELECT experiment_id, start, unit_id, (array_agg(variant ORDER BY kind, seq))[1] AS variant,
+         count(DISTINCT variant) > 1 AS multiple,
+         count(*) FILTER (WHERE kind = 0) AS invocations, count(*) FILTER (WHERE kind = 1) AS conversions,
+         coalesce(sum(reward) FILTER (WHERE kind = 1), 0) AS reward, count(*) FILTER (WHERE kind = 0 AND error) AS errors
+  FROM events GROUP BY experiment_id, start, unit_id)
+INSERT INTO stage_units AS s (experiment_id, stage_start, unit_id, variant, multiple, invocations, conversions, reward,
+                              errors, value_sums)
+SELECT p.experiment_id, p.start, p.unit_id, p.variant, p.multiple, p.invocations, p.conversions, p.reward, p.errors,
+       coalesce(n.sums, '{}')
+FROM per_unit p LEFT JOIN named n ON n.experiment_id = p.experiment_id AND n.unit_id = p.unit_id
+ORDER BY 1, 2, 3
+ON CONFLICT (experiment_id, stage_start, unit_id) DO UPDATE SET
+  invocations = s.invocations + excluded.invocations, conversions = s.conversions + excluded.conversions,
+  reward = s.reward + excluded.reward, errors = s.errors + excluded.errors,
+  multiple = s.multiple OR excluded.multiple OR s.variant <> excluded.variant,
+  value_sums = CASE WHEN excluded.value_sums = '{}' THEN s.value_sums
+                    ELSE abflow_add_values(s.value_sums, excluded.value_sums) END
+"""
+
 _GIVE_UP = """
 WITH gone AS (DELETE FROM held_outcomes WHERE held_at < %(before)s RETURNING experiment_id, variant)
 SELECT experiment_id, variant, count(*) FROM gone GROUP BY experiment_id, variant
@@ -165,13 +200,16 @@ SELECT experiment_id, variant, count(*) FROM gone GROUP BY experiment_id, varian
 
 
 def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], now: float, hold_seconds: float, sweep: bool,
-                metric_windows: dict[str, tuple[int, ...]] | None = None) -> dict[tuple[str, str, str], int]:
+                metric_windows: dict[str, tuple[int, ...]] | None = None, stages: dict[str, float] | None = None
+                ) -> dict[tuple[str, str, str], int]:
     """Expose, attribute and hold the batch's counted invocations and outcomes (``rows``, see
     ``INVOCATION_KIND``), in the caller's transaction. A ``sweep`` also attributes every held outcome
     whose unit is exposed now and gives up those held for longer than ``hold_seconds``. For each of an
     experiment's ``metric_windows`` (seconds), every unit also sums its variables over the events
-    within that window of its exposure (``config.windowed`` names). Returns the counters added, per
-    (experiment, variant, reason)."""
+    within that window of its exposure (``config.windowed`` names). For each experiment in
+    ``stages`` (a running rollout: the start of its current stage, epoch seconds), the units' events
+    in the stage are also summed in ``stage_units``. Returns the counters added, per (experiment,
+    variant, reason)."""
     counters: dict[tuple[str, str, str], int] = {}
 
     def add(experiment_id: str, variant: str, reason: str, count: int) -> None:
@@ -197,6 +235,8 @@ def apply_batch(conn: psycopg.Connection, rows: Iterable[tuple], now: float, hol
                 add(experiment_id, variant, OUTSIDE_WINDOW, outside)
                 add(experiment_id, variant, VARIANT_MISMATCH, mismatched)
                 add(experiment_id, variant, HELD, held)
+        if copied and stages:
+            cur.execute(_STAGE, {"stages": Jsonb(stages)})
         if sweep:
             for experiment_id, variant, count in cur.execute(_GIVE_UP, {"before": now - hold_seconds}).fetchall():
                 add(experiment_id, variant, NO_EXPOSURE, count)
@@ -241,21 +281,38 @@ def _expression(variable: Variable) -> str:
 
 
 def unit_moments(conn: psycopg.Connection, experiment_id: str, variables: dict[str, Variable],
-                 pairs: list[tuple[str, str]], period_starts: list[float] = (), exposed_since: float | None = None
-                 ) -> list[tuple]:
-    """Per (variant, allocation period of exposure) of the exposed units (those exposed at or after
-    ``exposed_since``, epoch seconds, when given): (variant, period: 0 before the first of
-    ``period_starts`` (epoch seconds, ascending), k from the k-th on; units, units exposed to another
-    variant too, the sum of each of ``variables`` in order, and the sum of the product of each of
-    ``pairs`` in order)."""
-    expressions = {name: _expression(variable) for name, variable in variables.items()}
-    sums = [f"sum({expressions[name]})" for name in variables]
-    products = [f"sum({expressions[a]} * {expressions[b]})" for a, b in pairs]
+                 pairs: list[tuple[str, str]], period_starts: list[float] = ()) -> list[tuple]:
+    """Per (variant, allocation period of exposure) of the exposed units: (variant, period: 0 before
+    the first of ``period_starts`` (epoch seconds, ascending), k from the k-th on; units, units
+    exposed to another variant too, the sum of each of ``variables`` in order, and the sum of the
+    product of each of ``pairs`` in order)."""
     return conn.execute(
         f"SELECT variant, width_bucket(exposed_at, %s::float8[]), count(*), count(*) FILTER (WHERE multiple), "
-        f"{', '.join(sums + products)} FROM unit_state WHERE experiment_id = %s AND exposed_at >= %s "
-        "GROUP BY 1, 2 ORDER BY 1, 2",
-        (list(period_starts), experiment_id, -1e300 if exposed_since is None else exposed_since)).fetchall()
+        f"{_moment_sums(variables, pairs)} FROM unit_state WHERE experiment_id = %s GROUP BY 1, 2 ORDER BY 1, 2",
+        (list(period_starts), experiment_id)).fetchall()
+
+
+def stage_moments(conn: psycopg.Connection, experiment_id: str, stage_start: float, variables: dict[str, Variable],
+                  pairs: list[tuple[str, str]]) -> list[tuple]:
+    """As ``unit_moments``, of the units a rollout's stage (started at ``stage_start``) served, each
+    in the variant it served them (one period, 0)."""
+    return conn.execute(
+        f"SELECT variant, 0, count(*), count(*) FILTER (WHERE multiple), {_moment_sums(variables, pairs)} "
+        "FROM stage_units WHERE experiment_id = %s AND stage_start = %s GROUP BY 1 ORDER BY 1",
+        (experiment_id, stage_start)).fetchall()
+
+
+def _moment_sums(variables: dict[str, Variable], pairs: list[tuple[str, str]]) -> str:
+    expressions = {name: _expression(variable) for name, variable in variables.items()}
+    return ", ".join([f"sum({expressions[name]})" for name in variables]
+                     + [f"sum({expressions[a]} * {expressions[b]})" for a, b in pairs])
+
+
+def stage_exposure(conn: psycopg.Connection, experiment_id: str, stage_start: float) -> dict[str, dict[str, int]]:
+    """What a rollout's stage served, per variant: its units and their invocations."""
+    return {variant: {"units": int(units), "invocations": int(invocations)} for variant, units, invocations in
+            conn.execute("SELECT variant, count(*), sum(invocations) FROM stage_units "
+                         "WHERE experiment_id = %s AND stage_start = %s GROUP BY 1", (experiment_id, stage_start))}
 
 
 def exposures(conn: psycopg.Connection, experiment_id: str, version_times: list[float]) -> list[tuple[str, int, int]]:

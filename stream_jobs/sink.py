@@ -178,8 +178,10 @@ class PostgresSink:
              t.reward_sq_sum, t.errors, t.latency.count, t.latency.ms_sum, t.latency.hist)
             for (experiment_id, variant, start), t in sorted(aggregate(batch.counted, window_seconds).items())])
         sweep = time.monotonic() - self._swept_at > HELD_SWEEP_SECONDS
+        # Read in the batch's transaction: a stage that began before it is the one its events join.
+        stages = store.rollout_stages(conn)
         unit_store.apply_batch(conn, self._unit_rows(batch.counted), now, self.settings.exposure_wait_seconds, sweep,
-                               self._metric_windows)
+                               self._metric_windows, stages)
         if batch.rejected:
             self.dead_letters.publish(batch.rejected)
             counts: dict[tuple[str, str], int] = {}

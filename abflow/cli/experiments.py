@@ -64,13 +64,22 @@ def experiment_list() -> None:
 @click.argument("experiment_id")
 @json_option()
 def experiment_show(experiment_id: str, as_json: bool) -> None:
-    """Show one experiment: config, variants and current totals."""
-    from storage.queries import variant_totals
+    """Show one experiment: its whole config, its layer share, the weights in force, and each
+    variant's totals."""
+    import yaml
+
+    from abflow.core.config import parse_config
+    from storage.queries import allocation_history, variant_totals
     from storage.registry import get_experiment
 
     with database() as engine:
         e = get_experiment(engine, experiment_id)
         totals = {row["variant"]: row for row in variant_totals(engine, experiment_id)}
+        newest = allocation_history(engine, experiment_id, 1)
+    weights = None
+    if newest:
+        weights = {"version": newest[0]["version"], "phase": newest[0]["phase"], "weights": newest[0]["weights"],
+                   "computed_at": newest[0]["computed_at"].isoformat()}
     variants = []
     for v in e.variants:
         t = totals.get(v.name, {})
@@ -78,15 +87,26 @@ def experiment_show(experiment_id: str, as_json: bool) -> None:
                          "model_version": v.model_version, "invocations": t.get("invocations", 0),
                          "conversions": t.get("conversions", 0), "reward_sum": t.get("reward_sum", 0.0),
                          "errors": t.get("errors", 0)})
+    layer = {"name": e.layer, "buckets": [e.layer_start, e.layer_end]}
     if as_json:
         click.echo(json.dumps({"experiment_id": e.experiment_id, "strategy": e.strategy, "epsilon": e.epsilon,
-                               "warmup": e.warmup, "unit": e.unit, "status": e.status,
-                               "created_at": e.created_at.isoformat(), "variants": variants}, indent=2))
+                               "warmup": e.warmup, "unit": e.unit, "status": e.status, "winner": e.winner,
+                               "lineage": e.lineage, "version": e.version, "layer": layer,
+                               "created_at": e.created_at.isoformat(), "weights": weights, "variants": variants,
+                               "config": e.config}, indent=2))
         return
-    click.echo(f"experiment {e.experiment_id}  strategy {e.strategy}  epsilon {e.epsilon}  warmup {e.warmup}  "
-               f"unit {e.unit}  status {e.status}")
+    click.echo(f"experiment {e.experiment_id}  status {e.status}" + (f" (promoted {e.winner})" if e.winner else "")
+               + f"  lineage {e.lineage} version {e.version}  layer {e.layer} buckets [{e.layer_start}, "
+               f"{e.layer_end})  created {e.created_at:%Y-%m-%d %H:%M:%S}")
+    if weights is None:
+        click.echo("weights: the initial ones (no allocation yet)")
+    else:
+        click.echo(f"weights (version {weights['version']}, {weights['phase']}, {weights['computed_at'][:19]}): "
+                   + ", ".join(f"{k} {v:.1%}" for k, v in weights["weights"].items()))
     click.echo(format_table(variants, ["variant", "role", "initial_weight", "model_version", "invocations",
                                        "conversions", "reward_sum", "errors"]))
+    # In the config's own order (PostgreSQL's jsonb keeps its keys sorted by length).
+    click.echo("\nconfig:\n" + yaml.safe_dump(parse_config(e.config).to_dict(), sort_keys=False).rstrip())
 
 
 def _status_command(action: str, summary: str) -> None:

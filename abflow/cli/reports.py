@@ -53,8 +53,11 @@ def report(experiment_id: str, json_path: str | None, html_path: str | None) -> 
 def totals(experiment_id: str | None) -> None:
     """Print variant_totals: exact per-variant sums over all windows."""
     from storage.queries import variant_totals
+    from storage.registry import get_experiment
 
     with database() as engine:
+        if experiment_id is not None:
+            get_experiment(engine, experiment_id)  # an unknown id is an error, not an empty table
         rows = variant_totals(engine, experiment_id)
     click.echo(format_table(rows, ["experiment_id", "variant", "invocations", "conversions", "conversion_rate",
                                    "reward_sum", "errors", "mean_latency_ms"]))
@@ -79,8 +82,10 @@ def dead_letters() -> None:
 def weights(experiment_id: str, history: int) -> None:
     """Show an experiment's allocation weights and how they moved."""
     from storage.queries import allocation_history
+    from storage.registry import get_experiment
 
     with database() as engine:
+        get_experiment(engine, experiment_id)
         rows = allocation_history(engine, experiment_id, history)
     if not rows:
         raise click.ClickException(f"no allocation weights for {experiment_id!r} yet (is `abflow refresher` running?)")

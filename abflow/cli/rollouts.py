@@ -52,8 +52,8 @@ def render_rollout(status: dict) -> str:
         def share(value: float | None) -> str:
             return "-" if value is None else f"{value:.1%}"
 
-        lines.append(f"this stage served the challenger {share(exposure['challenger_share_of_invocations'])} of "
-                     f"invocations and {share(exposure['challenger_share_of_new_units'])} of the units first seen in it")
+        lines.append(f"this stage served {status['challenger']} to {share(exposure['challenger_share_of_units'])} of its "
+                     f"units and {share(exposure['challenger_share_of_invocations'])} of its invocations")
     check = status.get("last_check")
     if check:
         lines.append(f"last check {status['last_check_at']}: {check.get('action')}")

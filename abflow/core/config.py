@@ -159,7 +159,7 @@ class RolloutPlan:
     challenger: str
     stages: tuple[float, ...] = DEFAULT_STAGES
     min_duration_seconds: float = 60.0  # per stage
-    min_sample: int = 1000  # challenger units exposed per stage
+    min_sample: int = 1000  # units the stage served the challenger to
     max_duration_seconds: float = 3600.0  # a stage still inconclusive after this pauses the rollout
     check_interval_seconds: float = 0.5  # at most one check per interval
     rollback_after: int = 2  # consecutive checks that find harm

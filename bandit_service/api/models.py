@@ -350,8 +350,8 @@ class RolloutStatusOut(BaseModel):
     last_check_at: str | None = None
     last_check: dict[str, Any] | None = None
     exposure: dict[str, Any] | None = Field(
-        None, description="What the stage served: per variant, the invocations since it began and the units first "
-                          "exposed in it, and the challenger's share of each")
+        None, description="What the stage served: per variant, its units and their invocations in the stage, and the "
+                          "challenger's share of each")
 
 
 class PromoteRequest(_Strict):

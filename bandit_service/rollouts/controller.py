@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import psycopg
@@ -38,7 +39,7 @@ from storage import rollouts as store
 from storage.allocations import latest_allocation
 from storage.db import connect
 from storage.queries import notify_aggregates, stored_config
-from storage.units import unit_moments
+from storage.units import stage_exposure, stage_moments
 
 log = logging.getLogger("abflow.rollout")
 
@@ -139,9 +140,12 @@ class RolloutController:
 
     def _judge(self, conn, config: ExperimentConfig, current: rollout.RolloutState, now: datetime) -> None:
         histograms = store.stage_histograms(conn, config.experiment_id, current.stage_started_at, LATENCY_BUCKETS)
-        variables, pairs = unit_variables(config)
-        rows = unit_moments(conn, config.experiment_id, variables, pairs,
-                            exposed_since=current.stage_started_at.timestamp())
+        # Every unit the stage served, in the variant it served it, on its events in the stage (the
+        # stage is its own attribution window: metrics' own windows do not apply).
+        stage_config = replace(config, metrics=tuple(replace(m, attribution_window_seconds=None)
+                                                     for m in config.metrics))
+        variables, pairs = unit_variables(stage_config)
+        rows = stage_moments(conn, config.experiment_id, current.stage_started_at.timestamp(), variables, pairs)
         units = moments_by_variant(rows, list(variables), pairs)
         judgement = rollout.judge(config, current, now, units, histograms)
         after = rollout.apply(config, current, judgement, now)
@@ -243,7 +247,7 @@ def operate(conn: psycopg.Connection, experiment_id: str, action: str, actor: st
 def _exposure(per_variant: dict[str, dict[str, int]], challenger: str) -> dict:
     """The stage's measured exposure, and the challenger's share of it (None before any)."""
     shares = {}
-    for measure in ("invocations", "new_units"):
+    for measure in ("units", "invocations"):
         total = sum(v[measure] for v in per_variant.values())
         shares[f"challenger_share_of_{measure}"] = per_variant.get(challenger, {}).get(measure, 0) / total \
             if total else None
@@ -265,7 +269,7 @@ def status(conn: psycopg.Connection, experiment_id: str, transitions: int = 50) 
         result.update(state=state, stage=stage, percent=plan.stages[stage], stage_started_at=started.isoformat(),
                       deadline_at=deadline.isoformat(), failed_checks=failed,
                       last_check_at=checked_at and checked_at.isoformat(), last_check=last_check,
-                      exposure=_exposure(store.stage_exposure(conn, experiment_id, started), plan.challenger))
+                      exposure=_exposure(stage_exposure(conn, experiment_id, started.timestamp()), plan.challenger))
     for item in store.transitions(conn, experiment_id, transitions):
         result["transitions"].append({**item, "at": item["at"].isoformat()})
     return result

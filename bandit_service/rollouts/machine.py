@@ -122,9 +122,11 @@ def judge(config: ExperimentConfig, current: RolloutState, now: datetime, units:
                "units": {name: m.n for name, m in units.items()},
                "invocations": {name: int(m.sums.get("invocations", 0)) for name, m in units.items()},
                "alpha": stage_alpha(config), "guardrails": json_safe(rows)}
-    requests = sum(sum(counts) for counts in histograms.values())
-    # What the stage really served: with units placed by their hash, the stage's share of requests.
-    figures["challenger_share_of_requests"] = sum(histograms.get(plan.challenger, ())) / requests if requests else None
+    # What the stage really served (units placed by their hash): the challenger's share of its units and invocations.
+    total_units, total_invocations = sum(figures["units"].values()), sum(figures["invocations"].values())
+    figures["challenger_share_of_units"] = n_challenger / total_units if total_units else None
+    figures["challenger_share_of_invocations"] = \
+        figures["invocations"].get(plan.challenger, 0) / total_invocations if total_invocations else None
     harmful = [row for row in rows if row.get("harmful")]
     if harmful:
         failed = current.failed_checks + 1
@@ -139,17 +141,18 @@ def judge(config: ExperimentConfig, current: RolloutState, now: datetime, units:
     if elapsed < plan.min_duration_seconds:
         waiting.append(f"the stage has run {elapsed:.0f} s of {plan.min_duration_seconds:g} s")
     if n_challenger < plan.min_sample:
-        waiting.append(f"{plan.challenger} has {n_challenger} of {plan.min_sample} units exposed in this stage")
+        waiting.append(f"{plan.challenger} has {n_challenger} of {plan.min_sample} units served in this stage")
     unshown = [row for row in rows if not row.get("non_inferior")]
     for row in unshown:
         waiting.append(f"{row['metric']}: " + (row["error"] if "error" in row else
                        f"non-inferiority not yet shown (interval up to {row['high']:+.4g}, margin {row['margin']:.4g})"))
     if not waiting:
         target = plan.stages[current.stage + 1] if current.stage + 1 < len(plan.stages) else 100
-        served = figures["challenger_share_of_requests"]
-        served_text = "" if served is None else f" ({plan.challenger} served {served:.1%} of its requests)"
+        units_share, invocations_share = figures["challenger_share_of_units"], figures["challenger_share_of_invocations"]
+        served_text = "" if units_share is None else \
+            f" ({plan.challenger} served {units_share:.1%} of its units, {invocations_share:.1%} of their invocations)"
         return Judgement(ADVANCE, (f"stage {plan.stages[current.stage]:g}% passed{served_text}: every guardrail within "
-                                   f"its margin after {elapsed:.0f} s and {n_challenger} exposed units; next {target:g}%",),
+                                   f"its margin after {elapsed:.0f} s and {n_challenger} of its units; next {target:g}%",),
                          figures, 0)
     if now >= current.deadline_at:
         return Judgement(PAUSE, ("inconclusive past the stage's deadline: " + "; ".join(waiting),), figures, 0)

@@ -68,8 +68,11 @@ def test_experiment_create_list_show(settings, tmp_path):
     assert shown["strategy"] == "UCB1" and shown["warmup"] == 50
     assert [(v["variant"], v["role"], v["initial_weight"], v["invocations"]) for v in shown["variants"]] == [
         ("Champion", "champion", 0.7, 0), ("Challenger", "challenger", 0.3, 0)]
+    assert shown["config"]["warmup"] == 50 and shown["layer"] == {"name": experiment_id, "buckets": [0, 10000]}
+    assert shown["weights"] is None  # no allocation yet: the initial weights serve
     table = invoke("experiment", "show", experiment_id).output
-    assert "Challenger" in table and "strategy UCB1" in table
+    assert "Challenger" in table and "weights: the initial ones" in table
+    assert "\nconfig:\n" in table and "strategy: UCB1" in table and "attribution_window_seconds: 86400.0" in table
 
 
 def test_bad_config_and_unknown_experiment_are_clear_errors(settings, tmp_path):
@@ -77,8 +80,14 @@ def test_bad_config_and_unknown_experiment_are_clear_errors(settings, tmp_path):
     result = CliRunner().invoke(main, ["experiment", "create", "-f", bad])
     assert result.exit_code == 1
     assert "strategy must be one of WeightedSampling, EpsilonGreedy, UCB1, ThompsonSampling, got 'Greedy'" in result.output
-    missing = CliRunner().invoke(main, ["experiment", "show", "no-such-experiment"])
-    assert missing.exit_code == 1 and "no experiment 'no-such-experiment'" in missing.output
+    # Every command that names an experiment says so when there is none, and exits non-zero.
+    for args in (["experiment", "show"], ["experiment", "pause"], ["experiment", "resume"], ["experiment", "stop"],
+                 ["experiment", "champions"], ["report"], ["weights"], ["rollout", "status"], ["rollout", "pause"],
+                 ["rollout", "abort"], ["totals", "-e"], ["simulate", "--events", "10", "-e"]):
+        missing = CliRunner().invoke(main, [*args, "no-such-experiment"])
+        assert missing.exit_code == 1 and "no experiment 'no-such-experiment'" in missing.output, (args, missing.output)
+    promote = CliRunner().invoke(main, ["experiment", "promote", "no-such-experiment", "B"])
+    assert promote.exit_code == 1 and "no experiment 'no-such-experiment'" in promote.output
 
 
 def test_pause_resume_stop_follow_the_same_rules_as_the_api(settings, tmp_path):

@@ -166,7 +166,10 @@ def test_injected_faults_start_when_asked():
 
 
 def add_window(conn, experiment_id: str, start: datetime, units: dict, hists: dict) -> None:
-    """A second of traffic: its window (for the latency histograms) and its units, exposed at ``start``."""
+    """A second of traffic: its window (for the latency histograms) and its units, served by the
+    rollout's current stage (as the worker writes them)."""
+    stage_start = conn.execute("SELECT extract(epoch FROM stage_started_at) FROM rollouts WHERE experiment_id = %s",
+                               (experiment_id,)).fetchone()[0]
     for variant, values in units.items():
         if not len(values["invocations"]):
             continue
@@ -179,11 +182,11 @@ def add_window(conn, experiment_id: str, start: datetime, units: dict, hists: di
              int(values["errors"].sum()), n_invocations, hists[variant]))
         tag = uuid.uuid4().hex[:8]
         with conn.cursor() as cur, cur.copy(
-                "COPY unit_state (experiment_id, unit_id, variant, exposed_at, propensity, "
-                "invocations, conversions, reward, errors) FROM STDIN") as copy:
+                "COPY stage_units (experiment_id, stage_start, unit_id, variant, invocations, conversions, reward, "
+                "errors) FROM STDIN") as copy:
             for i, (n, c, e) in enumerate(zip(values["invocations"], values["conversions"], values["errors"])):
-                copy.write_row((experiment_id, f"{tag}-{i}", variant, start.timestamp(), None,
-                                float(n), float(c), float(c), float(e)))
+                copy.write_row((experiment_id, stage_start, f"{tag}-{i}", variant, float(n), float(c), float(c),
+                                float(e)))
 
 
 def split(total: int, share: float) -> tuple[int, int]:
@@ -204,11 +207,11 @@ def new_rollout(engine, **plan):
     return config
 
 
-def test_a_stage_is_the_share_of_all_units_returning_ones_too(settings, engine, controller, run_env, workers):
+def test_a_stage_is_the_share_of_all_units_returning_ones_too(settings, engine, controller, workers):
     """The same 4,000 units come back at every stage, through the API and the SDK: each stage's
     share of units and of invocations is the stage, a unit on the canary stays on it, the stream
-    measures the same share in `rollout status`, and a rollback sends every unit home."""
-    run_env["ABFLOW_WINDOW_SECONDS"] = "1"  # stage boundaries to the second in the measured exposure
+    measures the same shares in `rollout status` (and judges the stage on all those units), and a
+    rollback sends every unit home."""
     config = new_rollout(engine, stages=[5, 25, 50, 100])
     exp, units = config.experiment_id, [f"back-{i}" for i in range(4_000)]
     visits = dict(zip(units, 1 + np.random.default_rng(17).poisson(2.0, len(units))))
@@ -220,7 +223,6 @@ def test_a_stage_is_the_share_of_all_units_returning_ones_too(settings, engine, 
         controller.check(conn, config, T0)
         on_canary: set[str] = set()
         for stage, percent in enumerate(config.rollout.stages[:-1]):
-            time.sleep(1.1)  # the previous stage's events fall in earlier windows
             started = datetime.now(timezone.utc)
             rollout_store.save_state(conn, exp, "running", stage, started, started + timedelta(hours=1), 0)
             controller.reconcile(conn, config, "running", stage)
@@ -244,6 +246,14 @@ def test_a_stage_is_the_share_of_all_units_returning_ones_too(settings, engine, 
                        workers=[worker])
             measured = rollout_controller.status(conn, exp)["exposure"]
             assert measured["challenger_share_of_invocations"] == pytest.approx(share_of_invocations, abs=1e-9)
+            assert measured["challenger_share_of_units"] == pytest.approx(len(now_on) / len(units), abs=1e-9)
+            assert measured["variants"]["Canary"] == {"units": len(now_on),
+                                                      "invocations": sum(visits[u] for u in now_on)}
+            # The check judges the stage on every unit it served, returning ones included.
+            assert controller.check(conn, config, datetime.now(timezone.utc)) == "running"
+            judged = rollout_controller.status(conn, exp)["last_check"]
+            assert judged["units"] == {"Canary": len(now_on), "Champion": len(units) - len(now_on)}
+            assert judged["invocations"]["Canary"] == sum(visits[u] for u in now_on)
         status = rollout_controller.operate(conn, exp, "abort", "operator", "test")
         assert status["state"] == "aborted"
         controller.reconcile(conn, config, "aborted", status["stage"])
@@ -282,8 +292,8 @@ def test_healthy_canary_is_promoted_through_every_stage(settings, engine, contro
     assert not any(r["sticky"] for r in records)  # serving places every unit by its hash during a rollout
     for t in status["transitions"][1:]:  # what each stage served, as its transition says
         stage_share = config.rollout.stages[t["from_stage"]] / 100
-        assert abs(t["figures"]["challenger_share_of_requests"] - stage_share) < 0.02
-        assert f"Canary served {t['figures']['challenger_share_of_requests']:.1%} of its requests" in t["reason"]
+        assert abs(t["figures"]["challenger_share_of_units"] - stage_share) < 0.02
+        assert f"Canary served {t['figures']['challenger_share_of_units']:.1%} of its units" in t["reason"]
 
     # Promoted, the winner's next version is a canary of the new challenger from the first stage.
     promoted = promote(engine, controller.publisher, settings.topics.allocations, config.experiment_id, "Canary",

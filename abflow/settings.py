@@ -45,6 +45,18 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
+def find_home() -> Path:
+    """Where the local stack keeps its state: ``ABFLOW_HOME``, else the nearest ``.abflow`` directory
+    in the working directory or one of its parents (as git finds ``.git``), else ``./.abflow``."""
+    if os.environ.get("ABFLOW_HOME"):
+        return Path(os.environ["ABFLOW_HOME"]).absolute()
+    here = Path.cwd()
+    for directory in (here, *here.parents):
+        if (directory / ".abflow").is_dir():
+            return directory / ".abflow"
+    return here / ".abflow"
+
+
 @dataclasses.dataclass(frozen=True)
 class Topics:
     invocations: str = "abflow.invocations"
@@ -125,7 +137,7 @@ class Settings:
         return cls(
             kafka_bootstrap=os.environ.get("ABFLOW_KAFKA_BOOTSTRAP") or None,
             database_url=os.environ.get("ABFLOW_DATABASE_URL") or None,
-            home=Path(os.environ.get("ABFLOW_HOME") or ".abflow").absolute(),
+            home=find_home(),
             topics=Topics.from_env(),
             partitions=_env_int("ABFLOW_PARTITIONS", 4, minimum=1),
             window_seconds=_env_int("ABFLOW_WINDOW_SECONDS", 60, minimum=1),

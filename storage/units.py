@@ -160,8 +160,9 @@ SELECT experiment_id, variant, 0, 0, count(*) FROM held GROUP BY experiment_id, 
 
 # The events of units of a running rollout in its current stage (those timed at or after the stage's
 # start; a late one of an earlier stage is left out: that stage was judged): per unit, the variant
-# of its first event in the stage (the stage places it by its hash, so all agree but at a boundary)
-# and its sums. Held outcomes let go now (seq -1) were added here when they first arrived.
+# its latest invocation was served (the stage places it by its hash; only serving processes that have
+# not yet read the stage's weights serve it otherwise, in its first moments) and its sums. Held
+# outcomes let go now (seq -1) were added here when they first arrived.
 _STAGE = """
 WITH stage AS (
   SELECT key AS experiment_id, value::float8 AS start FROM jsonb_each_text(%(stages)s::jsonb)),
@@ -174,7 +175,7 @@ named AS (
         FROM events e, jsonb_each_text(e.vals) v GROUP BY 1, 2, 3) by_name
   GROUP BY experiment_id, unit_id),
 per_unit AS (
-  SELECT experiment_id, start, unit_id, (array_agg(variant ORDER BY kind, seq))[1] AS variant,
+  SELECT experiment_id, start, unit_id, (array_agg(variant ORDER BY kind, seq DESC))[1] AS variant,
          count(DISTINCT variant) > 1 AS multiple,
          count(*) FILTER (WHERE kind = 0) AS invocations, count(*) FILTER (WHERE kind = 1) AS conversions,
          coalesce(sum(reward) FILTER (WHERE kind = 1), 0) AS reward, count(*) FILTER (WHERE kind = 0 AND error) AS errors
@@ -188,6 +189,7 @@ ORDER BY 1, 2, 3
 ON CONFLICT (experiment_id, stage_start, unit_id) DO UPDATE SET
   invocations = s.invocations + excluded.invocations, conversions = s.conversions + excluded.conversions,
   reward = s.reward + excluded.reward, errors = s.errors + excluded.errors,
+  variant = CASE WHEN excluded.invocations > 0 THEN excluded.variant ELSE s.variant END,
   multiple = s.multiple OR excluded.multiple OR s.variant <> excluded.variant,
   value_sums = CASE WHEN excluded.value_sums = '{}' THEN s.value_sums
                     ELSE abflow_add_values(s.value_sums, excluded.value_sums) END

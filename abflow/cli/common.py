@@ -21,6 +21,29 @@ class AbflowGroup(click.Group):
             return super().invoke(ctx)
         except AbflowError as exc:
             raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            message = unreachable_database(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+def unreachable_database(exc: Exception) -> str | None:
+    """One line for a PostgreSQL that does not answer (None for any other error): most often a shell
+    whose exports point at a stack that is no longer running."""
+    import os
+
+    import psycopg
+    import sqlalchemy.exc
+
+    if not isinstance(exc, (psycopg.OperationalError, sqlalchemy.exc.OperationalError)):
+        return None
+    cause = exc.orig if isinstance(exc, sqlalchemy.exc.OperationalError) else exc
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if os.environ.get("ABFLOW_DATABASE_URL"):
+        return (f"cannot reach PostgreSQL at ABFLOW_DATABASE_URL ({reason}). If it comes from an earlier `abflow up`, "
+                "run `eval \"$(abflow env)\"` again, or unset it to use the running local stack")
+    return f"cannot reach PostgreSQL ({reason}); is the stack running (`abflow up`)?"
 
 
 def load_settings(stack: bool = True) -> Settings:

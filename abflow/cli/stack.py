@@ -16,13 +16,21 @@ from abflow.cli.common import load_settings
 @click.option("--rate", default=3_000.0, show_default=True, help="Invocations per second (0: as fast as possible).")
 @click.option("--seed", default=1, show_default=True, help="Seed of the simulated traffic.")
 @click.option("--exit-when-done", is_flag=True, help="Stop the stack once the demo's aggregates are complete.")
-def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: bool) -> None:
+@click.option("--kafka-port", type=int, help="The embedded broker's port (default: the last run's, while free).")
+@click.option("--postgres-port", type=int, help="The embedded PostgreSQL's port (default: the last run's, while free).")
+@click.option("--api-port", type=int, help="The API's port (default: the last run's, while free).")
+@click.option("--new-keys", is_flag=True, help="New API keys (default: the last run's, or the ABFLOW_API_KEYS_* ones).")
+def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: bool, kafka_port: int | None,
+       postgres_port: int | None, api_port: int | None, new_keys: bool) -> None:
     """Start the stack (worker, API, weight refresher) and run the demo; Ctrl-C stops everything.
 
     Without ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL it starts an embedded
     Kafka-protocol broker and an embedded PostgreSQL whose data is kept in
-    $ABFLOW_HOME (default ./.abflow). The demo routes simulated users through
-    the serving SDK on the live bandit weights and prints how they moved.
+    $ABFLOW_HOME (default: the nearest .abflow directory here or above, else
+    ./.abflow). A restart keeps the ports and API keys of the last run, so
+    shells that ran `eval "$(abflow env)"` keep working. The demo routes
+    simulated users through the serving SDK on the live bandit weights and
+    prints how they moved.
     """
     from abflow.local.run import LocalRun
     from abflow.local.stack import read_stack_file, stop_recorded_stack
@@ -34,7 +42,7 @@ def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: boo
     leftovers = stop_recorded_stack(settings.home)  # of an `abflow up` that was killed
     if leftovers:
         click.echo(f"stopped leftovers of an earlier run: {', '.join(leftovers)}", err=True)
-    run = LocalRun(settings)
+    run = LocalRun(settings, {"kafka": kafka_port, "postgres": postgres_port, "api": api_port}, new_keys)
 
     def on_signal(signum, frame):  # noqa: ARG001 - SIGTERM (`abflow down`) stops like Ctrl-C
         raise KeyboardInterrupt
@@ -70,16 +78,23 @@ def down() -> None:
 
 @click.command()
 def env() -> None:
-    """Print the exports that point other shells and tools at the running stack."""
-    from abflow.local.stack import read_stack_file
+    """Print the exports that point other shells and tools at the running stack.
 
-    settings = load_settings()
-    click.echo(f"export ABFLOW_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}")
-    click.echo(f"export ABFLOW_DATABASE_URL={settings.database_url}")
-    stack = read_stack_file(settings.home) or {}
-    if stack.get("api_url"):
-        click.echo(f"export ABFLOW_API_URL={stack['api_url']}")
-    for name, value in settings.api_keys.as_env().items():
+    The running local stack's addresses and keys win over the environment's, so that
+    `eval "$(abflow env)"` also mends a shell whose exports are left from an earlier run.
+    """
+    from abflow.local.stack import read_stack_file
+    from abflow.settings import ApiKeys
+
+    stack = read_stack_file(load_settings(stack=False).home)
+    if stack is not None:
+        addresses = {"ABFLOW_KAFKA_BOOTSTRAP": stack["kafka_bootstrap"], "ABFLOW_DATABASE_URL": stack["database_url"],
+                     "ABFLOW_API_URL": stack.get("api_url"), **ApiKeys.from_dict(stack.get("api_keys") or {}).as_env()}
+    else:
+        settings = load_settings()  # the environment's, or the error that says how to start a stack
+        addresses = {"ABFLOW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "ABFLOW_DATABASE_URL": settings.database_url,
+                     **settings.api_keys.as_env()}
+    for name, value in addresses.items():
         if value:
             click.echo(f"export {name}={value}")
 

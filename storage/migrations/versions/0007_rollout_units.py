@@ -33,7 +33,7 @@ def upgrade() -> None:
         sa.Column("experiment_id", sa.String(128), primary_key=True),
         sa.Column("stage_start", sa.Float, primary_key=True),  # epoch seconds: rollouts.stage_started_at
         sa.Column("unit_id", sa.String(256), primary_key=True),
-        sa.Column("variant", sa.String(128), nullable=False),  # of its first event in the stage
+        sa.Column("variant", sa.String(128), nullable=False),  # of its latest invocation in the stage
         sa.Column("multiple", sa.Boolean, nullable=False, server_default="false"),  # claimed another one too
         sa.Column("invocations", sa.Float, nullable=False, server_default="0"),
         sa.Column("conversions", sa.Float, nullable=False, server_default="0"),

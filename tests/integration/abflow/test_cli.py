@@ -186,6 +186,8 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
     assert "<svg" in (home / "demo-report.html").read_text()
     assert not (home / "stack.json").exists()  # stopped and cleaned up
     assert "stopped." in first.stderr
+    assert "Warning" not in first.stderr, first.stderr  # a normal start is quiet
+    remembered = json.loads((home / "local.json").read_text())  # ports and keys, for the next run
 
     second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               stdin=subprocess.DEVNULL)
@@ -201,12 +203,28 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
         again, totals = published_and_totals(out)
         assert totals == {name: (published[name][0] + again[name][0], published[name][1] + again[name][1])
                           for name in published}
-        # Other commands find the running stack by themselves.
+        # A restart keeps the ports and the keys, so shells with the last run's exports keep working.
         stack = json.loads((home / "stack.json").read_text())
-        shown = subprocess.run([sys.executable, "-m", "abflow.cli", "env"], env=env, capture_output=True, text=True)
-        assert f"export ABFLOW_DATABASE_URL={stack['database_url']}" in shown.stdout
+        assert stack["kafka_bootstrap"] == f"127.0.0.1:{remembered['kafka_port']}"
+        assert f":{remembered['postgres_port']}/" in stack["database_url"]
+        assert stack["api_url"].endswith(f":{remembered['api_port']}")
+        assert stack["api_keys"] == remembered["api_keys"]
+        # Other commands find the running stack by themselves, from any directory below its home's.
+        project = tmp_path / "project"
+        (project / "src" / "deep").mkdir(parents=True)
+        (project / ".abflow").symlink_to(home)
+        no_home = {k: v for k, v in env.items() if k != "ABFLOW_HOME"}
+        shown = subprocess.run([sys.executable, "-m", "abflow.cli", "env"], env=no_home, capture_output=True, text=True,
+                               cwd=project / "src" / "deep")
+        assert f"export ABFLOW_DATABASE_URL={stack['database_url']}" in shown.stdout, shown.stderr
         for role, keys in stack["api_keys"].items():
             assert keys and f"export ABFLOW_API_KEYS_{role.upper()}={','.join(keys)}" in shown.stdout
+        # A shell with exports of a stack that is gone gets one line saying what to do.
+        stale = subprocess.run([sys.executable, "-m", "abflow.cli", "experiment", "list"], capture_output=True, text=True,
+                               env={**env, "ABFLOW_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/abflow",
+                                    "ABFLOW_KAFKA_BOOTSTRAP": stack["kafka_bootstrap"]})
+        assert stale.returncode == 1 and len(stale.stderr.strip().splitlines()) == 1, stale.stderr
+        assert 'run `eval "$(abflow env)"` again' in stale.stderr
         # The API runs too, and its weights are the refresher's.
         request = urllib.request.Request(f"{stack['api_url']}/experiments/demo/weights",
                                          headers={"Authorization": f"Bearer {stack['api_keys']['serving'][0]}"})

@@ -129,6 +129,7 @@ class Settings:
     kafka_commit_interval_seconds: float = 1.0
     api_keys: ApiKeys = ApiKeys()
     metrics_public: bool = True  # /metrics without a key; false: the read role
+    worker_metrics_port: int = 0  # the worker's own /metrics; 0: not served
     api_max_body_bytes: int = 256 * 1024
     exposure_wait_seconds: int = 3600  # how long an outcome waits for its unit's exposure
 
@@ -152,6 +153,7 @@ class Settings:
             kafka_commit_interval_seconds=_env_float("ABFLOW_KAFKA_COMMIT_INTERVAL_SECONDS", 1.0, minimum=0.1),
             api_keys=ApiKeys.from_env(),
             metrics_public=os.environ.get("ABFLOW_METRICS_PUBLIC", "1").strip().lower() not in ("0", "false", "no"),
+            worker_metrics_port=_env_int("ABFLOW_WORKER_METRICS_PORT", 0, minimum=0),
             api_max_body_bytes=_env_int("ABFLOW_API_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
             exposure_wait_seconds=_env_int("ABFLOW_EXPOSURE_WAIT_SECONDS", 3600, minimum=1),
         )

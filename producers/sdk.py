@@ -174,7 +174,9 @@ class ServingClient:
     # -- serving --------------------------------------------------------------------------
 
     def assign(self, experiment_id: str, user_id: str, unit_id: str | None = None) -> Served:
-        """The user's variant: where this process first put the unit, else drawn from the current weights.
+        """The user's variant: where this process first put the unit, else drawn from the current weights
+        (during a rollout, always by its hash on the stage's weights). A paused experiment takes no new
+        unit and a stopped one none: they get the champion (or the promoted winner), ``in_experiment`` false.
 
         The unit is the user unless ``unit_id`` says otherwise (a session id, for
         experiments whose config says ``unit: session``); events still carry the user.

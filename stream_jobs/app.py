@@ -36,6 +36,7 @@ from producers.publisher import Publisher, PublishError, ensure_topics
 from stream_jobs.aggregate import Record
 from stream_jobs.checkpoint import TopicIds
 from stream_jobs.dead_letters import KafkaDeadLetters
+from stream_jobs.metrics import WorkerMetrics
 from stream_jobs.sink import BatchResult, PostgresSink
 
 log = logging.getLogger("abflow.worker")
@@ -43,6 +44,7 @@ log = logging.getLogger("abflow.worker")
 RETRYABLE = (psycopg.Error, KafkaException, PublishError, OSError)
 IN_FLIGHT_BATCHES = 2  # one being applied, one read ahead
 HEARTBEAT_EVERY_S = 2.0
+LAG_EVERY_S = 5.0  # how often the consumer lag metric is measured (a broker round trip per partition)
 
 
 def heartbeat_path(settings: Settings):
@@ -74,9 +76,11 @@ def event_topics(settings: Settings) -> dict[str, str]:
 class BatchSource(threading.Thread):
     """Reads the event topics in batches (confluent-kafka) and hands each batch to ``deliver``."""
 
-    def __init__(self, settings: Settings, deliver):
+    def __init__(self, settings: Settings, deliver, metrics: WorkerMetrics | None = None):
         super().__init__(name="abflow-batch-source", daemon=True)
         self.settings = settings
+        self.metrics = metrics
+        self._lag_at = 0.0
         self.deliver = deliver  # called from this thread; returns once the batch is queued
         self.kinds = event_topics(settings)
         self.stopping = threading.Event()
@@ -106,6 +110,7 @@ class BatchSource(threading.Thread):
             while not self.stopping.is_set():
                 self._beat()
                 self._store_done_offsets()
+                self._measure_lag()
                 messages = self.consumer.consume(self.settings.batch_max_events, self.settings.batch_max_seconds)
                 records = self._records(messages)
                 if not records:
@@ -133,6 +138,22 @@ class BatchSource(threading.Thread):
             tmp = path.with_name(f"{path.name}.{os.getpid()}")
             tmp.write_text(json.dumps({"pid": os.getpid(), "assigned": self._assigned}))
             tmp.replace(path)
+
+    def _measure_lag(self) -> None:
+        """Every few seconds, each held partition's distance from its end (for the metrics)."""
+        now = time.monotonic()
+        if self.metrics is None or now - self._lag_at < LAG_EVERY_S:
+            return
+        self._lag_at = now
+        self.metrics.lag.clear()  # partitions this worker no longer holds drop out
+        held = self.consumer.assignment()
+        for tp in self.consumer.position(held) if held else ():
+            try:
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=1.0)
+            except KafkaException:
+                continue
+            position = tp.offset if tp.offset >= 0 else low
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
 
     def _records(self, messages) -> list[Record]:
         kinds = self.kinds
@@ -204,6 +225,9 @@ def create_app(settings: Settings) -> faust.App:
     batches = app.channel(maxsize=IN_FLIGHT_BATCHES)
     state: dict = {}
     totals = BatchResult()
+    metrics = WorkerMetrics()
+    if settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_port)
 
     def sink() -> PostgresSink:
         if "sink" not in state:
@@ -226,7 +250,14 @@ def create_app(settings: Settings) -> faust.App:
     async def aggregate_events(stream):
         last_report = time.monotonic()
         async for records in stream:
+            started = time.perf_counter()
             result = await apply(records)
+            metrics.batch_seconds.observe(time.perf_counter() - started)
+            for topic, (counted, duplicates, dead) in result.per_topic.items():
+                for outcome, n in (("counted", counted), ("duplicate", duplicates), ("dead_letter", dead)):
+                    metrics.events.labels(topic, outcome).inc(n)
+            for (topic, reason), n in result.dead_letter_reasons.items():
+                metrics.dead_letters.labels(topic, reason).inc(n)
             state["source"].done(records)
             if result.replayed:
                 log.info("skipped %d records already applied (a replay after a restart or a rebalance)",
@@ -255,7 +286,7 @@ def create_app(settings: Settings) -> faust.App:
                 except concurrent.futures.TimeoutError:
                     continue
 
-        source = state["source"] = BatchSource(settings, deliver)
+        source = state["source"] = BatchSource(settings, deliver, metrics)
         source.start()
         while source.is_alive():
             await asyncio.sleep(0.5)

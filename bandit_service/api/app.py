@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from abflow.settings import Settings, SettingsError
 from bandit_service.api.deps import ApiState
 from bandit_service.api.errors import install_error_handlers
+from bandit_service.api.experiment_metrics import ExperimentCollector
 from bandit_service.api.metrics import ApiMetrics
 from bandit_service.api.routes import experiments, health, rollouts, serving
 from producers.publisher import Publisher
@@ -116,9 +117,12 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
             publisher=publisher or Publisher(settings.require_kafka_bootstrap(), settings.topics))
         await state.assign_pool.open()
         app.state.abflow = state
+        experiments = ExperimentCollector(state.engine)
+        metrics.registry.register(experiments)
         try:
             yield
         finally:
+            metrics.registry.unregister(experiments)
             await state.assign_pool.close()
             state.pool.close()
             state.engine.dispose()

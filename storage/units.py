@@ -20,6 +20,11 @@ The unit is what was randomized: the user (or the session), the events' ``user_i
   before the unit's first invocation: they wait in ``held_outcomes`` and are attributed when the
   exposure arrives, or given up (``no_exposure``) once they have waited ``hold_seconds``.
 
+- **Rollout stages.** A rollout places every unit by its hash, so a returning unit may be served
+  another variant at a later stage than the one it was exposed to. For each running rollout the
+  events of the current stage are also summed per unit in ``stage_units``, under the variant the
+  stage served it: what the stage is judged on.
+
 Exactly once comes from the sink: these statements run in the batch's transaction, with the
 offsets and the dedup ids, on the events the batch counts. They are set-based (one COPY of the
 batch into a temporary table, then one statement per step), so a batch costs a few round trips

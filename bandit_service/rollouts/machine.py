@@ -2,7 +2,8 @@
 
 A rollout moves one challenger's share of traffic up its plan's stages
 (default 5, 10, 25, 50, 100 %). At every check the controller hands ``judge``
-the units exposed since the current stage began (randomized under its weights); the guardrails (the experiment's
+every unit the current stage served (placed by its hash on the stage's weights, returning units
+too), each with its events in the stage; the guardrails (the experiment's
 guardrail metrics, and non-inferiority of the primary metric within
 ``primary_margin`` of the champion's) are mixture-SPRT confidence sequences,
 valid however often they are looked at. Each stage is one sequential test, at
@@ -10,8 +11,8 @@ valid however often they are looked at. Each stage is one sequential test, at
 
 - harm (a confidence sequence wholly beyond its margin) in ``rollback_after``
   checks in a row: **roll back** (challenger 0 %, champion 100 %);
-- the stage ran ``min_duration_seconds``, the challenger has ``min_sample``
-  units exposed in it and every guardrail is shown non-inferior: **advance**
+- the stage ran ``min_duration_seconds``, it served the challenger to ``min_sample``
+  units and every guardrail is shown non-inferior: **advance**
   (the last stage, 100 %, completes the rollout);
 - still inconclusive ``max_duration_seconds`` after the stage began (or was
   resumed): **pause** for an operator;

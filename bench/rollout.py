@@ -41,6 +41,7 @@ from abflow.core.buckets import choose, hash_point
 from abflow.core.config import load_config_text, parse_config
 from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from abflow.settings import libpq_url
+from bandit_service.report.evidence import UnitMoments
 from bandit_service.rollouts.machine import guardrails
 from producers.contracts import Invocation, encode
 from producers.publisher import Publisher, ensure_topics
@@ -62,18 +63,24 @@ def canary_config(experiment_id: str, check_interval: float | None = None):
     return parse_config(raw)
 
 
-def evidence_time(config, events: list[tuple[float, str, bool, float]], fault_index: int) -> float | None:
-    """When the events published so far first let the guardrails find harm (None: never)."""
+def evidence_time(config, events: list[tuple[float, str, str, bool, float]], fault_index: int) -> float | None:
+    """When the events published so far first let the guardrails find harm (None: never): the stage's
+    units, each with its invocations and errors, as the controller reads them from ``stage_units``."""
     champion, challenger = (v.name for v in config.variants)
-    sums = {name: {"invocations": 0, "conversions": 0, "reward_sum": 0.0, "reward_sq_sum": 0.0, "errors": 0}
-            for name in (champion, challenger)}
+    units: dict[str, dict[str, list[int]]] = {champion: {}, challenger: {}}  # variant -> unit -> [invocations, errors]
     hists = {name: [0] * LATENCY_BUCKETS for name in (champion, challenger)}
-    for index, (at, variant, error, latency_ms) in enumerate(events):
-        sums[variant]["invocations"] += 1
-        sums[variant]["errors"] += error
+    for index, (at, user, variant, error, latency_ms) in enumerate(events):
+        sums = units[variant].setdefault(user, [0, 0])
+        sums[0] += 1
+        sums[1] += error
         hists[variant][latency_bucket(latency_ms)] += 1
         if index >= fault_index and variant == challenger and error:
-            if any(row.get("harmful") for row in guardrails(config, sums, hists)):
+            moments = {}
+            for name, per_unit in units.items():
+                values = np.array(list(per_unit.values()), dtype=float).reshape(-1, 2)
+                moments[name] = UnitMoments.of_units({"invocations": values[:, 0], "errors": values[:, 1]},
+                                                     config.metrics)
+            if any(row.get("harmful") for row in guardrails(config, moments, hists)):
                 return at
     return None
 
@@ -85,7 +92,7 @@ def one_run(stack: Stack, topics, run: int, tag: str, rate: float, fault_errors:
     champion, challenger = (v.name for v in config.variants)
     create_experiment(stack.engine, config)
     rng = random.Random(run)
-    events: list[tuple[float, str, bool, float]] = []
+    events: list[tuple[float, str, str, bool, float]] = []
     weights, fault_at, fault_index, rolled_back = None, None, None, None
     with psycopg.connect(libpq_url(stack.database_url), autocommit=True) as conn, \
             Publisher(stack.bootstrap, topics, {"linger.ms": 1}) as publisher:
@@ -124,7 +131,7 @@ def one_run(stack: Stack, topics, run: int, tag: str, rate: float, fault_errors:
                 at = time.time()
                 publisher.produce(topics.invocations, encode(Invocation(f"{experiment_id}-{sent}", experiment_id,
                                   variant, user, at, weights[variant], latency_ms, error)), key=user)
-                events.append((at, variant, error, latency_ms))
+                events.append((at, user, variant, error, latency_ms))
                 sent += 1
             publisher.poll(0)
             time.sleep(0.002)

@@ -44,7 +44,7 @@ log = logging.getLogger("abflow.worker")
 RETRYABLE = (psycopg.Error, KafkaException, PublishError, OSError)
 IN_FLIGHT_BATCHES = 2  # one being applied, one read ahead
 HEARTBEAT_EVERY_S = 2.0
-LAG_EVERY_S = 5.0  # how often the consumer lag metric is measured (a broker round trip per partition)
+LAG_EVERY_S = 5.0  # how often librdkafka reports the consumer lag
 
 
 def heartbeat_path(settings: Settings):
@@ -80,7 +80,6 @@ class BatchSource(threading.Thread):
         super().__init__(name="abflow-batch-source", daemon=True)
         self.settings = settings
         self.metrics = metrics
-        self._lag_at = 0.0
         self.deliver = deliver  # called from this thread; returns once the batch is queued
         self.kinds = event_topics(settings)
         self.stopping = threading.Event()
@@ -102,6 +101,9 @@ class BatchSource(threading.Thread):
             "heartbeat.interval.ms": max(100, session_ms // 10),
             "fetch.wait.max.ms": 50,
             "log.connection.close": False,
+            # The consumer lag per partition, from librdkafka's own statistics: no extra broker call.
+            **({"statistics.interval.ms": int(LAG_EVERY_S * 1000), "stats_cb": self._on_statistics}
+               if metrics is not None else {}),
         })
 
     def run(self) -> None:
@@ -110,7 +112,6 @@ class BatchSource(threading.Thread):
             while not self.stopping.is_set():
                 self._beat()
                 self._store_done_offsets()
-                self._measure_lag()
                 messages = self.consumer.consume(self.settings.batch_max_events, self.settings.batch_max_seconds)
                 records = self._records(messages)
                 if not records:
@@ -139,21 +140,16 @@ class BatchSource(threading.Thread):
             tmp.write_text(json.dumps({"pid": os.getpid(), "assigned": self._assigned}))
             tmp.replace(path)
 
-    def _measure_lag(self) -> None:
-        """Every few seconds, each held partition's distance from its end (for the metrics)."""
-        now = time.monotonic()
-        if self.metrics is None or now - self._lag_at < LAG_EVERY_S:
-            return
-        self._lag_at = now
+    def _on_statistics(self, raw: str) -> None:
+        """librdkafka's statistics (every LAG_EVERY_S, from the consumer's own calls): each held
+        partition's distance from its end."""
+        stats = json.loads(raw)
         self.metrics.lag.clear()  # partitions this worker no longer holds drop out
-        held = self.consumer.assignment()
-        for tp in self.consumer.position(held) if held else ():
-            try:
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=1.0)
-            except KafkaException:
-                continue
-            position = tp.offset if tp.offset >= 0 else low
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+        for topic, found in stats.get("topics", {}).items():
+            for partition, figures in found.get("partitions", {}).items():
+                lag = figures.get("consumer_lag", -1)
+                if partition != "-1" and lag >= 0:
+                    self.metrics.lag.labels(topic, partition).set(lag)
 
     def _records(self, messages) -> list[Record]:
         kinds = self.kinds

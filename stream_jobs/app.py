@@ -37,12 +37,12 @@ from stream_jobs.aggregate import Record
 from stream_jobs.checkpoint import TopicIds
 from stream_jobs.dead_letters import KafkaDeadLetters
 from stream_jobs.metrics import WorkerMetrics
-from stream_jobs.sink import BatchResult, PostgresSink
+from stream_jobs.sink import BatchResult, PostgresSink, Validated
 
 log = logging.getLogger("abflow.worker")
 
 RETRYABLE = (psycopg.Error, KafkaException, PublishError, OSError)
-IN_FLIGHT_BATCHES = 2  # one being applied, one read ahead
+IN_FLIGHT_BATCHES = 3  # one being applied, one being validated, one read ahead
 HEARTBEAT_EVERY_S = 2.0
 LAG_EVERY_S = 5.0  # how often librdkafka reports the consumer lag
 
@@ -231,41 +231,54 @@ def create_app(settings: Settings) -> faust.App:
             state["sink"] = PostgresSink(settings, dead_letters, TopicIds(bootstrap))
         return state["sink"]
 
-    async def apply(records: list[Record]) -> BatchResult:
+    async def retrying(step, records: list[Record]):
+        """``step()`` on a thread until it does not fail for a reason that passes (PostgreSQL down, broker unreachable)."""
         delay = 0.2
         while True:
             try:
-                return await asyncio.to_thread(sink().process, records)
+                return await asyncio.to_thread(step)
             except RETRYABLE as exc:
                 log.warning("batch of %d records not applied (%s: %s); retrying in %.1fs",
                             len(records), type(exc).__name__, str(exc).strip()[:300], delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def apply(batch: Validated) -> None:
+        started = time.perf_counter()
+        result = await retrying(lambda: sink().apply(batch), batch.records)
+        metrics.batch_seconds.observe(time.perf_counter() - started)
+        for topic, (counted, duplicates, dead) in result.per_topic.items():
+            for outcome, n in (("counted", counted), ("duplicate", duplicates), ("dead_letter", dead)):
+                metrics.events.labels(topic, outcome).inc(n)
+        for (topic, reason), n in result.dead_letter_reasons.items():
+            metrics.dead_letters.labels(topic, reason).inc(n)
+        state["source"].done(batch.records)
+        if result.replayed:
+            log.info("skipped %d records already applied (a replay after a restart or a rebalance)", result.replayed)
+        totals.counted += result.counted
+        totals.duplicates += result.duplicates
+        totals.replayed += result.replayed
+        totals.dead_letters += result.dead_letters
+        if time.monotonic() - state.get("reported_at", 0.0) > 10:
+            state["reported_at"] = time.monotonic()
+            log.info("applied so far: %d counted, %d duplicates, %d replayed, %d dead letters",
+                     totals.counted, totals.duplicates, totals.replayed, totals.dead_letters)
+
     @app.agent(batches)
     async def aggregate_events(stream):
-        last_report = time.monotonic()
-        async for records in stream:
-            started = time.perf_counter()
-            result = await apply(records)
-            metrics.batch_seconds.observe(time.perf_counter() - started)
-            for topic, (counted, duplicates, dead) in result.per_topic.items():
-                for outcome, n in (("counted", counted), ("duplicate", duplicates), ("dead_letter", dead)):
-                    metrics.events.labels(topic, outcome).inc(n)
-            for (topic, reason), n in result.dead_letter_reasons.items():
-                metrics.dead_letters.labels(topic, reason).inc(n)
-            state["source"].done(records)
-            if result.replayed:
-                log.info("skipped %d records already applied (a replay after a restart or a rebalance)",
-                         result.replayed)
-            totals.counted += result.counted
-            totals.duplicates += result.duplicates
-            totals.replayed += result.replayed
-            totals.dead_letters += result.dead_letters
-            if time.monotonic() - last_report > 10:
-                last_report = time.monotonic()
-                log.info("applied so far: %d counted, %d duplicates, %d replayed, %d dead letters",
-                         totals.counted, totals.duplicates, totals.replayed, totals.dead_letters)
+        # A two-stage pipeline: the next batch is validated (Python, on one thread) while this one's
+        # transaction runs (mostly PostgreSQL's time, on another). Batches are applied one at a time,
+        # in order.
+        applying: asyncio.Future | None = None
+        try:
+            async for records in stream:
+                batch = await retrying(lambda batch=records: sink().validate(batch), records)
+                if applying is not None:
+                    await applying
+                applying = asyncio.ensure_future(apply(batch))
+        finally:
+            if applying is not None:
+                await applying
 
     @app.task
     async def read_batches() -> None:

@@ -62,8 +62,18 @@ class BatchResult:
     dead_letter_reasons: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, reason) -> count
 
 
+@dataclass
+class Validated:
+    """A batch and, per record, its event or why it is invalid."""
+
+    records: list[Record]
+    results: list
+
+
 class PostgresSink:
-    """Applies batches of records exactly once. Not thread-safe: one batch at a time."""
+    """Applies batches of records exactly once, one at a time (``apply`` is not thread-safe).
+    ``validate`` may run on another thread meanwhile: the stream worker validates the next batch
+    while this one's transaction runs."""
 
     def __init__(self, settings: Settings, dead_letters: DeadLetters, topic_ids: TopicIds):
         self.settings = settings
@@ -75,6 +85,7 @@ class PostgresSink:
         )
         self.checkpoints = Checkpoints(topic_ids, float(settings.dedup_horizon_seconds))
         self._conn: psycopg.Connection | None = None
+        self._registry_conn: psycopg.Connection | None = None  # validate's own
         self._known: dict[str, frozenset[str]] = {}
         self._shadows: dict[str, frozenset[str]] = {}
         self._attribution: dict[str, float] = {}
@@ -90,14 +101,17 @@ class PostgresSink:
         return self._conn
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._registry_conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._registry_conn = None
 
     def _load_registry(self) -> None:
-        conn = self._connection()
-        self._known, self._shadows, windows = store.registry(conn)
-        conn.rollback()
+        if self._registry_conn is None or self._registry_conn.closed:
+            self._registry_conn = connect(self.settings.libpq_url, autocommit=False, connect_timeout=5)
+        # One snapshot; each dict is replaced whole: a batch being applied meanwhile reads one version or the other.
+        self._known, self._shadows, windows = store.registry(self._registry_conn)
+        self._registry_conn.rollback()
         self._attribution = {experiment_id: window or DEFAULT_ATTRIBUTION_WINDOW_SECONDS
                              for experiment_id, (window, _) in windows.items()}
         self._metric_windows = {experiment_id: metric_windows for experiment_id, (_, metric_windows) in windows.items()
@@ -129,13 +143,19 @@ class PostgresSink:
     # -- the batch ---------------------------------------------------------------
 
     def process(self, records: list[Record]) -> BatchResult:
-        """Apply one batch in one transaction. On any error nothing is applied; call again."""
-        if not records:
+        """Validate and apply one batch in one transaction. On any error nothing is applied; call again."""
+        return self.apply(self.validate(records))
+
+    def validate(self, records: list[Record]) -> Validated:
+        """Each record's event, or why it is invalid (what the registry knows now). No transaction."""
+        return Validated(records, self._validate_all(records, time.time()) if records else [])
+
+    def apply(self, batch: Validated) -> BatchResult:
+        """Apply one validated batch in one transaction. On any error nothing is applied; call again."""
+        if not batch.records:
             return BatchResult()
-        now = time.time()
-        results = self._validate_all(records, now)
         try:
-            return self._apply(records, results, now)
+            return self._apply(batch.records, batch.results, time.time())
         except BaseException:
             self.checkpoints.forget()
             if self._conn is not None and not self._conn.closed:

@@ -132,6 +132,11 @@ class Settings:
     worker_metrics_port: int = 0  # the worker's own /metrics; 0: not served
     api_max_body_bytes: int = 256 * 1024
     exposure_wait_seconds: int = 3600  # how long an outcome waits for its unit's exposure
+    # Retention in days (0: for ever) of the per-minute windows, the allocation history and the
+    # dead-letter counters (storage.retention).
+    retention_windows_days: float = 30.0
+    retention_allocations_days: float = 90.0
+    retention_dead_letters_days: float = 30.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -156,6 +161,9 @@ class Settings:
             worker_metrics_port=_env_int("ABFLOW_WORKER_METRICS_PORT", 0, minimum=0),
             api_max_body_bytes=_env_int("ABFLOW_API_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
             exposure_wait_seconds=_env_int("ABFLOW_EXPOSURE_WAIT_SECONDS", 3600, minimum=1),
+            retention_windows_days=_env_float("ABFLOW_RETENTION_WINDOWS_DAYS", 30.0),
+            retention_allocations_days=_env_float("ABFLOW_RETENTION_ALLOCATIONS_DAYS", 90.0),
+            retention_dead_letters_days=_env_float("ABFLOW_RETENTION_DEAD_LETTERS_DAYS", 30.0),
         )
 
     @property

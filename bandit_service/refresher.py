@@ -33,10 +33,12 @@ from producers.publisher import Publisher
 from storage import allocations as store
 from storage.db import connect
 from storage.queries import listen_for_aggregates
+from storage.retention import Retention, prune
 
 log = logging.getLogger("abflow.refresher")
 
 LEADER_LOCK = 7401202  # pg advisory lock key of the refresher leader
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 class WeightRefresher:
@@ -47,6 +49,7 @@ class WeightRefresher:
         self.seed = seed
         self.leading = threading.Event()
         self.rollouts = RolloutController(publisher, settings.topics.allocations, settings.libpq_url)
+        self._pruned_at = -PRUNE_EVERY_SECONDS  # the first lead prunes at once
 
     # -- leadership and the loop -------------------------------------------------------
 
@@ -99,6 +102,19 @@ class WeightRefresher:
             if time.monotonic() - last_full >= self.poll_seconds:
                 self.refresh_all(conn)
                 last_full = time.monotonic()
+            if time.monotonic() - self._pruned_at >= PRUNE_EVERY_SECONDS:
+                self.prune()
+
+    def prune(self) -> None:
+        """The retention (storage.retention), on its own connection: the leader's is in autocommit."""
+        self._pruned_at = time.monotonic()
+        try:
+            with connect(self.settings.libpq_url, autocommit=False, connect_timeout=5) as conn:
+                deleted = prune(conn, Retention.from_settings(self.settings), time.time())
+            if any(deleted.values()):
+                log.info("retention: deleted %s", ", ".join(f"{n:,} {table}" for table, n in deleted.items() if n))
+        except psycopg.Error as exc:
+            log.warning("retention not applied (%s); next try in an hour", str(exc).strip()[:200])
 
     # -- one experiment ------------------------------------------------------------------
 

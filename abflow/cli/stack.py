@@ -115,4 +115,22 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"database at revision {current_revision(settings.require_database_url())}")
 
 
+@db.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+def db_prune(dry_run: bool) -> None:
+    """Delete what is older than the retention: per-minute windows (ABFLOW_RETENTION_WINDOWS_DAYS,
+    default 30), allocation history (ABFLOW_RETENTION_ALLOCATIONS_DAYS, default 90; each experiment
+    keeps its latest weights), dead-letter counters (ABFLOW_RETENTION_DEAD_LETTERS_DAYS, default 30)
+    and dedup ids past their horizon. 0 keeps a kind for ever. `abflow serve` runs this every hour."""
+    from storage.db import connect
+    from storage.retention import Retention, prune
+
+    settings = load_settings()
+    with connect(settings.require_database_url(), autocommit=False, connect_timeout=5) as conn:
+        deleted = prune(conn, Retention.from_settings(settings), time.time(), dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for table, rows in deleted.items():
+        click.echo(f"{table:<20} {verb} {rows:,} rows")
+
+
 COMMANDS = (up, down, env, db)

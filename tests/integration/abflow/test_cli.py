@@ -241,3 +241,51 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # every process `abflow up` started is gone
     assert not (home / "stack.json").exists()
+
+
+def test_db_prune_deletes_only_what_is_older_than_the_retention(settings, engine):
+    """Old windows, allocation versions and dead-letter counters go; recent ones stay, and so does
+    every experiment's latest allocation however old. ``--dry-run`` deletes nothing."""
+    import time
+    from datetime import datetime, timezone
+
+    from abflow.core.windowing import LATENCY_BUCKETS
+    from storage.allocations import insert_next_allocation
+    from storage.db import connect
+    from storage.sink import add_dead_letter_counts, add_windows
+    from tests.helpers import make_experiment
+
+    experiment_id, all_old = make_experiment(engine, prefix="prune"), make_experiment(engine, prefix="prune-old")
+    topic = f"prune-{uuid.uuid4().hex[:6]}"
+    old, recent = time.time() - 100 * 86_400, time.time() - 60
+    with connect(settings.database_url, autocommit=False) as conn:
+        add_windows(conn, [(experiment_id, "Champion", start, 60, 1, 0, 0.0, 0.0, 0, 0, 0.0, [0] * LATENCY_BUCKETS)
+                           for start in (old // 60 * 60, recent // 60 * 60)])
+        for experiment, times in ((experiment_id, (old, recent)), (all_old, (old, old + 60))):
+            for at in times:
+                insert_next_allocation(conn, experiment, "ThompsonSampling", "policy", {"Champion": 0.5, "Challenger": 0.5},
+                                       {}, datetime.fromtimestamp(at, timezone.utc), True)
+        add_dead_letter_counts(conn, {(topic, "too_late"): 3, (topic, "malformed_json"): 2})
+        conn.execute("UPDATE dead_letter_counts SET last_seen_at = to_timestamp(%s) WHERE topic = %s AND reason = %s",
+                     (old, topic, "too_late"))
+        conn.commit()
+
+    def remaining() -> dict:
+        with connect(settings.database_url) as conn:
+            return {
+                "windows": conn.execute("SELECT count(*) FROM variant_windows WHERE experiment_id = %s",
+                                        (experiment_id,)).fetchone()[0],
+                "versions": dict(conn.execute("SELECT experiment_id, count(*) FROM allocations "
+                                              "WHERE experiment_id = ANY(%s) GROUP BY 1", ([experiment_id, all_old],))),
+                "dead_letters": sorted(r for (r,) in conn.execute("SELECT reason FROM dead_letter_counts WHERE topic = %s",
+                                                                  (topic,))),
+            }
+
+    before = remaining()
+    assert before == {"windows": 2, "versions": {experiment_id: 2, all_old: 2}, "dead_letters": ["malformed_json", "too_late"]}
+    dry = invoke("db", "prune", "--dry-run")
+    assert dry.exit_code == 0 and "variant_windows      would delete" in dry.output, dry.output
+    assert remaining() == before
+    result = invoke("db", "prune")
+    assert result.exit_code == 0 and "allocations          deleted" in result.output, result.output
+    assert remaining() == {"windows": 1, "versions": {experiment_id: 1, all_old: 1}, "dead_letters": ["malformed_json"]}

@@ -11,9 +11,11 @@ wrote in between).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
 
+import numpy as np
 import psycopg
 
 from storage import sink as store
@@ -22,24 +24,67 @@ log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
 PRUNE_EVERY_SECONDS = 60.0
+MINUTE_SECONDS = 60.0
+DIGEST = np.dtype("S16")
+
+
+def _digest(event_id: str) -> bytes:
+    return hashlib.blake2b(event_id.encode(), digest_size=16).digest()
 
 
 class PartitionDedup:
-    """The event ids one partition counted within the dedup horizon."""
+    """The event ids one partition counted within the dedup horizon.
+
+    Kept as 16-byte digests (blake2b): about 16 bytes an id where a string in a set takes about
+    150, so a worker's memory does not grow by hundreds of MB with the horizon at thousands of
+    events/s. Two different ids share a digest with a chance of n / 2^128 (n: the ids held; at
+    5,000 events/s for 15 minutes, 1e-32 for each new id). The ids of the current minute are a
+    set; each earlier minute is one sorted array, forgotten whole once its newest batch is past
+    the horizon (an id is remembered up to a minute longer than the horizon: a duplicate is
+    still one)."""
 
     def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self._batches: deque[tuple[float, list[str]]] = deque()
+        self._current: set[bytes] = set()
+        self._current_started: float | None = None  # time of the current minute's first batch
+        self._current_newest = 0.0
+        self._minutes: deque[tuple[float, np.ndarray]] = deque()  # (newest batch time, sorted digests)
 
     def add(self, at: float, event_ids: list[str]) -> None:
-        if event_ids:
-            self._batches.append((at, event_ids))
-            self.seen.update(event_ids)
+        if not event_ids:
+            return
+        if self._current_started is not None and at - self._current_started >= MINUTE_SECONDS:
+            self._freeze()
+        if self._current_started is None:
+            self._current_started = at
+        self._current.update(map(_digest, event_ids))
+        self._current_newest = max(self._current_newest, at)
+
+    def _freeze(self) -> None:
+        if self._current:
+            self._minutes.append((self._current_newest, np.sort(np.array(list(self._current), dtype=DIGEST))))
+        self._current, self._current_started, self._current_newest = set(), None, 0.0
 
     def expire(self, older_than: float) -> None:
-        while self._batches and self._batches[0][0] < older_than:
-            _, ids = self._batches.popleft()
-            self.seen.difference_update(ids)
+        while self._minutes and self._minutes[0][0] < older_than:
+            self._minutes.popleft()
+        if self._current_started is not None and self._current_newest < older_than:
+            self._current, self._current_started, self._current_newest = set(), None, 0.0
+
+    def seen_among(self, event_ids: list[str]) -> set[str]:
+        """Those of ``event_ids`` this partition counted within the horizon."""
+        digests = [_digest(event_id) for event_id in event_ids]
+        seen = {event_id for event_id, digest in zip(event_ids, digests) if digest in self._current}
+        if self._minutes and digests:
+            probe = np.array(digests, dtype=DIGEST)
+            hit = np.zeros(len(probe), dtype=bool)
+            for _, minute in self._minutes:
+                at = np.minimum(np.searchsorted(minute, probe), len(minute) - 1)
+                hit |= minute[at] == probe
+            seen.update(event_id for event_id, found in zip(event_ids, hit.tolist()) if found)
+        return seen
+
+    def __len__(self) -> int:
+        return len(self._current) + sum(len(minute) for _, minute in self._minutes)
 
 
 class TopicIds:
@@ -90,8 +135,9 @@ class Checkpoints:
                 self._reload(conn, tp, now)
         return next_offsets, ids
 
-    def seen(self) -> dict[TopicPartition, set[str]]:
-        return {tp: dedup.seen for tp, dedup in self._dedup.items()}
+    def seen_among(self, event_ids: dict[TopicPartition, list[str]]) -> dict[TopicPartition, set[str]]:
+        """Per partition (locked by ``begin``), those of its ``event_ids`` it counted within the horizon."""
+        return {tp: self._dedup[tp].seen_among(ids) for tp, ids in event_ids.items()}
 
     def write(self, conn: psycopg.Connection, next_offsets: dict[TopicPartition, int], ids: dict[str, str],
               new_ids: dict[TopicPartition, list[str]], now: float) -> None:

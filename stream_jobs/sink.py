@@ -186,7 +186,11 @@ class PostgresSink:
             tp = (record.topic, record.partition)
             lowest[tp] = min(lowest.get(tp, record.offset), record.offset)
         next_offsets, topic_ids = self.checkpoints.begin(conn, lowest, now)
-        batch = classify(records, results, next_offsets, self.checkpoints.seen())
+        event_ids: dict[tuple[str, int], list[str]] = {}
+        for record, result in zip(records, results):
+            if not isinstance(result, InvalidEvent):
+                event_ids.setdefault((record.topic, record.partition), []).append(result.event_id)
+        batch = classify(records, results, next_offsets, self.checkpoints.seen_among(event_ids))
 
         window_seconds = self.settings.window_seconds
         store.add_shadow_windows(conn, [

@@ -111,11 +111,26 @@ def test_recreated_topic_starts_again_at_offset_zero(settings, engine, new_sink)
     assert counted_events(engine, [experiment_id]) == 130
 
 
-def test_partition_dedup_forgets_after_the_horizon():
+def test_partition_dedup_forgets_a_minute_at_a_time_after_the_horizon():
     dedup = PartitionDedup()
+    ids = ["a", "b", "c", "d", "e"]
     dedup.add(1000.0, ["a", "b"])
-    dedup.add(1500.0, ["c"])
+    dedup.add(1030.0, ["c"])  # the same minute as a and b
+    dedup.add(1500.0, ["d"])
+    assert dedup.seen_among(ids) == {"a", "b", "c", "d"} and len(dedup) == 4
+    dedup.expire(older_than=1020.0)  # a and b are past it, but their minute's newest batch (c) is not
+    assert dedup.seen_among(ids) == {"a", "b", "c", "d"}
     dedup.expire(older_than=1200.0)
-    assert dedup.seen == {"c"}
+    assert dedup.seen_among(ids) == {"d"}
     dedup.expire(older_than=2000.0)
-    assert dedup.seen == set()
+    assert dedup.seen_among(ids) == set() and len(dedup) == 0
+
+
+def test_partition_dedup_finds_every_id_it_holds_and_no_other():
+    """Many minutes of ids in sorted digest arrays, probed with as many ids never counted."""
+    dedup = PartitionDedup()
+    counted = [f"event-{i}" for i in range(50_000)]
+    for minute in range(10):
+        dedup.add(1000.0 + 60 * minute, counted[minute * 5_000:(minute + 1) * 5_000])
+    never = [f"other-{i}" for i in range(50_000)]
+    assert dedup.seen_among(counted + never) == set(counted)

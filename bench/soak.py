@@ -147,7 +147,7 @@ def main() -> None:
                         "(invocations, and the conversions of some of them)")
     parser.add_argument("--users", type=int, default=50_000, help="the population users are drawn from")
     parser.add_argument("--api-rate", type=float, default=50.0, help="assign + invocation requests per second through the API")
-    parser.add_argument("--linger-ms", type=float, default=100.0,
+    parser.add_argument("--linger-ms", type=float, default=250.0,
                         help="the producer's linger: fewer, larger batches (the embedded broker lists every "
                              "batch it holds on each fetch, so their number is what slows it)")
     args = parser.parse_args()
@@ -197,7 +197,7 @@ def main() -> None:
             traffic.start()
             log(f"soaking for {args.minutes:g} min at {args.rate:,.0f} events/s through the SDK and "
                 f"{args.api_rate:g} requests/s through the API…")
-            invoked = 0
+            invoked = outside = 0
             while time.monotonic() - started < args.minutes * 60:
                 now = time.monotonic()
                 for _ in range(max(0, int((now - started) * invocation_rate) - invoked)):
@@ -205,8 +205,11 @@ def main() -> None:
                     served = client.assign(experiment_id, f"user-{rng.randrange(args.users)}")
                     client.invocation(served, latency_ms=rng.uniform(5, 80), error=rng.random() < 0.01)
                     invoked += 1
+                    if not served.in_experiment:  # the SDK publishes nothing for it (a rollout that just ended)
+                        outside += 1
+                        continue
                     published += 1
-                    if served.in_experiment and rng.random() < RATES[served.variant]:
+                    if rng.random() < RATES[served.variant]:
                         heapq.heappush(pending, (now + rng.expovariate(1 / 5.0), published, served))
                 while pending and pending[0][0] <= now:
                     client.conversion(heapq.heappop(pending)[2])
@@ -257,7 +260,7 @@ def main() -> None:
         "minutes": args.minutes, "rate": args.rate, "api_rate": args.api_rate, "users": args.users,
         "events_per_s": round(published / elapsed), "api_requests": len(latencies), "api_failures": traffic.failures,
         "api_assign_p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
-        "published": expected, "counted": counted, "exact": counted == expected,
+        "published": expected, "served_outside_the_experiment": outside, "counted": counted, "exact": counted == expected,
         "rollout": list(rollout) if rollout else None,
         "steady_from_s": steady["t"],
         "growth_percent_from_steady": {key: growth(key) for key in ("worker_mb", "api_mb", "broker_mb")},

@@ -109,9 +109,13 @@ class PostgresSink:
     def _load_registry(self) -> None:
         if self._registry_conn is None or self._registry_conn.closed:
             self._registry_conn = connect(self.settings.libpq_url, autocommit=False, connect_timeout=5)
-        # One snapshot; each dict is replaced whole: a batch being applied meanwhile reads one version or the other.
-        self._known, self._shadows, windows = store.registry(self._registry_conn)
-        self._registry_conn.rollback()
+        try:
+            # One snapshot; each dict is replaced whole: a batch being applied meanwhile reads one version or the other.
+            self._known, self._shadows, windows = store.registry(self._registry_conn)
+            self._registry_conn.rollback()
+        except psycopg.Error:
+            self._registry_conn.close()  # a fresh one next time, not one stuck in a failed transaction
+            raise
         self._attribution = {experiment_id: window or DEFAULT_ATTRIBUTION_WINDOW_SECONDS
                              for experiment_id, (window, _) in windows.items()}
         self._metric_windows = {experiment_id: metric_windows for experiment_id, (_, metric_windows) in windows.items()

@@ -43,16 +43,16 @@ class Retention:
                    days(settings.retention_dead_letters_days), float(settings.dedup_horizon_seconds))
 
 
+# Per table: the cutoff it is pruned at (a key of ``prune``'s cutoffs) and its statement.
 _STATEMENTS = {
-    "variant_windows": "DELETE FROM variant_windows WHERE window_start < to_timestamp(%(windows)s)",
-    "shadow_windows": "DELETE FROM shadow_windows WHERE window_start < to_timestamp(%(windows)s)",
-    "allocations": "DELETE FROM allocations a WHERE a.computed_at < to_timestamp(%(allocations)s) "
-                   "AND a.version < (SELECT max(l.version) FROM allocations l WHERE l.experiment_id = a.experiment_id)",
-    "dead_letter_counts": "DELETE FROM dead_letter_counts WHERE last_seen_at < to_timestamp(%(dead_letters)s)",
-    "dedup_batches": "DELETE FROM dedup_batches WHERE created_at < to_timestamp(%(dedup)s)",
+    "variant_windows": ("windows", "DELETE FROM variant_windows WHERE window_start < to_timestamp(%(windows)s)"),
+    "shadow_windows": ("windows", "DELETE FROM shadow_windows WHERE window_start < to_timestamp(%(windows)s)"),
+    "allocations": ("allocations", "DELETE FROM allocations a WHERE a.computed_at < to_timestamp(%(allocations)s) "
+                    "AND a.version < (SELECT max(l.version) FROM allocations l WHERE l.experiment_id = a.experiment_id)"),
+    "dead_letter_counts": ("dead_letters",
+                           "DELETE FROM dead_letter_counts WHERE last_seen_at < to_timestamp(%(dead_letters)s)"),
+    "dedup_batches": ("dedup", "DELETE FROM dedup_batches WHERE created_at < to_timestamp(%(dedup)s)"),
 }
-_CUTOFF_OF = {"variant_windows": "windows", "shadow_windows": "windows", "allocations": "allocations",
-              "dead_letter_counts": "dead_letters", "dedup_batches": "dedup"}
 
 
 def prune(conn: psycopg.Connection, retention: Retention, now: float, dry_run: bool = False) -> dict[str, int]:
@@ -67,8 +67,8 @@ def prune(conn: psycopg.Connection, retention: Retention, now: float, dry_run: b
     }
     deleted: dict[str, int] = {}
     with conn.transaction(force_rollback=dry_run), conn.cursor() as cur:
-        for table, statement in _STATEMENTS.items():
-            if cutoffs[_CUTOFF_OF[table]] is None:
+        for table, (cutoff, statement) in _STATEMENTS.items():
+            if cutoffs[cutoff] is None:
                 continue
             cur.execute(statement, cutoffs)
             deleted[table] = cur.rowcount

@@ -44,10 +44,13 @@ class PartitionDedup:
     still one)."""
 
     def __init__(self) -> None:
+        self._minutes: deque[tuple[float, np.ndarray]] = deque()  # (newest batch time, sorted digests)
+        self._new_minute()
+
+    def _new_minute(self) -> None:
         self._current: set[bytes] = set()
         self._current_started: float | None = None  # time of the current minute's first batch
         self._current_newest = 0.0
-        self._minutes: deque[tuple[float, np.ndarray]] = deque()  # (newest batch time, sorted digests)
 
     def add(self, at: float, event_ids: list[str]) -> None:
         if not event_ids:
@@ -62,13 +65,13 @@ class PartitionDedup:
     def _freeze(self) -> None:
         if self._current:
             self._minutes.append((self._current_newest, np.sort(np.array(list(self._current), dtype=DIGEST))))
-        self._current, self._current_started, self._current_newest = set(), None, 0.0
+        self._new_minute()
 
     def expire(self, older_than: float) -> None:
         while self._minutes and self._minutes[0][0] < older_than:
             self._minutes.popleft()
         if self._current_started is not None and self._current_newest < older_than:
-            self._current, self._current_started, self._current_newest = set(), None, 0.0
+            self._new_minute()
 
     def seen_among(self, event_ids: list[str]) -> set[str]:
         """Those of ``event_ids`` this partition counted within the horizon."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import ctypes
 import gc
 import json
 import logging
@@ -44,6 +45,7 @@ log = logging.getLogger("abflow.worker")
 RETRYABLE = (psycopg.Error, KafkaException, PublishError, OSError)
 IN_FLIGHT_BATCHES = 3  # one being applied, one being validated, one read ahead
 HEARTBEAT_EVERY_S = 2.0
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 LAG_EVERY_S = 5.0  # how often librdkafka reports the consumer lag
 
 
@@ -314,9 +316,26 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
+def keep_large_blocks_out_of_the_heap() -> None:
+    """Fix glibc's mmap threshold at its default (128 kB), so large blocks stay mmapped and go back to
+    the system when freed.
+
+    glibc raises the threshold each time it frees a large mmapped block. After that, the dedup's
+    sorted arrays (about 1 MB per partition and minute at 5,000 events/s) came from the heap and left
+    holes there. Measured in the 30-minute soak: once the dedup horizon was full, the memory in use
+    stayed at 110 MB while the heap's free space grew from 25 to 48 MB, and the RSS grew with it.
+    A fixed threshold turns off the raising. Other C libraries have no ``mallopt``: nothing to do."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run the stream worker until SIGINT/SIGTERM."""
     settings.home.mkdir(parents=True, exist_ok=True)
+    keep_large_blocks_out_of_the_heap()
     # A batch allocates ~10^4 short-lived objects: with the default gen-0 threshold (700)
     # the collector runs a dozen times per batch. Measured: +25 % sink throughput.
     gc.set_threshold(100_000, 50, 100)

@@ -215,7 +215,8 @@ def canary_run(stack: Stack, topics, experiment_id: str, run: int, rate: float, 
             time.sleep(0.002)
     first, sustained = evidence_times(config, events, fault_index, rolled_back)
     visible = visibility_delays([at for at, *_ in events], seen, fault_index)
-    result = {"visible_p50_s": float(np.percentile(visible, 50)), "visible_p95_s": float(np.percentile(visible, 95)),
+    result = {"visible_p50_s": float(np.percentile(visible, 50)) if visible else None,
+              "visible_p95_s": float(np.percentile(visible, 95)) if visible else None,
               "fault_to_rollback_s": rolled_back - fault_at,
               "fault_to_evidence_s": None if first is None else first - fault_at,
               "evidence_to_rollback_s": None if first is None else rolled_back - first,

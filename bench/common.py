@@ -1,10 +1,12 @@
-"""What the benchmarks share: the stack they run on, and where their figures go."""
+"""What the benchmarks share: the stack they run on, reading a process's metrics, and where their figures go."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,17 @@ class Stack:
         self.engine.dispose()
         for part in reversed(self.parts):
             part.stop()
+
+
+def scrape(port: int) -> str:
+    """A process's Prometheus metrics, as text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of a metric's samples over all its labels."""
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE))
 
 
 def save_results(name: str, results: dict) -> None:

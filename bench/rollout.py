@@ -27,19 +27,17 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import psycopg
-from common import ROOT, Stack, save_results
+from common import ROOT, Stack, metric_sum, save_results, scrape
 from pipeline import run_env, start_worker, stop_worker
 
 from abflow.core.buckets import choose, hash_point
@@ -118,11 +116,9 @@ def visibility_delays(published: list[float], seen: list[tuple[float, int]], fir
 
 def batch_seconds_mean(metrics_port: int) -> float | None:
     """The worker's mean time to apply a batch so far, from its Prometheus histogram."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    found = dict(re.findall(r"^abflow_worker_batch_seconds_(sum|count) (\S+)$", text, re.MULTILINE))
-    count = float(found.get("count", 0))
-    return float(found["sum"]) / count if count else None
+    text = scrape(metrics_port)
+    count = metric_sum(text, "abflow_worker_batch_seconds_count")
+    return metric_sum(text, "abflow_worker_batch_seconds_sum") / count if count else None
 
 
 def one_run(stack: Stack, run: int, rate: float, fault_errors: float, timeout: float, check_interval: float) -> dict:

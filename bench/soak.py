@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Stack, save_results  # noqa: E402
+from common import Stack, metric_sum, save_results, scrape  # noqa: E402
 from pipeline import run_env, stop_worker  # noqa: E402
 
 from abflow.core.config import parse_config  # noqa: E402
@@ -72,15 +72,6 @@ def rss_mb(pid: int) -> float:
         except (OSError, AttributeError):
             pass
     return total / 1024
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def metric_sum(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE))
 
 
 def batch_p95(text: str) -> float | None:

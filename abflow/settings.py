@@ -124,6 +124,7 @@ class Settings:
     max_event_bytes: int = 64 * 1024
     batch_max_events: int = 10_000
     batch_max_seconds: float = 0.2
+    sink_connections: int = 2  # lanes a batch's partitions are applied in at once (stream_jobs.sink)
     consumer_group: str = "abflow-aggregator"
     kafka_session_timeout_seconds: float = 10.0
     kafka_commit_interval_seconds: float = 1.0
@@ -153,6 +154,7 @@ class Settings:
             max_event_bytes=_env_int("ABFLOW_MAX_EVENT_BYTES", 64 * 1024, minimum=256),
             batch_max_events=_env_int("ABFLOW_BATCH_MAX_EVENTS", 10_000, minimum=1),
             batch_max_seconds=_env_float("ABFLOW_BATCH_MAX_SECONDS", 0.2, minimum=0.001),
+            sink_connections=_env_int("ABFLOW_SINK_CONNECTIONS", 2, minimum=1),
             consumer_group=os.environ.get("ABFLOW_CONSUMER_GROUP") or "abflow-aggregator",
             kafka_session_timeout_seconds=_env_float("ABFLOW_KAFKA_SESSION_TIMEOUT_SECONDS", 10.0, minimum=1.0),
             kafka_commit_interval_seconds=_env_float("ABFLOW_KAFKA_COMMIT_INTERVAL_SECONDS", 1.0, minimum=0.1),

@@ -159,5 +159,8 @@ def dedup_ids_since(conn: psycopg.Connection, tp: TopicPartition, since: float) 
     return [(float(created_at), event_ids.split("\n")) for created_at, event_ids in rows]
 
 
-def prune_dedup_ids(conn: psycopg.Connection, before: float) -> None:
-    conn.execute("DELETE FROM dedup_batches WHERE created_at < to_timestamp(%s)", (before,))
+def prune_dedup_ids(conn: psycopg.Connection, partitions: list[TopicPartition], before: float) -> None:
+    """Delete the partitions' ids counted before ``before``. Only the partitions whose offsets the
+    transaction holds: two workers (or lanes) never delete the same rows at once."""
+    _many(conn, "DELETE FROM dedup_batches WHERE topic = %s AND partition = %s AND created_at < to_timestamp(%s)",
+          [(t, p, before) for t, p in sorted(partitions)])

@@ -112,7 +112,7 @@ class Checkpoints:
         self.horizon = horizon_seconds
         self._expected_next: dict[TopicPartition, int] = {}
         self._dedup: dict[TopicPartition, PartitionDedup] = {}
-        self._pruned_at = 0.0
+        self._pruned_at: dict[TopicPartition, float] = {}
 
     def begin(self, conn: psycopg.Connection, lowest: dict[TopicPartition, int], now: float
               ) -> tuple[dict[TopicPartition, int], dict[str, str]]:
@@ -147,14 +147,18 @@ class Checkpoints:
         """Store the offsets and the newly counted ids in the batch's transaction (and prune old ids)."""
         store.add_dedup_ids(conn, now, new_ids)
         store.store_offsets(conn, next_offsets, ids)
-        if now - self._pruned_at > PRUNE_EVERY_SECONDS:
-            store.prune_dedup_ids(conn, now - self.horizon - PRUNE_EVERY_SECONDS)
+        due = self._prune_due(next_offsets, now)
+        if due:
+            store.prune_dedup_ids(conn, due, now - self.horizon - PRUNE_EVERY_SECONDS)
+
+    def _prune_due(self, partitions, now: float) -> list[TopicPartition]:
+        return [tp for tp in partitions if now - self._pruned_at.get(tp, 0.0) > PRUNE_EVERY_SECONDS]
 
     def committed(self, next_offsets: dict[TopicPartition, int], new_ids: dict[TopicPartition, list[str]],
                   now: float) -> None:
         """The batch committed: now the cache may believe it."""
-        if now - self._pruned_at > PRUNE_EVERY_SECONDS:
-            self._pruned_at = now
+        for tp in self._prune_due(next_offsets, now):
+            self._pruned_at[tp] = now
         for tp, offset in next_offsets.items():
             self._expected_next[tp] = offset
             dedup = self._dedup[tp]

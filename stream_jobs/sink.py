@@ -1,6 +1,8 @@
-"""The PostgreSQL sink: one transaction per batch holds the aggregates, the dedup ids and the offsets.
+"""The PostgreSQL sink: one transaction per batch and lane holds the aggregates, the dedup ids and the offsets.
 
-Exactly-once without Kafka transactions. Each batch, in one transaction:
+Exactly-once without Kafka transactions. Each batch's partitions are split into lanes (partition
+number modulo ``settings.sink_connections``), applied at the same time, each in one transaction
+on its own connection that:
 
 1. locks the ``sink_offsets`` rows of its partitions (``SELECT … FOR UPDATE``),
    so two workers that both hold a partition during a rebalance serialise;
@@ -10,10 +12,13 @@ Exactly-once without Kafka transactions. Each batch, in one transaction:
    dedup horizon (ids are kept in ``dedup_batches``; each worker caches them and
    reloads a partition's ids whenever the stored offset is not the one it wrote
    last, i.e. someone else wrote in between);
-4. adds the partial sums into ``variant_windows`` (and shadow events into ``shadow_windows``)
-   (``ON CONFLICT … DO UPDATE SET n = variant_windows.n + excluded.n``),
-5. exposes units and attributes their outcomes (``storage.units``),
-6. counts dead letters, and stores each partition's next offset.
+4. exposes units and attributes their outcomes (``storage.units``), stores the dedup ids
+   and each partition's next offset;
+5. last, the rows every partition shares: adds the partial sums into ``variant_windows`` (and
+   shadow events into ``shadow_windows``; ``ON CONFLICT … DO UPDATE SET n = variant_windows.n +
+   excluded.n``), the attributed totals and the counters, in key order. Another transaction that
+   updates one of them waits from its update to our commit, so the later they come, the longer
+   the lanes (and workers) run side by side.
 
 Kafka's committed offsets only say where to resume reading; the stored offsets
 decide what counts. A topic that was deleted and created again (a broker that
@@ -21,13 +26,14 @@ lost its logs) has a new topic id; the offsets stored for the old id are reset.
 
 The parts: ``classify`` sorts a batch (pure), ``checkpoint`` keeps offsets and
 dedup ids, ``storage.sink`` holds the SQL, ``dead_letters`` publishes what
-cannot be counted. This module runs them in order, in one transaction.
+cannot be counted. This module runs them in order, in one transaction per lane.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import orjson
@@ -61,6 +67,26 @@ class BatchResult:
     per_topic: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # counted, duplicates, dead letters
     dead_letter_reasons: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, reason) -> count
 
+    def add(self, other: "BatchResult") -> None:
+        self.counted += other.counted
+        self.duplicates += other.duplicates
+        self.replayed += other.replayed
+        self.dead_letters += other.dead_letters
+        for topic, figures in other.per_topic.items():
+            self.per_topic[topic] = tuple(a + b for a, b in zip(self.per_topic.get(topic, (0, 0, 0)), figures))
+        for key, n in other.dead_letter_reasons.items():
+            self.dead_letter_reasons[key] = self.dead_letter_reasons.get(key, 0) + n
+
+
+@dataclass
+class Lane:
+    """One connection of the sink and what it knows of its partitions: those whose number, modulo
+    the number of lanes, is its index. A unit's invocations and outcomes have the same key, hence
+    the same partition number in both topics, hence the same lane."""
+
+    checkpoints: Checkpoints
+    conn: psycopg.Connection | None = None
+
 
 @dataclass
 class Validated:
@@ -73,7 +99,12 @@ class Validated:
 class PostgresSink:
     """Applies batches of records exactly once, one at a time (``apply`` is not thread-safe).
     ``validate`` may run on another thread meanwhile: the stream worker validates the next batch
-    while this one's transaction runs."""
+    while this one's transaction runs.
+
+    A batch's partitions are applied in ``settings.sink_connections`` lanes at once, each in its own
+    transaction on its own connection: the lanes' PostgreSQL work runs on as many cores. The
+    partitions are independent (each has its own stored offset and its own units), so a lane that
+    fails leaves the others committed; applying the batch again skips what they applied."""
 
     def __init__(self, settings: Settings, dead_letters: DeadLetters, topic_ids: TopicIds):
         self.settings = settings
@@ -83,8 +114,9 @@ class PostgresSink:
             max_lateness_seconds=settings.max_lateness_seconds,
             max_future_seconds=settings.max_future_seconds,
         )
-        self.checkpoints = Checkpoints(topic_ids, float(settings.dedup_horizon_seconds))
-        self._conn: psycopg.Connection | None = None
+        self._lanes = [Lane(Checkpoints(topic_ids, float(settings.dedup_horizon_seconds)))
+                       for _ in range(max(1, settings.sink_connections))]
+        self._pool = ThreadPoolExecutor(len(self._lanes), "abflow-sink") if len(self._lanes) > 1 else None
         self._registry_conn: psycopg.Connection | None = None  # validate's own
         self._known: dict[str, frozenset[str]] = {}
         self._shadows: dict[str, frozenset[str]] = {}
@@ -95,16 +127,20 @@ class PostgresSink:
 
     # -- connection and registry -------------------------------------------------
 
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = connect(self.settings.libpq_url, autocommit=False, connect_timeout=5)
-        return self._conn
+    def _connection(self, lane: Lane) -> psycopg.Connection:
+        if lane.conn is None or lane.conn.closed:
+            lane.conn = connect(self.settings.libpq_url, autocommit=False, connect_timeout=5)
+        return lane.conn
 
     def close(self) -> None:
-        for conn in (self._conn, self._registry_conn):
+        for conn in [lane.conn for lane in self._lanes] + [self._registry_conn]:
             if conn is not None:
                 conn.close()
-        self._conn = self._registry_conn = None
+        for lane in self._lanes:
+            lane.conn = None
+        self._registry_conn = None
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def _load_registry(self) -> None:
         if self._registry_conn is None or self._registry_conn.closed:
@@ -155,18 +191,45 @@ class PostgresSink:
         return Validated(records, self._validate_all(records, time.time()) if records else [])
 
     def apply(self, batch: Validated) -> BatchResult:
-        """Apply one validated batch in one transaction. On any error nothing is applied; call again."""
+        """Apply one validated batch, each lane's partitions in one transaction. On any error, the
+        failed lanes applied nothing (the others committed); call again."""
         if not batch.records:
             return BatchResult()
+        now = time.time()
+        parts: dict[int, tuple[list[Record], list]] = {}
+        for record, result in zip(batch.records, batch.results):
+            records, results = parts.setdefault(record.partition % len(self._lanes), ([], []))
+            records.append(record)
+            results.append(result)
+        # One sweep of the held outcomes at a time, by the first lane with records.
+        sweeper = min(parts) if time.monotonic() - self._swept_at > HELD_SWEEP_SECONDS else None
+        jobs = [(self._lanes[index], records, results, now, index == sweeper)
+                for index, (records, results) in sorted(parts.items())]
+        if self._pool is None or len(jobs) == 1:
+            outcomes = [self._apply_lane(*job) for job in jobs]
+        else:
+            futures = [self._pool.submit(self._apply_lane, *job) for job in jobs]
+            failures = [f.exception() for f in futures if f.exception() is not None]
+            if failures:
+                raise failures[0]
+            outcomes = [f.result() for f in futures]
+        if sweeper is not None:
+            self._swept_at = time.monotonic()
+        total = BatchResult()
+        for outcome in outcomes:
+            total.add(outcome)
+        return total
+
+    def _apply_lane(self, lane: Lane, records: list[Record], results: list, now: float, sweep: bool) -> BatchResult:
         try:
-            return self._apply(batch.records, batch.results, time.time())
+            return self._apply(lane, records, results, now, sweep)
         except BaseException:
-            self.checkpoints.forget()
-            if self._conn is not None and not self._conn.closed:
+            lane.checkpoints.forget()
+            if lane.conn is not None and not lane.conn.closed:
                 try:
-                    self._conn.rollback()
+                    lane.conn.rollback()
                 except psycopg.Error:
-                    self.close()
+                    lane.conn.close()
             raise
 
     def _unit_rows(self, events: list) -> list[tuple]:
@@ -183,18 +246,32 @@ class PostgresSink:
                              e.reward, False, window, values))
         return rows
 
-    def _apply(self, records: list[Record], results: list, now: float) -> BatchResult:
-        conn = self._connection()
+    def _apply(self, lane: Lane, records: list[Record], results: list, now: float, sweep: bool) -> BatchResult:
+        conn = self._connection(lane)
+        checkpoints = lane.checkpoints
         lowest: dict[tuple[str, int], int] = {}
         for record in records:
             tp = (record.topic, record.partition)
             lowest[tp] = min(lowest.get(tp, record.offset), record.offset)
-        next_offsets, topic_ids = self.checkpoints.begin(conn, lowest, now)
+        next_offsets, topic_ids = checkpoints.begin(conn, lowest, now)
         event_ids: dict[tuple[str, int], list[str]] = {}
         for record, result in zip(records, results):
             if not isinstance(result, InvalidEvent):
                 event_ids.setdefault((record.topic, record.partition), []).append(result.event_id)
-        batch = classify(records, results, next_offsets, self.checkpoints.seen_among(event_ids))
+        batch = classify(records, results, next_offsets, checkpoints.seen_among(event_ids))
+
+        # First the rows of this lane's partitions and units, then (just before the commit) the rows
+        # every partition shares: another lane or worker waits for those from its update to our commit.
+        # Read in the batch's transaction: a stage that began before it is the one its events join.
+        stages = store.rollout_stages(conn)
+        attributed = unit_store.apply_batch(conn, self._unit_rows(batch.counted), now,
+                                            self.settings.exposure_wait_seconds, sweep, self._metric_windows, stages)
+        counts: dict[tuple[str, str], int] = {}
+        if batch.rejected:
+            self.dead_letters.publish(batch.rejected)
+            for record, error in batch.rejected:
+                counts[(record.topic, error.reason)] = counts.get((record.topic, error.reason), 0) + 1
+        checkpoints.write(conn, batch.next_offsets, topic_ids, batch.new_ids, now)
 
         window_seconds = self.settings.window_seconds
         store.add_shadow_windows(conn, [
@@ -207,23 +284,11 @@ class PostgresSink:
             (experiment_id, variant, start, window_seconds, t.invocations, t.conversions, t.reward_sum,
              t.reward_sq_sum, t.errors, t.latency.count, t.latency.ms_sum, t.latency.hist)
             for (experiment_id, variant, start), t in sorted(aggregate(batch.counted, window_seconds).items())])
-        sweep = time.monotonic() - self._swept_at > HELD_SWEEP_SECONDS
-        # Read in the batch's transaction: a stage that began before it is the one its events join.
-        stages = store.rollout_stages(conn)
-        unit_store.apply_batch(conn, self._unit_rows(batch.counted), now, self.settings.exposure_wait_seconds, sweep,
-                               self._metric_windows, stages)
-        counts: dict[tuple[str, str], int] = {}
-        if batch.rejected:
-            self.dead_letters.publish(batch.rejected)
-            for record, error in batch.rejected:
-                counts[(record.topic, error.reason)] = counts.get((record.topic, error.reason), 0) + 1
-            store.add_dead_letter_counts(conn, counts)
+        unit_store.add_attributed(conn, attributed)
+        store.add_dead_letter_counts(conn, counts)
         store.add_stream_counters(conn, {t: (n[0], n[1], n[2]) for t, n in batch.per_topic.items()})
-        self.checkpoints.write(conn, batch.next_offsets, topic_ids, batch.new_ids, now)
         conn.commit()
-        self.checkpoints.committed(batch.next_offsets, batch.new_ids, now)
-        if sweep:
-            self._swept_at = time.monotonic()
+        checkpoints.committed(batch.next_offsets, batch.new_ids, now)
         return BatchResult(counted=len(batch.counted) + len(batch.shadows), duplicates=batch.duplicates,
                            replayed=batch.replayed, dead_letters=len(batch.rejected),
                            per_topic={t: (n[0], n[1], n[2]) for t, n in batch.per_topic.items()},

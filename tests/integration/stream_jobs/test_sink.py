@@ -7,6 +7,7 @@ import time
 import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
+from sqlalchemy import text
 
 from producers.contracts import CONVERSION, INVOCATION
 from producers.publisher import Publisher, ensure_topics
@@ -109,6 +110,52 @@ def test_recreated_topic_starts_again_at_offset_zero(settings, engine, new_sink)
     result = sink.process(new_events)
     assert (result.replayed, result.counted) == (0, 30)
     assert counted_events(engine, [experiment_id]) == 130
+
+
+class DeadLettersDownOnce:
+    """Dead letters whose first delivery fails, as when the broker is unreachable for a moment."""
+
+    def __init__(self):
+        self.delivered: list = []
+        self.failed = False
+
+    def publish(self, rejected) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError("dead-letter topic unreachable")
+        self.delivered.extend(rejected)
+
+
+def test_a_failed_lane_leaves_the_other_committed_and_the_retry_counts_each_event_once(settings, engine):
+    """Partitions 0 and 1 are applied in two lanes at once (``sink_connections`` = 2). The lane of
+    partition 1 fails; partition 0's commits. Applying the batch again skips partition 0's records
+    as applied and counts partition 1's: every event once, in the windows and for the units."""
+    assert settings.sink_connections == 2
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = make_experiment(engine)
+    topic = settings.topics.invocations
+    dead_letters = DeadLettersDownOnce()
+    sink = PostgresSink(settings, dead_letters, TopicIds(settings.kafka_bootstrap))
+    try:
+        lane_0 = records(topic, experiment_id, range(0, 100), partition=0)
+        lane_1 = records(topic, experiment_id, range(100, 200), partition=1)
+        lane_1.append(Record(topic, 1, 200, INVOCATION, b"bad", b"not json"))
+        batch = lane_0 + lane_1
+        with pytest.raises(OSError, match="unreachable"):
+            sink.process(batch)
+        assert counted_events(engine, [experiment_id]) == 100
+        result = sink.process(batch)
+        assert (result.replayed, result.counted, result.dead_letters) == (100, 100, 1)
+        assert len(dead_letters.delivered) == 1
+        assert counted_events(engine, [experiment_id]) == 200
+        with engine.connect() as conn:
+            units, invocations = conn.execute(text(
+                "SELECT count(*), sum(invocations) FROM unit_state WHERE experiment_id = :e"), {"e": experiment_id}).one()
+            attributed = conn.execute(text("SELECT sum(invocations) FROM attributed_totals WHERE experiment_id = :e"),
+                                      {"e": experiment_id}).scalar_one()
+        assert (units, invocations, attributed) == (200, 200, 200)
+    finally:
+        sink.close()
 
 
 def test_partition_dedup_forgets_a_minute_at_a_time_after_the_horizon():

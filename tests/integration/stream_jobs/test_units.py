@@ -19,6 +19,7 @@ from storage.units import (
     OUTCOME_KIND,
     OUTSIDE_WINDOW,
     VARIANT_MISMATCH,
+    add_attributed,
     apply_batch,
     attribution_counts,
     held_count,
@@ -62,9 +63,10 @@ def rows(events) -> list[tuple]:
 
 def run(db, exp: str, events, now: float = T0, sweep: bool = False) -> dict:
     """One batch, committed; the counters it added, per (variant, reason)."""
-    counters = apply_batch(db, rows(events), now, HOLD, sweep)
+    attributed = apply_batch(db, rows(events), now, HOLD, sweep)
+    add_attributed(db, attributed)
     db.commit()
-    return {(variant, reason): n for (_, variant, reason), n in counters.items()}
+    return {(variant, reason): n for (_, variant, reason), n in attributed.counters.items()}
 
 
 def unit(db, exp: str, unit_id: str) -> dict | None:
@@ -125,7 +127,7 @@ def test_a_sweep_attributes_an_outcome_held_beside_an_exposure_committed_elsewhe
     """Two workers during a rebalance: one holds an outcome while the other's exposure of the unit
     is not committed yet. The next sweep attributes it."""
     with connect(stack.database_url, autocommit=False) as other:
-        apply_batch(other, rows([inv(exp, "u", "A", T0)]), T0, HOLD, False)
+        add_attributed(other, apply_batch(other, rows([inv(exp, "u", "A", T0)]), T0, HOLD, False))
         run(db, exp, [conv(exp, "u", "A", T0 + 1)])  # does not see the uncommitted exposure
         other.commit()
     assert held_count(db, exp) == 1 and unit(db, exp, "u")["conversions"] == 0

@@ -1,6 +1,6 @@
 """Benchmark of the streaming spine: throughput against a plain consumer, and freshness.
 
-    python bench/pipeline.py [--events 1000000] [--rate 5000] [--seconds 30]
+    python bench/pipeline.py [--events 1000000] [--rate 5000] [--seconds 30] [--history 0]
 
 (a) Throughput. Publishes ``--events`` events, then measures, in the same run
 and on the same records: a plain confluent-kafka consumer that parses (orjson)
@@ -9,6 +9,10 @@ and aggregates per (experiment, variant, window) in a dict (the baseline), and
 the ratio worker / baseline; then the floor of keeping a row per unit in
 PostgreSQL (a COPY and a bare upsert of each batch's units, nothing else) on
 the same units, as a ratio to the same baseline.
+
+With ``--history N`` the database first holds what earlier experiments left: N units with their
+assignments and N/5 outcomes still waiting for an exposure, of another experiment (a deployment
+that has run for a while). The worker's cost should follow its batches, not those tables.
 
 (b) Freshness. With a worker running, publishes at a steady ``--rate`` for
 ``--seconds`` and polls PostgreSQL every 10 ms; the delay of the k-th event is
@@ -44,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import Stack, save_results  # noqa: E402
 
 from abflow.core.config import parse_config  # noqa: E402
-from abflow.settings import Topics, libpq_url  # noqa: E402
+from abflow.settings import Settings, Topics, libpq_url  # noqa: E402
 from producers.contracts import Conversion, Invocation, encode  # noqa: E402
 from producers.publisher import Publisher, ensure_topics  # noqa: E402
 from storage.registry import create_experiment  # noqa: E402
@@ -144,10 +148,32 @@ def new_experiment(engine, tag: str) -> str:
     return experiment_id
 
 
+def add_history(engine, database_url: str, units: int) -> None:
+    """Rows an earlier, finished experiment left: ``units`` exposed units and their assignments, and
+    ``units // 5`` outcomes held for units never exposed."""
+    old = new_experiment(engine, f"history-{uuid.uuid4().hex[:6]}")
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        conn.execute("INSERT INTO assignments (experiment_id, unit_id, variant, propensity) "
+                     "SELECT %s, 'user-' || g, 'Champion', 0.5 FROM generate_series(1, %s) g", (old, units))
+        conn.execute("INSERT INTO unit_state (experiment_id, unit_id, variant, exposed_at, propensity, multiple, "
+                     "invocations, conversions, reward, errors, value_sums) "
+                     "SELECT %s, 'user-' || g, 'Champion', 0, 0.5, false, 1, 0, 0, 0, '{}' FROM generate_series(1, %s) g",
+                     (old, units))
+        conn.execute("INSERT INTO held_outcomes (experiment_id, unit_id, variant, ts, reward, attribution_seconds, held_at) "
+                     "SELECT %s, 'held-' || g, 'Champion', 0, 1, 86400, extract(epoch FROM now()) "
+                     "FROM generate_series(1, %s) g", (old, units // 5))
+        conn.commit()
+        conn.execute("ANALYZE assignments, unit_state, held_outcomes")
+
+
 def throughput(args, bootstrap, database_url, home, engine) -> dict:
     tag = uuid.uuid4().hex[:6]
     env, topics = run_env(os.environ, bootstrap, database_url, home, tag, args.partitions)
     ensure_topics(bootstrap, topics, args.partitions)
+    if args.history:
+        log(f"(a) history: {args.history:,} units and assignments and {args.history // 5:,} held outcomes "
+            "of an earlier experiment…")
+        add_history(engine, database_url, args.history)
     experiment_id = new_experiment(engine, tag)
     log(f"(a) generating and publishing {args.events:,} events…")
     payloads = make_payloads(experiment_id, args.events, 1, time.time() - 3600, 3000, args.users)
@@ -191,6 +217,8 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
     return {
         "events": args.events,
         "partitions": args.partitions,
+        "sink_connections": Settings.from_env().sink_connections,
+        "history_units": args.history,
         "distinct_units": distinct_units,
         "exposed_units": units,
         "attributed_events": int(unit_events),
@@ -299,6 +327,9 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--users", type=int, default=250_000,
                         help="units the events come from (about 245,000 distinct in 1,000,000 events)")
+    parser.add_argument("--history", type=int, default=0,
+                        help="units (with assignments, and a fifth as many held outcomes) an earlier experiment "
+                             "left in the database before the throughput run")
     parser.add_argument("--only", choices=["throughput", "freshness"])
     args = parser.parse_args()
 

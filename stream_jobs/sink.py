@@ -36,9 +36,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import orjson
 import psycopg
 
+from abflow.core.attribution import INVOCATION_KIND, OUTCOME_KIND, UnitEvent
 from abflow.core.config import DEFAULT_ATTRIBUTION_WINDOW_SECONDS
 from abflow.settings import Settings
 from producers.contracts import INVOCATION, InvalidEvent
@@ -232,19 +232,15 @@ class PostgresSink:
                     lane.conn.close()
             raise
 
-    def _unit_rows(self, events: list) -> list[tuple]:
-        """The counted invocations and conversions as ``storage.units`` rows."""
-        rows = []
-        for e in events:
-            window = self._attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS)
-            values = None if e.values is None else orjson.dumps(e.values).decode()
-            if e.kind == INVOCATION:
-                rows.append((unit_store.INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp,
-                             e.propensity, 0.0, e.error, window, values))
-            else:
-                rows.append((unit_store.OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None,
-                             e.reward, False, window, values))
-        return rows
+    def _unit_events(self, events: list) -> list[UnitEvent]:
+        """The counted invocations and conversions, as ``storage.units`` attributes them."""
+        attribution = self._attribution
+        return [UnitEvent(INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0,
+                          e.error, attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS), e.values)
+                if e.kind == INVOCATION else
+                UnitEvent(OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False,
+                          attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS), e.values)
+                for e in events]
 
     def _apply(self, lane: Lane, records: list[Record], results: list, now: float, sweep: bool) -> BatchResult:
         conn = self._connection(lane)
@@ -264,7 +260,7 @@ class PostgresSink:
         # every partition shares: another lane or worker waits for those from its update to our commit.
         # Read in the batch's transaction: a stage that began before it is the one its events join.
         stages = store.rollout_stages(conn)
-        attributed = unit_store.apply_batch(conn, self._unit_rows(batch.counted), now,
+        attributed = unit_store.apply_batch(conn, self._unit_events(batch.counted), now,
                                             self.settings.exposure_wait_seconds, sweep, self._metric_windows, stages)
         counts: dict[tuple[str, str], int] = {}
         if batch.rejected:

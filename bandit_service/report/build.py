@@ -69,7 +69,7 @@ class ReportInput:
     # Exposed units per (weights in effect at exposure: 0 the initial ones, k the k-th allocation
     # version's; variant): what the sample-ratio check tests.
     exposures: dict[tuple[int, str], int] = field(default_factory=dict)
-    # Events that did not count as they claimed, per (variant, reason) (storage.units.REASONS).
+    # Events that did not count as they claimed, per (variant, reason) (abflow.core.attribution.REASONS).
     attribution: dict[tuple[str, str], int] = field(default_factory=dict)
     # Cumulative series for the plots: (bucket start, variant, invocations, conversions, reward_sum).
     series: list[tuple[datetime, str, int, int, float]] = field(default_factory=list)

@@ -3,27 +3,24 @@ transaction at a time, as the sink runs them."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 import numpy as np
 import pytest
 
-from producers.contracts import Conversion, Invocation
-from storage.db import connect
-from storage.units import (
+from abflow.core.attribution import (
     HELD,
     INVOCATION_KIND,
     NO_EXPOSURE,
     OUTCOME_KIND,
     OUTSIDE_WINDOW,
     VARIANT_MISMATCH,
-    add_attributed,
-    apply_batch,
-    attribution_counts,
-    held_count,
+    UnitEvent,
 )
+from producers.contracts import Conversion, Invocation
+from storage.db import connect
+from storage.units import add_attributed, apply_batch, attribution_counts, held_count
 from tests.helpers import make_experiment
 
 WINDOW = 60
@@ -51,13 +48,13 @@ def conv(exp: str, unit: str, variant: str, t: float, reward: float = 1.0) -> Co
     return Conversion(uuid.uuid4().hex, exp, variant, unit, t, reward)
 
 
-def rows(events) -> list[tuple]:
+def rows(events) -> list[UnitEvent]:
     """Events as the sink hands them over."""
-    return [(INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0, e.error, ATTRIBUTION,
-             None if e.values is None else json.dumps(e.values))
+    return [UnitEvent(INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0, e.error,
+                      ATTRIBUTION, e.values)
             if isinstance(e, Invocation) else
-            (OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False, ATTRIBUTION,
-             None if e.values is None else json.dumps(e.values))
+            UnitEvent(OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False,
+                      ATTRIBUTION, e.values)
             for e in events]
 
 

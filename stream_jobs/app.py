@@ -27,6 +27,7 @@ import threading
 import time
 
 import faust
+import mode
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from faust.app.base import BootStrategy
@@ -271,7 +272,19 @@ def create_app(settings: Settings) -> faust.App:
             log.info("applied so far: %d counted, %d duplicates, %d replayed, %d dead letters",
                      totals.counted, totals.duplicates, totals.replayed, totals.dead_letters)
 
-    @app.agent(batches)
+    async def apply_or_stop(batch: Validated) -> None:
+        # A batch that fails for a reason no retry fixes (a bug, not an outage) stops the worker:
+        # going on would skip it, since the next batches' offsets pass it. A restart resumes from
+        # the offsets stored with the aggregates.
+        try:
+            await apply(batch)
+        except Exception as exc:
+            log.exception("a batch of %d records failed; stopping the worker", len(batch.records))
+            await app.crash(exc)
+
+    # The crashing supervisor stops the worker when the agent fails, instead of restarting it without
+    # the batch it held.
+    @app.agent(batches, supervisor_strategy=mode.CrashingSupervisor)
     async def aggregate_events(stream):
         # A two-stage pipeline: the next batch is validated (Python, on one thread) while this one's
         # transaction runs (mostly PostgreSQL's time, on another). Batches are applied one at a time,
@@ -282,7 +295,7 @@ def create_app(settings: Settings) -> faust.App:
                 batch = await retrying(lambda batch=records: sink().validate(batch), records)
                 if applying is not None:
                     await applying
-                applying = asyncio.ensure_future(apply(batch))
+                applying = asyncio.ensure_future(apply_or_stop(batch))
         finally:
             if applying is not None:
                 await applying

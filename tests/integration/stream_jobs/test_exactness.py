@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,8 @@ from tests.helpers import (
     publish,
     stream_counters,
 )
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def make_events(experiment_id: str, count: int, seed: int) -> list[tuple[str, dict]]:
@@ -181,3 +186,54 @@ def test_postgres_restart_under_load_stays_exact(stack, settings, engine, worker
     publisher.finish()
     assert_exact_and_stable(engine, expected, [worker])
     assert "not applied" in worker.log()  # it did see the outage, and retried
+
+
+# A worker whose sink fails once with an error that is not retried (a bug, not an outage): the second
+# batch it applies raises.
+FAILING_SINK = """
+import runpy
+import stream_jobs.sink as sink
+
+original = sink.PostgresSink.apply
+calls = []
+
+
+def apply(self, batch):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("injected: a bug in the sink")
+    return original(self, batch)
+
+
+sink.PostgresSink.apply = apply
+runpy.run_module("abflow.cli", run_name="__main__")
+"""
+
+
+def test_a_worker_whose_batch_fails_unexpectedly_exits_and_its_successor_counts_exactly(settings, engine, workers,
+                                                                                         run_env, tmp_path):
+    """An error no retry can fix must stop the worker (a supervisor restarts it, from the offsets
+    stored with the aggregates), never drop the batch and go on with the next ones."""
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = make_experiment(engine, metric_window=METRIC_WINDOW)
+    events = make_events(experiment_id, 30_000, seed=17)
+    expected = expected_of(events)
+    with Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
+        for kind, event in events:
+            publish(publisher, kind, event)
+
+    log_path = tmp_path / "failing-worker.log"
+    with open(log_path, "ab") as log:
+        failing = subprocess.Popen([sys.executable, "-c", FAILING_SINK, "worker"], env=run_env, cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        code = failing.wait(90)
+    except subprocess.TimeoutExpired:
+        failing.kill()
+        failing.wait(10)
+        pytest.fail(f"the worker went on after its batch failed:\n{log_path.read_text()[-3000:]}")
+    assert code != 0
+    assert "injected: a bug in the sink" in log_path.read_text()
+    assert counted_events(engine, [experiment_id]) < expected.events  # it stopped part way
+
+    assert_exact_and_stable(engine, expected, [workers("successor")])

@@ -150,7 +150,6 @@ def attribute(events: Iterable[UnitEvent], exposures: Mapping[UnitKey, Exposure]
             unit.invocations += 1
             unit.errors += int(event.error)
             total[0] += 1
-            stream = {"invocations": 1.0, "errors": float(event.error)}
         else:
             unit.conversions += 1
             unit.reward += event.reward
@@ -159,14 +158,15 @@ def attribute(events: Iterable[UnitEvent], exposures: Mapping[UnitKey, Exposure]
             total[3] += event.reward * event.reward
             if event.variant != exposure.variant:
                 attributed.count(event.experiment_id, exposure.variant, VARIANT_MISMATCH, 1)
-            stream = {"conversions": 1.0, "reward": event.reward}
         if event.values:
             unit.add_values(event.values)
         windows = windows_of.get(event.experiment_id)
-        if windows:
+        if windows:  # the sums within a metric's shorter window, of the stream's variables too
             age = event.ts - exposure.exposed_at
+            stream = {"invocations": 1.0, "errors": float(event.error)} if invocation \
+                else {"conversions": 1.0, "reward": event.reward}
             named = {**(event.values or {}), **stream}
             for seconds in windows:
                 if age <= seconds:
-                    unit.add_values(named, windowed("", seconds))
+                    unit.add_values(named, suffix=windowed("", seconds))  # "name@seconds"
     return result

@@ -260,6 +260,8 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.events.labels(topic, outcome).inc(n)
         for (topic, reason), n in result.dead_letter_reasons.items():
             metrics.dead_letters.labels(topic, reason).inc(n)
+        for topic, n in result.gaps.items():
+            metrics.offset_gaps.labels(topic).inc(n)
         state["source"].done(batch.records)
         if result.replayed:
             log.info("skipped %d records already applied (a replay after a restart or a rebalance)", result.replayed)

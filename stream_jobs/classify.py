@@ -26,6 +26,9 @@ class Classified:
     new_ids: dict[TopicPartition, list[str]] = field(default_factory=dict)  # ids counted now, per partition
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)  # after this batch
     per_topic: dict[str, list[int]] = field(default_factory=dict)  # [counted, duplicates, dead letters]
+    # Offsets passed without a record read: a partition's offsets are dense unless the broker lost or
+    # withheld records (or transactions or compaction left holes), so these are worth an alarm.
+    gaps: dict[TopicPartition, int] = field(default_factory=dict)
 
 
 def classify(records: list[Record], outcomes: list[Event | InvalidEvent], next_offsets: Mapping[TopicPartition, int],
@@ -39,6 +42,8 @@ def classify(records: list[Record], outcomes: list[Event | InvalidEvent], next_o
         if record.offset < next_offsets[tp]:
             result.replayed += 1
             continue
+        if record.offset > result.next_offsets[tp]:
+            result.gaps[tp] = result.gaps.get(tp, 0) + record.offset - result.next_offsets[tp]
         result.next_offsets[tp] = max(result.next_offsets[tp], record.offset + 1)
         per_topic = result.per_topic.setdefault(record.topic, [0, 0, 0])
         if isinstance(outcome, InvalidEvent):

@@ -15,6 +15,8 @@ class WorkerMetrics:
                               "(counted, duplicate, dead_letter)", ["topic", "result"], registry=self.registry)
         self.dead_letters = Counter("abflow_worker_dead_letters", "Records sent to the dead-letter topic, by reason",
                                     ["topic", "reason"], registry=self.registry)
+        self.offset_gaps = Counter("abflow_worker_offset_gaps", "Offsets passed without a record read (a broker "
+                                   "that lost or withheld records), by topic", ["topic"], registry=self.registry)
         self.lag = Gauge("abflow_worker_consumer_lag", "Records between the worker's position and the end of "
                          "each partition it holds", ["topic", "partition"], registry=self.registry)
 

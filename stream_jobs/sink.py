@@ -66,6 +66,7 @@ class BatchResult:
     dead_letters: int = 0
     per_topic: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # counted, duplicates, dead letters
     dead_letter_reasons: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, reason) -> count
+    gaps: dict[str, int] = field(default_factory=dict)  # topic -> offsets passed without a record read
 
     def add(self, other: "BatchResult") -> None:
         self.counted += other.counted
@@ -76,6 +77,8 @@ class BatchResult:
             self.per_topic[topic] = tuple(a + b for a, b in zip(self.per_topic.get(topic, (0, 0, 0)), figures))
         for key, n in other.dead_letter_reasons.items():
             self.dead_letter_reasons[key] = self.dead_letter_reasons.get(key, 0) + n
+        for topic, n in other.gaps.items():
+            self.gaps[topic] = self.gaps.get(topic, 0) + n
 
 
 @dataclass
@@ -255,6 +258,12 @@ class PostgresSink:
             if not isinstance(result, InvalidEvent):
                 event_ids.setdefault((record.topic, record.partition), []).append(result.event_id)
         batch = classify(records, results, next_offsets, checkpoints.seen_among(event_ids))
+        gaps: dict[str, int] = {}
+        for (topic, partition), skipped in batch.gaps.items():
+            gaps[topic] = gaps.get(topic, 0) + skipped
+            log.warning("%d offsets of %s[%d] were passed without a record read (in a batch that ends at %d): the "
+                        "broker lost or withheld records, or a transaction or compaction left a hole", skipped, topic,
+                        partition, batch.next_offsets[(topic, partition)])
 
         # First the rows of this lane's partitions and units, then (just before the commit) the rows
         # every partition shares: another lane or worker waits for those from its update to our commit.
@@ -288,4 +297,5 @@ class PostgresSink:
         return BatchResult(counted=len(batch.counted) + len(batch.shadows), duplicates=batch.duplicates,
                            replayed=batch.replayed, dead_letters=len(batch.rejected),
                            per_topic={t: (n[0], n[1], n[2]) for t, n in batch.per_topic.items()},
-                           dead_letter_reasons=counts)
+                           dead_letter_reasons=counts,
+                           gaps=gaps)

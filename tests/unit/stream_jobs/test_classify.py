@@ -54,6 +54,17 @@ def test_each_record_lands_in_exactly_one_class():
     assert batch.next_offsets == {("abflow.events", 0): 18}
     assert batch.per_topic == {"abflow.events": [3, 2, 2]}
     assert batch.replayed + batch.duplicates + len(batch.counted) + len(batch.shadows) + len(batch.rejected) == 8
+    assert batch.gaps == {}
+
+
+def test_offsets_passed_without_a_record_read_are_reported():
+    """Offsets are dense: a hole after the stored offset or between two records means records the
+    broker never handed over, which the batch's offsets would otherwise pass silently."""
+    records = [record(12, invocation("a")), record(13, invocation("b")), record(17, invocation("c")),
+               record(5, invocation("d"), partition=1)]
+    batch = classify(records, outcomes(records), {("abflow.events", 0): 10, ("abflow.events", 1): 5}, {})
+    assert batch.gaps == {("abflow.events", 0): 2 + 3}
+    assert batch.next_offsets == {("abflow.events", 0): 18, ("abflow.events", 1): 6}
 
 
 def test_a_fully_replayed_batch_changes_nothing():

@@ -237,13 +237,15 @@ class PostgresSink:
 
     def _unit_events(self, events: list) -> list[UnitEvent]:
         """The counted invocations and conversions, as ``storage.units`` attributes them."""
-        attribution = self._attribution
-        return [UnitEvent(INVOCATION_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, e.propensity, 0.0,
-                          e.error, attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS), e.values)
-                if e.kind == INVOCATION else
-                UnitEvent(OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp, None, e.reward, False,
-                          attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS), e.values)
-                for e in events]
+        unit_events = []
+        for e in events:
+            window = self._attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS)
+            invocation = e.kind == INVOCATION
+            unit_events.append(UnitEvent(
+                INVOCATION_KIND if invocation else OUTCOME_KIND, e.experiment_id, e.user_id, e.variant, e.timestamp,
+                e.propensity if invocation else None, 0.0 if invocation else e.reward, invocation and e.error, window,
+                e.values))
+        return unit_events
 
     def _apply(self, lane: Lane, records: list[Record], results: list, now: float, sweep: bool) -> BatchResult:
         conn = self._connection(lane)

@@ -8,10 +8,11 @@ bandit and a canary rollout, and for ``--minutes`` routes users from a fixed pop
 the serving SDK at ``--rate`` events/s (invocations and the conversions that follow some of them
 seconds later: returning users, late outcomes, weights that move meanwhile) while other users go
 through the HTTP API (assign, then an invocation) at ``--api-rate`` requests/s. Every minute it
-records each process's resident memory (worker, API, broker), the consumer lag and batch time from
-the worker's metrics, how far the counted events trail the published ones, and the size of every
-table. At the end it stops publishing and checks that every event was counted exactly once, and
-prints the growth from the 5th minute to the last (growth is what a soak is for).
+records each process's resident memory and share of a core (worker, API, broker; PostgreSQL's
+share too), the consumer lag and batch time from the worker's metrics, how far the counted events
+trail the published ones, and the size of every table. At the end it stops publishing and checks
+that every event was counted exactly once, and prints the growth from the 5th minute to the last
+(growth is what a soak is for).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from common import Stack, metric_sum, save_results, scrape  # noqa: E402
 from pipeline import run_env, stop_worker  # noqa: E402
 
 from abflow.core.config import parse_config  # noqa: E402
-from abflow.local.stack import EmbeddedBroker, free_port, wait_for_port  # noqa: E402
+from abflow.local.stack import EmbeddedBroker, EmbeddedPostgres, free_port, wait_for_port  # noqa: E402
 from abflow.settings import libpq_url  # noqa: E402
 from producers.publisher import Publisher, ensure_topics  # noqa: E402
 from producers.sdk import ServingClient  # noqa: E402
@@ -72,6 +73,27 @@ def rss_mb(pid: int) -> float:
         except (OSError, AttributeError):
             pass
     return total / 1024
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time of a process and its children, living and exited (PostgreSQL's backends), in seconds."""
+    if pid is None:
+        return None
+    total = 0
+    pids = [pid]
+    try:
+        pids += [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return None
+    for index, p in enumerate(pids):
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if index == 0:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime: children that exited
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def batch_p95(text: str) -> float | None:
@@ -159,6 +181,7 @@ def main() -> None:
                     "primary_margin": 0.5,
                     "max_duration_seconds": args.minutes * 60}}))
     broker_pid = next((part.process.pid for part in stack.parts if isinstance(part, EmbeddedBroker)), None)
+    postgres_pid = next((part.process.pid for part in stack.parts if isinstance(part, EmbeddedPostgres)), None)
     logs = stack.home
     worker = subprocess.Popen([sys.executable, "-m", "abflow.cli", "worker"], env=env, cwd=ROOT,
                               stdout=open(logs / "worker.log", "ab"), stderr=subprocess.STDOUT)
@@ -185,6 +208,8 @@ def main() -> None:
             client.wait_ready(30)
             started = time.monotonic()
             next_sample = started
+            processes = {"worker": worker.pid, "api": api.pid, "broker": broker_pid, "postgres": postgres_pid}
+            cpu_then, then = {name: cpu_seconds(pid) for name, pid in processes.items()}, started
             traffic.start()
             log(f"soaking for {args.minutes:g} min at {args.rate:,.0f} events/s through the SDK and "
                 f"{args.api_rate:g} requests/s through the API…")
@@ -207,6 +232,12 @@ def main() -> None:
                     published += 1
                 if now >= next_sample:
                     next_sample += SAMPLE_EVERY_S
+                    # Each process's share of a core since the last sample: which one works harder as time goes on.
+                    cpu_now = {name: cpu_seconds(pid) for name, pid in processes.items()}
+                    cpu_percent = {name: round((cpu_now[name] - cpu_then[name]) / (now - then) * 100, 1)
+                                   if None not in (cpu_now[name], cpu_then[name]) and now - then > 1 else None
+                                   for name in processes}
+                    cpu_then, then = cpu_now, now
                     text = scrape(worker_port)
                     tables = table_sizes_mb(conn)
                     samples.append({
@@ -215,7 +246,7 @@ def main() -> None:
                         "broker_mb": round(rss_mb(broker_pid), 1) if broker_pid else None,
                         "lag": metric_sum(text, "abflow_worker_consumer_lag"), "batch_p95_s": batch_p95(text),
                         "behind": published + traffic.accepted - counted_events(conn),
-                        "postgres_mb": round(sum(tables.values()), 1), "tables_mb": tables})
+                        "postgres_mb": round(sum(tables.values()), 1), "cpu_percent": cpu_percent, "tables_mb": tables})
                     log("  " + json.dumps({k: v for k, v in samples[-1].items() if k != "tables_mb"}))
                 time.sleep(0.002)
             elapsed = time.monotonic() - started

@@ -39,6 +39,7 @@ from stream_jobs.aggregate import Record
 from stream_jobs.checkpoint import TopicIds
 from stream_jobs.dead_letters import KafkaDeadLetters
 from stream_jobs.metrics import WorkerMetrics
+from stream_jobs.positions import ReadPositions
 from stream_jobs.sink import BatchResult, PostgresSink, Validated
 
 log = logging.getLogger("abflow.worker")
@@ -92,6 +93,7 @@ class BatchSource(threading.Thread):
         self._last_beat = 0.0
         self._assigned: list[str] = []
         self._done: collections.deque[dict[tuple[str, int], int]] = collections.deque()
+        self.positions = ReadPositions()
         session_ms = int(settings.kafka_session_timeout_seconds * 1000)
         self.consumer = Consumer({
             "bootstrap.servers": settings.require_kafka_bootstrap(),
@@ -121,7 +123,7 @@ class BatchSource(threading.Thread):
                 self._beat()
                 self._store_done_offsets()
                 messages = self.consumer.consume(self.settings.batch_max_events, self.settings.batch_max_seconds)
-                records = self._records(messages)
+                records = self._without_holes(self._records(messages))
                 if not records:
                     continue
                 while not self._slots.acquire(timeout=0.2):
@@ -172,6 +174,25 @@ class BatchSource(threading.Thread):
             records.append(Record(topic, m.partition(), m.offset(), kinds[topic], m.key(), m.value()))
         return records
 
+    def _without_holes(self, records: list[Record]) -> list[Record]:
+        """The records to deliver; a partition whose offsets jump ahead is read again from the hole
+        (``stream_jobs.positions``). A seek that fails stops the worker: going on would skip the
+        records held back."""
+        checked = self.positions.check(records)
+        for (topic, partition), offset in checked.reread.items():
+            log.warning("%s[%d]: the broker's answer jumps ahead of offset %d; reading it again from there",
+                        topic, partition, offset)
+            if self.metrics is not None:
+                self.metrics.offset_rereads.labels(topic).inc()
+            self.consumer.seek(TopicPartition(topic, partition, offset))
+        for (topic, partition), offset in checked.filled.items():
+            log.warning("%s[%d]: reading again found the records from offset %d that the broker had left out",
+                        topic, partition, offset)
+        for (topic, partition), (start, end) in checked.passed.items():
+            log.warning("%s[%d]: offsets %d to %d are still missing after reading them again %d times: passed",
+                        topic, partition, start, end - 1, self.positions.max_rereads)
+        return checked.deliver
+
     def done(self, records: list[Record]) -> None:
         """The batch is committed in PostgreSQL: the consumer may commit past it and read another.
 
@@ -196,11 +217,13 @@ class BatchSource(threading.Thread):
                 log.info("offsets not stored (%s)", exc.args[0].str() if exc.args else exc)
 
     def _on_assign(self, consumer, partitions) -> None:
+        self.positions.forget([(p.topic, p.partition) for p in partitions])
         self._assigned = sorted(f"{p.topic}[{p.partition}]" for p in partitions)
         self._beat(force=True)
         log.info("assigned partitions: %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "none")
 
     def _on_revoke(self, consumer, partitions) -> None:
+        self.positions.forget([(p.topic, p.partition) for p in partitions])
         self._assigned = []
         log.info("revoked partitions: %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "none")
 

@@ -17,6 +17,8 @@ class WorkerMetrics:
                                     ["topic", "reason"], registry=self.registry)
         self.offset_gaps = Counter("abflow_worker_offset_gaps", "Offsets passed without a record read (a broker "
                                    "that lost or withheld records), by topic", ["topic"], registry=self.registry)
+        self.offset_rereads = Counter("abflow_worker_offset_rereads", "Partitions read again from an offset the "
+                                      "broker's answer jumped ahead of, by topic", ["topic"], registry=self.registry)
         self.lag = Gauge("abflow_worker_consumer_lag", "Records between the worker's position and the end of "
                          "each partition it holds", ["topic", "partition"], registry=self.registry)
 

@@ -237,3 +237,66 @@ def test_a_worker_whose_batch_fails_unexpectedly_exits_and_its_successor_counts_
     assert counted_events(engine, [experiment_id]) < expected.events  # it stopped part way
 
     assert_exact_and_stable(engine, expected, [workers("successor")])
+
+
+# A worker whose consumer answers as a broker that withheld records would: the first time a partition's
+# reading reaches offset 1,000, its next 50 records are left out of the answer (the consumer's position
+# has moved past them, as with a fetch answer that jumps ahead).
+SKIPPING_CONSUMER = """
+import runpy
+import confluent_kafka
+import stream_jobs.app as app
+
+withheld = set()
+
+
+class WithholdingConsumer(confluent_kafka.Consumer):
+    def consume(self, *args, **kwargs):
+        kept = []
+        for m in super().consume(*args, **kwargs):
+            if m.error() is None and 1000 <= m.offset() < 1050:
+                key = (m.topic(), m.partition(), m.offset())
+                if key not in withheld:
+                    withheld.add(key)
+                    continue
+            kept.append(m)
+        return kept
+
+
+app.Consumer = WithholdingConsumer
+runpy.run_module("abflow.cli", run_name="__main__")
+"""
+
+
+def test_records_a_broker_answer_jumped_over_are_read_again_and_counted(settings, engine, run_env, tmp_path):
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = make_experiment(engine, metric_window=METRIC_WINDOW)
+    events = make_events(experiment_id, 30_000, seed=23)  # about 6,400 invocations per partition
+    expected = expected_of(events)
+    with Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
+        for kind, event in events:
+            publish(publisher, kind, event)
+
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-c", SKIPPING_CONSUMER, "worker"], env=run_env, cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        experiment_ids = {experiment_id}
+        deadline = time.monotonic() + 120
+        while counted_events(engine, experiment_ids) < expected.events and time.monotonic() < deadline:
+            assert worker.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(2)  # a double count would show now
+        assert counted_events(engine, experiment_ids) == expected.events, log_path.read_text()[-3000:]
+        assert_windows_match(engine, expected)
+        assert_units_match(engine, expected, METRIC_WINDOW)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    text = log_path.read_text()
+    # Every invocations partition had its hole, and each was read again and found.
+    topic = settings.topics.invocations
+    for partition in range(settings.partitions):
+        assert f"{topic}[{partition}]: reading again found the records from offset 1000" in text, text[-3000:]
+    assert "were passed without a record read" not in text

@@ -1,0 +1,72 @@
+"""Holes in what the consumer reads, and reading them again. Pure: the consumer thread
+(``stream_jobs.app.BatchSource``) feeds it each batch it read and seeks where it says.
+
+A partition's offsets are dense: the record after offset n is at n + 1. A fetch answer that
+jumps ahead means the broker withheld records (the embedded broker was once seen to: a soak
+counted 599 events fewer than its topic held, densely, when read again afterwards) or that they
+are gone for good (retention deleted them, compaction, a transaction's marker). The consumer
+cannot tell which from one answer, so it reads the partition again from the hole's start,
+holding back what came after the hole; only a hole that is still there after ``max_rereads``
+readings is passed (and counted as a gap by the sink)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stream_jobs.aggregate import Record
+
+TopicPartition = tuple[str, int]
+MAX_REREADS = 3
+
+
+@dataclass
+class Checked:
+    """One batch as read, sorted out."""
+
+    deliver: list[Record] = field(default_factory=list)  # in the order read
+    reread: dict[TopicPartition, int] = field(default_factory=dict)  # seek there: a hole starts there
+    passed: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)  # holes still there: [start, end)
+    filled: dict[TopicPartition, int] = field(default_factory=dict)  # a hole's start, found on a reread
+
+
+class ReadPositions:
+    """The next offset expected from each partition, and the holes being read again."""
+
+    def __init__(self, max_rereads: int = MAX_REREADS):
+        self.max_rereads = max_rereads
+        self._next: dict[TopicPartition, int] = {}
+        self._rereads: dict[TopicPartition, tuple[int, int]] = {}  # hole start, readings so far
+
+    def forget(self, partitions: list[TopicPartition] | None = None) -> None:
+        """Partitions assigned or revoked: where their reading resumes is not known (the first record
+        read sets it). None: all of them."""
+        for tp in list(self._next) if partitions is None else partitions:
+            self._next.pop(tp, None)
+            self._rereads.pop(tp, None)
+
+    def check(self, records: list[Record]) -> Checked:
+        """Which of ``records`` (one consumer read, each partition's in offset order) to deliver,
+        and which partitions to read again from where."""
+        result = Checked()
+        for record in records:
+            tp = (record.topic, record.partition)
+            if tp in result.reread:
+                continue  # held back: read again after the hole
+            expected = self._next.get(tp)
+            reread = self._rereads.get(tp)
+            if expected is not None and record.offset > expected:
+                readings = reread[1] if reread is not None and reread[0] == expected else 0
+                if readings < self.max_rereads:
+                    self._rereads[tp] = (expected, readings + 1)
+                    result.reread[tp] = expected
+                    continue
+                result.passed[tp] = (expected, record.offset)
+            elif reread is not None and record.offset == reread[0]:
+                result.filled[tp] = record.offset
+            if reread is not None and record.offset >= reread[0]:
+                del self._rereads[tp]
+            # A record below the expected offset is read again (a reset to the earliest offset): the
+            # sink skips it as applied; reading goes on from there.
+            self._next[tp] = record.offset + 1
+            result.deliver.append(record)
+        return result

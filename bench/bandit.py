@@ -23,7 +23,6 @@ import asyncio
 import os
 import random
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -331,7 +330,7 @@ def main() -> None:
     if args.only in (None, "regret"):
         results["regret"] = regret(args.seeds, args.users)
     if args.only != "regret":
-        stack = Stack(Path(tempfile.mkdtemp(prefix="abflow-bench-")))
+        stack = Stack()
         try:
             if args.only in (None, "sdk"):
                 results["sdk_assign"] = sdk(stack, args.sdk_calls)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,19 +20,22 @@ from storage.db import make_engine, upgrade  # noqa: E402
 
 
 class Stack:
-    """ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL when set, else an embedded broker and PostgreSQL in ``home``."""
+    """ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL when set, else an embedded broker and PostgreSQL, in a
+    temporary directory (the processes' logs too) that ``close`` removes unless ``keep``: a soak's
+    database and broker log reach gigabytes."""
 
-    def __init__(self, home: Path):
+    def __init__(self, prefix: str = "abflow-bench-", keep: bool = False):
         settings = Settings.from_env()
-        self.home = home
+        self.home = Path(tempfile.mkdtemp(prefix=prefix))
+        self.keep = keep
         self.parts = []
         self.bootstrap, self.database_url = settings.kafka_bootstrap, settings.database_url
         if not self.bootstrap:
-            broker = EmbeddedBroker(home / "broker.log").start()
+            broker = EmbeddedBroker(self.home / "broker.log").start()
             self.parts.append(broker)
             self.bootstrap = broker.bootstrap
         if not self.database_url:
-            postgres = EmbeddedPostgres(home / "pgdata", home / "postgres.log").start()
+            postgres = EmbeddedPostgres(self.home / "pgdata", self.home / "postgres.log").start()
             self.parts.append(postgres)
             self.database_url = postgres.url
         upgrade(self.database_url)
@@ -44,6 +49,10 @@ class Stack:
         self.engine.dispose()
         for part in reversed(self.parts):
             part.stop()
+        if self.keep:
+            print(f"kept: {self.home}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 def scrape(port: int) -> str:

@@ -30,7 +30,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -333,7 +332,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["throughput", "freshness"])
     args = parser.parse_args()
 
-    stack = Stack(Path(tempfile.mkdtemp(prefix="abflow-bench-")))
+    stack = Stack()
     results = {"machine": f"{os.cpu_count()} cores", "stack": stack.kind}
     try:
         if args.only in (None, "throughput"):

@@ -29,11 +29,9 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -239,7 +237,7 @@ def main() -> None:
                         "(default: %(default)s)")
     args = parser.parse_args()
     intervals = [float(v) for v in args.check_intervals.split(",")]
-    stack = Stack(Path(tempfile.mkdtemp(prefix="abflow-bench-")))
+    stack = Stack()
     runs: dict[float, list[dict]] = {interval: [] for interval in intervals}
     try:
         for run in range(args.runs * len(intervals)):

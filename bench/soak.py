@@ -26,7 +26,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -163,9 +162,11 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=float, default=250.0,
                         help="the producer's linger: fewer, larger batches (the embedded broker lists every "
                              "batch it holds on each fetch, so their number is what slows it)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the stack's directory (the processes' logs, the database) and print where it is")
     args = parser.parse_args()
 
-    stack = Stack(Path(tempfile.mkdtemp(prefix="abflow-soak-")))
+    stack = Stack("abflow-soak-", keep=args.keep)
     tag = uuid.uuid4().hex[:6]
     env, topics = run_env(os.environ, stack.bootstrap, stack.database_url, stack.home, tag, 4)
     worker_port, api_port, admin_key = free_port(), free_port(), f"soak-{tag}"

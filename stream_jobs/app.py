@@ -151,13 +151,14 @@ class BatchSource(threading.Thread):
             tmp.replace(path)
 
     def _on_statistics(self, raw: str) -> None:
-        """librdkafka's statistics (every LAG_EVERY_S, from the consumer's own calls): each held
-        partition's distance from its end."""
+        """librdkafka's statistics (every LAG_EVERY_S, from the consumer's own calls): how far each
+        held partition's end is from the offset stored for the last batch applied (not the last one
+        committed to Kafka, which trails it by up to a commit interval)."""
         stats = json.loads(raw)
         self.metrics.lag.clear()  # partitions this worker no longer holds drop out
         for topic, found in stats.get("topics", {}).items():
             for partition, figures in found.get("partitions", {}).items():
-                lag = figures.get("consumer_lag", -1)
+                lag = figures.get("consumer_lag_stored", -1)
                 if partition != "-1" and lag >= 0:
                     self.metrics.lag.labels(topic, partition).set(lag)
 
@@ -253,6 +254,9 @@ def create_app(settings: Settings) -> faust.App:
     state: dict = {}
     totals = BatchResult()
     metrics = WorkerMetrics()
+    for topic in event_topics(settings):  # at 0 from the start: an alert compares them with before
+        metrics.offset_gaps.labels(topic)
+        metrics.offset_rereads.labels(topic)
     if settings.worker_metrics_port:
         metrics.serve(settings.worker_metrics_port)
 

@@ -19,8 +19,8 @@ class WorkerMetrics:
                                    "that lost or withheld records), by topic", ["topic"], registry=self.registry)
         self.offset_rereads = Counter("abflow_worker_offset_rereads", "Partitions read again from an offset the "
                                       "broker's answer jumped ahead of, by topic", ["topic"], registry=self.registry)
-        self.lag = Gauge("abflow_worker_consumer_lag", "Records between the worker's position and the end of "
-                         "each partition it holds", ["topic", "partition"], registry=self.registry)
+        self.lag = Gauge("abflow_worker_consumer_lag", "Records not applied yet: from the last offset the worker "
+                         "applied to the end of each partition it holds", ["topic", "partition"], registry=self.registry)
 
     def serve(self, port: int) -> None:
         start_http_server(port, addr="0.0.0.0", registry=self.registry)  # noqa: S104 - scraped from outside

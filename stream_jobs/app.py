@@ -180,12 +180,12 @@ class BatchSource(threading.Thread):
         (``stream_jobs.positions``). A seek that fails stops the worker: going on would skip the
         records held back."""
         checked = self.positions.check(records)
-        for (topic, partition), offset in checked.reread.items():
-            log.warning("%s[%d]: the broker's answer jumps ahead of offset %d; reading it again from there",
-                        topic, partition, offset)
+        for (topic, partition), (start, end) in checked.reread.items():
+            log.warning("%s[%d]: the broker's answer jumps from offset %d to %d; reading again from %d",
+                        topic, partition, start, end, start)
             if self.metrics is not None:
                 self.metrics.offset_rereads.labels(topic).inc()
-            self.consumer.seek(TopicPartition(topic, partition, offset))
+            self.consumer.seek(TopicPartition(topic, partition, start))
         for (topic, partition), offset in checked.filled.items():
             log.warning("%s[%d]: reading again found the records from offset %d that the broker had left out",
                         topic, partition, offset)

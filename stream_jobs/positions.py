@@ -24,7 +24,7 @@ class Checked:
     """One batch as read, sorted out."""
 
     deliver: list[Record] = field(default_factory=list)  # in the order read
-    reread: dict[TopicPartition, int] = field(default_factory=dict)  # seek there: a hole starts there
+    reread: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)  # holes [start, end): seek to start
     passed: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)  # holes still there: [start, end)
     filled: dict[TopicPartition, int] = field(default_factory=dict)  # a hole's start, found on a reread
 
@@ -58,7 +58,7 @@ class ReadPositions:
                 readings = reread[1] if reread is not None and reread[0] == expected else 0
                 if readings < self.max_rereads:
                     self._rereads[tp] = (expected, readings + 1)
-                    result.reread[tp] = expected
+                    result.reread[tp] = (expected, record.offset)
                     continue
                 result.passed[tp] = (expected, record.offset)
             elif reread is not None and record.offset == reread[0]:

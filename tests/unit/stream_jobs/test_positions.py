@@ -30,7 +30,7 @@ def test_a_hole_is_read_again_and_what_followed_it_is_held_back_until_the_reread
     positions = ReadPositions()
     positions.check(read(0, 1, 2))
     jumped = positions.check(read(3, 6, 7) + read(0, 1, partition=1))
-    assert jumped.reread == {(TOPIC, 0): 4}
+    assert jumped.reread == {(TOPIC, 0): (4, 6)}
     assert offsets(jumped.deliver) == [(0, 3), (1, 0), (1, 1)]  # up to the hole, and the other partition
     again = positions.check(read(4, 5, 6, 7, 8))
     assert again.filled == {(TOPIC, 0): 4}
@@ -44,14 +44,14 @@ def test_a_hole_that_stays_is_passed_after_the_rereads_and_only_then():
     delivered = []
     for _ in range(2):
         checked = positions.check(read(5, 6))
-        assert checked.reread == {(TOPIC, 0): 2}
+        assert checked.reread == {(TOPIC, 0): (2, 5)}
         delivered += checked.deliver
     assert delivered == []
     passed = positions.check(read(5, 6))
     assert passed.passed == {(TOPIC, 0): (2, 5)}
     assert offsets(passed.deliver) == [(0, 5), (0, 6)]
     # A later hole is a new one: read again before it is passed.
-    assert positions.check(read(9)).reread == {(TOPIC, 0): 7}
+    assert positions.check(read(9)).reread == {(TOPIC, 0): (7, 9)}
 
 
 def test_records_read_again_below_the_position_are_delivered_and_reading_goes_on_from_there():
@@ -68,4 +68,4 @@ def test_forgotten_partitions_start_again_wherever_they_are_read():
     positions.forget([(TOPIC, 0)])  # revoked, then assigned again
     checked = positions.check(read(40) + read(5, partition=1))
     assert offsets(checked.deliver) == [(0, 40)]
-    assert checked.reread == {(TOPIC, 1): 1}
+    assert checked.reread == {(TOPIC, 1): (1, 5)}

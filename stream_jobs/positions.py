@@ -2,12 +2,12 @@
 (``stream_jobs.app.BatchSource``) feeds it each batch it read and seeks where it says.
 
 A partition's offsets are dense: the record after offset n is at n + 1. A fetch answer that
-jumps ahead means the broker withheld records (the embedded broker was once seen to: a soak
-counted 599 events fewer than its topic held, densely, when read again afterwards) or that they
-are gone for good (retention deleted them, compaction, a transaction's marker). The consumer
-cannot tell which from one answer, so it reads the partition again from the hole's start,
-holding back what came after the hole; only a hole that is still there after ``max_rereads``
-readings is passed (and counted as a gap by the sink)."""
+jumps ahead means the broker withheld records (the embedded broker does, now and then: twice in
+a 30-minute soak, and the records were there when asked again) or that they are gone for good
+(retention deleted them, compaction, a transaction's marker). The consumer cannot tell which
+from one answer, so it reads the partition again from the hole's start, holding back what came
+after the hole; only a hole that is still there after ``max_rereads`` readings again is passed
+(and counted as a gap by the sink)."""
 
 from __future__ import annotations
 

@@ -192,8 +192,12 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
     second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               stdin=subprocess.DEVNULL)
     lines: list[str] = []
+    errors: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(second.stdout), daemon=True)
     reader.start()
+    # Its stderr (progress bars) is drained too: a pipe nobody reads blocks its writer once full.
+    error_reader = threading.Thread(target=lambda: errors.extend(second.stderr), daemon=True)
+    error_reader.start()
     try:
         wait_until(lambda: any("The stack is running" in line for line in lines) or second.poll() is not None,
                    300, message="the second demo")
@@ -232,11 +236,16 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
             current = json.loads(response.read())
         assert current["version"] >= 1 and abs(sum(current["weights"].values()) - 1) < 1e-9
         second.send_signal(signal.SIGINT)  # Ctrl-C
-        assert second.wait(60) == 0
+        try:
+            assert second.wait(60) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("`abflow up` did not stop within 60 s of Ctrl-C; its stderr:\n" + "".join(errors)[-3000:])
     finally:
         if second.poll() is None:
             second.kill()
     reader.join(5)
+    error_reader.join(5)
+    assert "stopped." in "".join(errors)
     for pid in stack["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # every process `abflow up` started is gone

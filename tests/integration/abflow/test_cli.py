@@ -189,8 +189,9 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
     assert "Warning" not in first.stderr, first.stderr  # a normal start is quiet
     remembered = json.loads((home / "local.json").read_text())  # ports and keys, for the next run
 
+    # As from a terminal: SIGINT not ignored, even when the tests run in a background job (which ignores it).
     second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     errors: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(second.stdout), daemon=True)

@@ -308,6 +308,12 @@ def create_app(settings: Settings) -> faust.App:
         try:
             await apply(batch)
         except Exception as exc:
+            source = state.get("source")
+            if source is not None and source.stopping.is_set():
+                # Stopping (the sink's threads shut down under it): not applied, so its offsets are not
+                # stored, and whoever reads the partitions next applies it.
+                log.info("a batch of %d records was not applied: the worker is stopping", len(batch.records))
+                return
             log.exception("a batch of %d records failed; stopping the worker", len(batch.records))
             await app.crash(exc)
 

@@ -96,6 +96,17 @@ def assert_exact_and_stable(engine, expected: Expected, workers_alive, timeout: 
     assert_units_match(engine, expected, METRIC_WINDOW)
 
 
+def published_beforehand(settings, engine, seed: int, count: int = 30_000) -> tuple[str, Expected]:
+    """A new experiment and ``count`` of its events, all published before any worker starts."""
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = make_experiment(engine, metric_window=METRIC_WINDOW)
+    events = make_events(experiment_id, count, seed=seed)
+    with Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
+        for kind, event in events:
+            publish(publisher, kind, event)
+    return experiment_id, expected_of(events)
+
+
 def test_worker_killed_mid_stream_twice_stays_exact(settings, engine, workers, run_env):
     # Kafka offsets committed rarely: each restart re-reads what was already applied,
     # so only the offsets stored with the aggregates stand between it and a double count.
@@ -214,13 +225,7 @@ def test_a_worker_whose_batch_fails_unexpectedly_exits_and_its_successor_counts_
                                                                                          run_env, tmp_path):
     """An error no retry can fix must stop the worker (a supervisor restarts it, from the offsets
     stored with the aggregates), never drop the batch and go on with the next ones."""
-    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
-    experiment_id = make_experiment(engine, metric_window=METRIC_WINDOW)
-    events = make_events(experiment_id, 30_000, seed=17)
-    expected = expected_of(events)
-    with Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
-        for kind, event in events:
-            publish(publisher, kind, event)
+    experiment_id, expected = published_beforehand(settings, engine, seed=17)
 
     log_path = tmp_path / "failing-worker.log"
     with open(log_path, "ab") as log:
@@ -269,13 +274,7 @@ runpy.run_module("abflow.cli", run_name="__main__")
 
 
 def test_records_a_broker_answer_jumped_over_are_read_again_and_counted(settings, engine, run_env, tmp_path):
-    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
-    experiment_id = make_experiment(engine, metric_window=METRIC_WINDOW)
-    events = make_events(experiment_id, 30_000, seed=23)  # about 6,400 invocations per partition
-    expected = expected_of(events)
-    with Publisher(settings.kafka_bootstrap, settings.topics) as publisher:
-        for kind, event in events:
-            publish(publisher, kind, event)
+    experiment_id, expected = published_beforehand(settings, engine, seed=23)  # ~6,400 invocations a partition
 
     log_path = tmp_path / "worker.log"
     with open(log_path, "ab") as log:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -53,6 +54,27 @@ class Stack:
             print(f"kept: {self.home}", file=sys.stderr, flush=True)
         else:
             shutil.rmtree(self.home, ignore_errors=True)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time of a process and its children, living and exited (PostgreSQL's backends), in seconds."""
+    if pid is None:
+        return None
+    total = 0
+    pids = [pid]
+    try:
+        pids += [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return None
+    for index, p in enumerate(pids):
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if index == 0:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime: children that exited
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(port: int) -> str:

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Stack, metric_sum, save_results, scrape  # noqa: E402
+from common import Stack, cpu_seconds, metric_sum, save_results, scrape  # noqa: E402
 from pipeline import run_env, stop_worker  # noqa: E402
 
 from abflow.core.config import parse_config  # noqa: E402
@@ -72,27 +72,6 @@ def rss_mb(pid: int) -> float:
         except (OSError, AttributeError):
             pass
     return total / 1024
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """CPU time of a process and its children, living and exited (PostgreSQL's backends), in seconds."""
-    if pid is None:
-        return None
-    total = 0
-    pids = [pid]
-    try:
-        pids += [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except OSError:
-        return None
-    for index, p in enumerate(pids):
-        try:
-            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-        if index == 0:
-            total += int(fields[13]) + int(fields[14])  # cutime, cstime: children that exited
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def batch_p95(text: str) -> float | None:

@@ -50,6 +50,7 @@ HEARTBEAT_EVERY_S = 2.0
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 LAG_EVERY_S = 5.0  # how often librdkafka reports the consumer lag
 FETCH_BYTES_PER_PARTITION = 128 * 1024
+FETCH_WAIT_MS = 50  # how long the broker may hold a fetch that finds nothing new
 
 
 def heartbeat_path(settings: Settings):
@@ -105,7 +106,7 @@ class BatchSource(threading.Thread):
             "auto.commit.interval.ms": int(settings.kafka_commit_interval_seconds * 1000),
             "session.timeout.ms": session_ms,
             "heartbeat.interval.ms": max(100, session_ms // 10),
-            "fetch.wait.max.ms": 50,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             # A partition's share of a fetch (librdkafka's default is 1 MB, about 4,000 events): smaller
             # shares mix the partitions within a batch, so the sink's lanes get work at the same time.
             # Measured (1,000,000 events, 3 runs each): 38,803 events/s against 35,921 with the default.

@@ -186,7 +186,8 @@ def workers(services):
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition", workers=()):
-    """Poll ``predicate`` until it is truthy; fail early with its log when a worker died."""
+    """Poll ``predicate`` until it is truthy; fail early with its log when a worker died, and show the
+    workers' logs when time runs out (a worker that stalls says where in them)."""
     deadline = time.monotonic() + timeout
     while True:
         for worker in workers:
@@ -195,5 +196,6 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
+            logs = "".join(f"\n--- {worker.log_path.name}:\n{worker.log()[-4000:]}" for worker in workers)
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}{logs}")
         time.sleep(interval)

@@ -28,6 +28,7 @@ bench: $(BIN)/abflow
 	$(BIN)/python bench/bandit.py
 	$(BIN)/python bench/report.py
 	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/dedup.py
 
 clean:
 	rm -rf $(VENV) .abflow

@@ -375,7 +375,7 @@ def keep_large_blocks_out_of_the_heap() -> None:
     the system when freed.
 
     glibc raises the threshold each time it frees a large mmapped block. After that, the dedup's
-    sorted arrays (about 1 MB per partition and minute at 5,000 events/s) came from the heap and left
+    sorted arrays (megabytes each, made anew whenever ids join them) came from the heap and left
     holes there. Measured in the 30-minute soak: once the dedup horizon was full, the memory in use
     stayed at 110 MB while the heap's free space grew from 25 to 48 MB, and the RSS grew with it.
     A fixed threshold turns off the raising. Other C libraries have no ``mallopt``: nothing to do."""

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from producers.contracts import CONVERSION, INVOCATION
 from producers.publisher import Publisher, ensure_topics
 from stream_jobs.aggregate import Record
-from stream_jobs.checkpoint import PartitionDedup, TopicIds
+from stream_jobs.checkpoint import RECENT_MAX_IDS, Digests, PartitionDedup, TopicIds
 from stream_jobs.dead_letters import KafkaDeadLetters
 from stream_jobs.sink import PostgresSink
 from tests.helpers import conversion, counted_events, invocation, make_experiment, now
@@ -171,6 +171,34 @@ def test_partition_dedup_forgets_a_minute_at_a_time_after_the_horizon():
     assert dedup.seen_among(ids) == {"d"}
     dedup.expire(older_than=2000.0)
     assert dedup.seen_among(ids) == set() and len(dedup) == 0
+
+
+def test_partition_dedup_keeps_a_busy_minute_in_its_sorted_array():
+    """A minute with more ids than the set of the newest holds (a worker catching up): they join the
+    minute's sorted array as they come, are all found, and go with their minute."""
+    dedup = PartitionDedup()
+    counted = [f"event-{i}" for i in range(3 * RECENT_MAX_IDS + 100)]
+    for start in range(0, len(counted), 1000):  # one batch a second: 50 batches within one minute
+        dedup.add(1000.0 + start / 1000, counted[start:start + 1000])
+    assert len(dedup) == len(counted)
+    assert len(dedup._recent) < RECENT_MAX_IDS  # the rest are 16 bytes each in the array, not ~93 in the set
+    never = [f"other-{i}" for i in range(len(counted))]
+    assert dedup.seen_among(counted + never) == set(counted)
+    dedup.add(1100.0, ["late"])  # the next minute
+    assert dedup.seen_among(counted[:5] + ["late"]) == {*counted[:5], "late"}
+    dedup.expire(older_than=1060.0)  # the busy minute's newest batch (1049) is past it
+    assert dedup.seen_among(counted + ["late"]) == {"late"} and len(dedup) == 1
+
+
+def test_digests_that_share_their_first_half_are_told_apart():
+    """The sorted arrays are searched by the first 64 bits; digests equal there (a chance of 2^-64 a
+    pair, so made up here) are compared whole."""
+    held = Digests.of([b"A" * 8 + b"1" * 8, b"A" * 8 + b"2" * 8, b"A" * 8 + b"3" * 8, b"B" * 16, b"C" * 16])
+    probe = Digests.of([b"A" * 8 + b"3" * 8, b"A" * 8 + b"4" * 8, b"A" * 8 + b"1" * 8, b"B" * 8 + b"A" * 8,
+                        b"C" * 16, b"D" * 16])
+    found = {first.tobytes() + second.tobytes() for first, second, hit
+             in zip(probe.first, probe.second, held.contains(probe)) if hit}
+    assert found == {b"A" * 8 + b"3" * 8, b"A" * 8 + b"1" * 8, b"C" * 16}
 
 
 def test_partition_dedup_finds_every_id_it_holds_and_no_other():

@@ -175,7 +175,7 @@ def test_partition_dedup_forgets_a_minute_at_a_time_after_the_horizon():
 
 def test_partition_dedup_keeps_a_busy_minute_in_its_sorted_array():
     """A minute with more ids than the set of the newest holds (a worker catching up): they join the
-    minute's sorted array as they come, are all found, and go with their minute."""
+    sorted array as they come, are all found, and go when their minute does."""
     dedup = PartitionDedup()
     counted = [f"event-{i}" for i in range(3 * RECENT_MAX_IDS + 100)]
     for start in range(0, len(counted), 1000):  # one batch a second: 50 batches within one minute

@@ -25,6 +25,11 @@ KINDS = (INVOCATION, CONVERSION, SHADOW)
 
 MAX_ID_LENGTH = 256
 MAX_VALUES = 32  # named numeric values per event
+# Bounds of the numbers an event carries. Far beyond any real reward, revenue or score, and small
+# enough that the sums the stream keeps (Σy², Σxy over billions of events) stay finite in PostgreSQL's
+# double precision: 1e12² × 1e9 events = 1e33, against a maximum of about 1.8e308.
+MAX_ABS_VALUE = 1e12  # |reward| and every entry of ``values``
+MAX_LATENCY_MS = 86_400_000.0  # one day: a latency beyond that is a broken clock, not a slow model
 
 # Stable reason codes of dead letters.
 REASONS = (
@@ -35,10 +40,12 @@ REASONS = (
     "wrong_type",
     "invalid_value",
     "non_finite",
+    "out_of_range",
     "unknown_experiment",
     "unknown_variant",
     "timestamp_in_future",
     "too_late",
+    "refused_by_database",  # valid by the contract, refused by PostgreSQL (the stream's dead letters only)
 )
 
 
@@ -125,56 +132,86 @@ def _to_dict(event: Event) -> dict:
 
 
 def encode(event: Event) -> bytes:
-    return orjson.dumps(event.to_dict())
+    """The event's JSON bytes, after the checks the stream applies to the fields (``InvalidEvent``
+    naming the field otherwise): nothing the stream would refuse, or read otherwise than meant,
+    leaves the publisher. (orjson writes NaN and Infinity as null.)"""
+    data = event.to_dict()
+    _FROM_DICT[event.kind](data)
+    return orjson.dumps(data)
 
 
 def _identifier(data: dict, field: str, required: bool = True) -> str | None:
     value = data.get(field)
     if value is None:
         if required:
-            raise InvalidEvent("missing_field", f"'{field}' is required")
+            raise InvalidEvent("missing_field", f"'{field}' is required", field)
         return None
     if type(value) is not str:
-        raise InvalidEvent("wrong_type", f"'{field}' must be a string, got {type(value).__name__}")
+        raise InvalidEvent("wrong_type", f"'{field}' must be a string, got {type(value).__name__}", field)
     if not value or len(value) > MAX_ID_LENGTH:
-        raise InvalidEvent("invalid_value", f"'{field}' must have 1 to {MAX_ID_LENGTH} characters")
+        raise InvalidEvent("invalid_value", f"'{field}' must have 1 to {MAX_ID_LENGTH} characters", field)
     if not value.isprintable():
-        raise InvalidEvent("invalid_value", f"'{field}' must not contain control characters")
+        raise InvalidEvent("invalid_value", f"'{field}' must not contain control characters", field)
     return value
 
 
-def _number(data: dict, field: str) -> float | None:
-    value = data.get(field)
-    if value is None:
+def _number(data: dict, field: str, bound: float = MAX_ABS_VALUE) -> float | None:
+    """An optional number: absent is None; present, it must be a finite number with |value| <= ``bound``.
+
+    An explicit ``null`` is refused, not read as absent: JSON encoders (orjson, JavaScript's
+    JSON.stringify) write NaN and Infinity as null, and a conversion whose NaN reward became
+    "absent" would count as a success with the default reward."""
+    if field not in data:
         return None
+    return _bounded(field, data[field], bound)
+
+
+def _bounded(field: str, value, bound: float) -> float:
+    if value is None:
+        raise InvalidEvent("wrong_type", f"'{field}' is null: leave the field out instead (NaN and Infinity "
+                                         "become null in many JSON encoders)", field)
     if type(value) not in (int, float):  # bool is an int subclass, and not a number here
-        raise InvalidEvent("wrong_type", f"'{field}' must be a number, got {type(value).__name__}")
+        raise InvalidEvent("wrong_type", f"'{field}' must be a number, got {type(value).__name__}", field)
     value = float(value)
     if not math.isfinite(value):
-        raise InvalidEvent("non_finite", f"'{field}' must be finite")
+        raise InvalidEvent("non_finite", f"'{field}' must be finite", field)
+    if abs(value) > bound:
+        raise InvalidEvent("out_of_range", f"'{field}' must be within ±{bound:g}, got {value:g}", field)
     return value
 
 
 def parse_timestamp(value: object) -> float:
     """Epoch seconds from an RFC 3339 string (with an offset) or a number of epoch seconds."""
     if value is None:
-        raise InvalidEvent("missing_field", "'timestamp' is required")
+        raise InvalidEvent("missing_field", "'timestamp' is required", "timestamp")
     if type(value) in (int, float):
         seconds = float(value)
         if not math.isfinite(seconds):
-            raise InvalidEvent("non_finite", "'timestamp' must be finite")
+            raise InvalidEvent("non_finite", "'timestamp' must be finite", "timestamp")
         if seconds < 0:
-            raise InvalidEvent("invalid_value", "'timestamp' must not be before 1970")
+            raise InvalidEvent("invalid_value", "'timestamp' must not be before 1970", "timestamp")
         return seconds
     if type(value) is str:
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
-            raise InvalidEvent("invalid_value", f"'timestamp' is not RFC 3339: {value[:64]!r}") from None
+            raise InvalidEvent("invalid_value", f"'timestamp' is not RFC 3339: {value[:64]!r}", "timestamp") from None
         if parsed.tzinfo is None:
-            raise InvalidEvent("invalid_value", "'timestamp' needs a UTC offset (e.g. 'Z' or '+00:00')")
+            raise InvalidEvent("invalid_value", "'timestamp' needs a UTC offset (e.g. 'Z' or '+00:00')", "timestamp")
         return parsed.timestamp()
-    raise InvalidEvent("wrong_type", f"'timestamp' must be an RFC 3339 string or epoch seconds, got {type(value).__name__}")
+    raise InvalidEvent("wrong_type", f"'timestamp' must be an RFC 3339 string or epoch seconds, got {type(value).__name__}",
+                       "timestamp")
+
+
+def check_clock(timestamp: float, now: float, max_future_seconds: float, max_lateness_seconds: float) -> None:
+    """``InvalidEvent`` when an event's time is more than ``max_future_seconds`` ahead of ``now`` or
+    older than ``max_lateness_seconds`` (the stream's limits; the HTTP API applies the same)."""
+    if timestamp > now + max_future_seconds:
+        raise InvalidEvent("timestamp_in_future", f"timestamp is {timestamp - now:.0f}s ahead of the clock; at most "
+                           f"{max_future_seconds:.0f}s are allowed", "timestamp")
+    if timestamp < now - max_lateness_seconds:
+        raise InvalidEvent("too_late", f"timestamp is {now - timestamp:.0f}s old; the maximum lateness is "
+                           f"{max_lateness_seconds:.0f}s", "timestamp")
 
 
 class _NonFinite(Exception):
@@ -221,7 +258,7 @@ def _checked_invocation(data: dict) -> Invocation:
     """The full rules, field by field, with an error that names the field."""
     propensity = _number(data, "propensity")
     if propensity is not None and not 0.0 < propensity <= 1.0:
-        raise InvalidEvent("invalid_value", f"'propensity' must be in (0, 1], got {propensity}")
+        raise InvalidEvent("invalid_value", f"'propensity' must be in (0, 1], got {propensity}", "propensity")
     latency_ms = _latency(data, "latency_ms")
     error = _flag(data, "error", False)
     return Invocation(
@@ -243,24 +280,16 @@ def _values(data: dict) -> dict[str, float] | None:
     if values is None:
         return None
     if type(values) is not dict:
-        raise InvalidEvent("wrong_type", f"'values' must be an object of named numbers, got {type(values).__name__}")
+        raise InvalidEvent("wrong_type", f"'values' must be an object of named numbers, got {type(values).__name__}", "values")
     if len(values) > MAX_VALUES:
-        raise InvalidEvent("invalid_value", f"'values' may hold at most {MAX_VALUES} numbers, got {len(values)}")
+        raise InvalidEvent("invalid_value", f"'values' may hold at most {MAX_VALUES} numbers, got {len(values)}", "values")
     checked = {}
     for name, value in values.items():
         if not VALUE_NAME.match(name) or name in UNIT_VARIABLES:
-            raise InvalidEvent("invalid_value", f"'values': {name!r} is not a value name (lower case letters, digits "
-                                                f"and _, starting with a letter; not one of {', '.join(UNIT_VARIABLES)})")
-        checked[name] = _value(name, value)
+            raise InvalidEvent("invalid_value", f"'values': {name!r} is not a value name (lower case letters, digits and "
+                               f"_, starting with a letter; not one of {', '.join(UNIT_VARIABLES)})", "values")
+        checked[name] = _bounded(f"values.{name}", value, MAX_ABS_VALUE)
     return checked
-
-
-def _value(name: str, value) -> float:
-    if type(value) not in (int, float):
-        raise InvalidEvent("wrong_type", f"'values.{name}' must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise InvalidEvent("non_finite", f"'values.{name}' must be finite")
-    return float(value)
 
 
 def _flag(data: dict, field: str, default: bool | None) -> bool | None:
@@ -268,14 +297,14 @@ def _flag(data: dict, field: str, default: bool | None) -> bool | None:
     if value is None:
         return default
     if type(value) is not bool:
-        raise InvalidEvent("wrong_type", f"'{field}' must be true or false, got {type(value).__name__}")
+        raise InvalidEvent("wrong_type", f"'{field}' must be true or false, got {type(value).__name__}", field)
     return value
 
 
 def _latency(data: dict, field: str) -> float | None:
-    value = _number(data, field)
+    value = _number(data, field, MAX_LATENCY_MS)
     if value is not None and value < 0:
-        raise InvalidEvent("invalid_value", f"'{field}' must be >= 0, got {value}")
+        raise InvalidEvent("invalid_value", f"'{field}' must be >= 0, got {value}", field)
     return value
 
 
@@ -283,7 +312,7 @@ def shadow_from_dict(data: dict) -> Shadow:
     error, served_error = _flag(data, "error", False), _flag(data, "served_error", False)
     agree = _flag(data, "agree", None)
     if agree is not None and (error or served_error):
-        raise InvalidEvent("invalid_value", "'agree' must be absent when either side failed")
+        raise InvalidEvent("invalid_value", "'agree' must be absent when either side failed", "agree")
     return Shadow(
         event_id=_identifier(data, "event_id"),
         experiment_id=_identifier(data, "experiment_id"),
@@ -321,6 +350,7 @@ def _checked_conversion(data: dict) -> Conversion:
 # rules, which explain what is wrong. tests/test_contracts.py checks they agree.
 _NUMBER = (int, float)
 _INF = math.inf
+_ABSENT = object()  # an optional field left out (an explicit null is not absent: see _number)
 
 
 def _is_id(value) -> bool:
@@ -330,36 +360,36 @@ def _is_id(value) -> bool:
 def invocation_from_dict(data: dict) -> Invocation:
     get = data.get
     event_id, experiment_id, variant, user_id = get("event_id"), get("experiment_id"), get("variant"), get("user_id")
-    timestamp, propensity, latency_ms = get("timestamp"), get("propensity"), get("latency_ms")
+    timestamp, propensity, latency_ms = get("timestamp"), get("propensity", _ABSENT), get("latency_ms", _ABSENT)
     error, model_version = get("error", False), get("model_version")
     if (
         _is_id(event_id) and _is_id(experiment_id) and _is_id(variant) and _is_id(user_id)
         and type(timestamp) in _NUMBER and 0 <= timestamp < _INF
-        and (propensity is None or (type(propensity) in _NUMBER and 0 < propensity <= 1))
-        and (latency_ms is None or (type(latency_ms) in _NUMBER and 0 <= latency_ms < _INF))
+        and (propensity is _ABSENT or (type(propensity) in _NUMBER and 0 < propensity <= 1))
+        and (latency_ms is _ABSENT or (type(latency_ms) in _NUMBER and 0 <= latency_ms <= MAX_LATENCY_MS))
         and type(error) is bool
         and (model_version is None or _is_id(model_version))
         and "values" not in data
     ):
         return Invocation(event_id, experiment_id, variant, user_id, float(timestamp),
-                          None if propensity is None else float(propensity),
-                          None if latency_ms is None else float(latency_ms), error, model_version)
+                          None if propensity is _ABSENT else float(propensity),
+                          None if latency_ms is _ABSENT else float(latency_ms), error, model_version)
     return _checked_invocation(data)
 
 
 def conversion_from_dict(data: dict) -> Conversion:
     get = data.get
     event_id, experiment_id, variant, user_id = get("event_id"), get("experiment_id"), get("variant"), get("user_id")
-    timestamp, reward, invocation_id = get("timestamp"), get("reward"), get("invocation_id")
+    timestamp, reward, invocation_id = get("timestamp"), get("reward", 1.0), get("invocation_id")
     if (
         _is_id(event_id) and _is_id(experiment_id) and _is_id(variant) and _is_id(user_id)
         and type(timestamp) in _NUMBER and 0 <= timestamp < _INF
-        and (reward is None or (type(reward) in _NUMBER and -_INF < reward < _INF))
+        and type(reward) in _NUMBER and -MAX_ABS_VALUE <= reward <= MAX_ABS_VALUE
         and (invocation_id is None or _is_id(invocation_id))
         and "values" not in data
     ):
         return Conversion(event_id, experiment_id, variant, user_id, float(timestamp),
-                          1.0 if reward is None else float(reward), invocation_id)
+                          float(reward), invocation_id)
     return _checked_conversion(data)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket, window_start
-from producers.contracts import INVOCATION, SHADOW, Event, InvalidEvent, Shadow, parse_event
+from producers.contracts import INVOCATION, SHADOW, Event, InvalidEvent, Shadow, check_clock, parse_event
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,9 @@ def validate(record: Record, known: dict[str, frozenset[str]], now: float, limit
                                f"experiment {event.experiment_id!r} has no variant {event.served_variant!r}")
     elif event.variant not in variants:
         raise InvalidEvent("unknown_variant", f"experiment {event.experiment_id!r} has no variant {event.variant!r}")
-    if event.timestamp > now + limits.max_future_seconds:
-        raise InvalidEvent(
-            "timestamp_in_future", f"timestamp is {event.timestamp - now:.0f}s ahead of the worker's clock"
-        )
-    if event.timestamp < now - limits.max_lateness_seconds:
-        raise InvalidEvent(
-            "too_late",
-            f"timestamp is {now - event.timestamp:.0f}s old; the maximum lateness is {limits.max_lateness_seconds:.0f}s",
-        )
+    check_clock(event.timestamp, now, limits.max_future_seconds, limits.max_lateness_seconds)
     return event
+
 
 
 @dataclass(slots=True)

@@ -263,7 +263,10 @@ def create_app(settings: Settings) -> faust.App:
 
     def sink() -> PostgresSink:
         if "sink" not in state:
-            dead_letters = KafkaDeadLetters(Publisher(bootstrap, settings.topics), settings.topics.dead_letters)
+            # A dead letter keeps a whole record up to the event size limit, and stays well under the
+            # producer's message limit (1 MB) whatever that limit is set to.
+            dead_letters = KafkaDeadLetters(Publisher(bootstrap, settings.topics), settings.topics.dead_letters,
+                                            max_value_bytes=min(settings.max_event_bytes, 512 * 1024))
             state["sink"] = PostgresSink(settings, dead_letters, TopicIds(bootstrap))
         return state["sink"]
 

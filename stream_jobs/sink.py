@@ -53,6 +53,15 @@ from stream_jobs.dead_letters import DeadLetters
 log = logging.getLogger(__name__)
 
 REGISTRY_MAX_AGE_SECONDS = 30.0
+# Errors that PostgreSQL raises for what a batch holds (a value out of range, a constraint), not for
+# an outage: retrying the same batch cannot help, so the sink looks for the records at fault.
+REFUSED_FOR_DATA = (psycopg.errors.DataError, psycopg.errors.IntegrityError, psycopg.errors.ProgramLimitExceeded)
+REFUSED_BY_DATABASE = "refused_by_database"
+
+
+class BatchRefused(Exception):
+    """PostgreSQL refuses a batch for a reason that is not in its records (a bug, not an outage)."""
+
 # How often a batch also looks at every held outcome: attributes those whose unit is exposed now,
 # gives up those that waited their time.
 HELD_SWEEP_SECONDS = 5.0
@@ -224,6 +233,45 @@ class PostgresSink:
         return total
 
     def _apply_lane(self, lane: Lane, records: list[Record], results: list, now: float, sweep: bool) -> BatchResult:
+        try:
+            return self._apply_once(lane, records, results, now, sweep)
+        except REFUSED_FOR_DATA as exc:
+            log.warning("PostgreSQL refused a batch of %d records (%s: %s); applying it in parts to find the records "
+                        "at fault", len(records), type(exc).__name__, str(exc).strip()[:300])
+            return self._isolate(lane, records, results, now, exc)
+
+    def _isolate(self, lane: Lane, records: list[Record], results: list, now: float,
+                 error: psycopg.Error) -> BatchResult:
+        """Apply ``records``, which PostgreSQL refused with ``error``, in halves (each half in order,
+        committed on its own) until the records at fault stand alone; each of those goes to the dead
+        letters (reason ``refused_by_database``, the database's error as the detail) and the rest
+        counts exactly once. A record at fault that cannot even be passed over means the fault is
+        not in the records: ``BatchRefused``, which stops the worker rather than losing events."""
+        candidates = [i for i, result in enumerate(results) if not isinstance(result, InvalidEvent)]
+        if len(candidates) <= 1:
+            if not candidates:
+                raise BatchRefused(f"PostgreSQL refused a batch without a countable record: {error}") from error
+            refused = list(results)
+            detail = f"{type(error).__name__}: {str(error).strip()}"
+            refused[candidates[0]] = InvalidEvent(REFUSED_BY_DATABASE, detail)
+            record = records[candidates[0]]
+            log.error("%s[%d] offset %d: PostgreSQL refuses the record; it goes to the dead letters (%s)",
+                      record.topic, record.partition, record.offset, detail[:300])
+            try:
+                return self._apply_once(lane, records, refused, now, False)
+            except REFUSED_FOR_DATA as again:
+                raise BatchRefused(f"PostgreSQL refuses the batch even without the record at {record.topic}"
+                                   f"[{record.partition}] offset {record.offset}: {again}") from again
+        cut = candidates[len(candidates) // 2]
+        total = BatchResult()
+        for part, part_results in ((records[:cut], results[:cut]), (records[cut:], results[cut:])):
+            try:
+                total.add(self._apply_once(lane, part, part_results, now, False))
+            except REFUSED_FOR_DATA as exc:
+                total.add(self._isolate(lane, part, part_results, now, exc))
+        return total
+
+    def _apply_once(self, lane: Lane, records: list[Record], results: list, now: float, sweep: bool) -> BatchResult:
         try:
             return self._apply(lane, records, results, now, sweep)
         except BaseException:

@@ -217,8 +217,11 @@ class _Experiment:
             except StatsInputError as exc:
                 return {**row, "error": str(exc)}
         if a.mean != 0:
-            lift = relative_lift_interval(a.mean, a.variance, b.mean, b.variance, 1 - self.alpha)
-            row.update(lift=lift.estimate, lift_low=lift.low, lift_high=lift.high)
+            try:
+                lift = relative_lift_interval(a.mean, a.variance, b.mean, b.variance, 1 - self.alpha)
+                row.update(lift=lift.estimate, lift_low=lift.low, lift_high=lift.high)
+            except StatsInputError:
+                pass  # no interval for the lift yet: the row shows none rather than a certainty
         tau = self._tau(metric, self.config.analysis.mde)
         sequential = msprt(difference, variance, tau, self.alpha)
         row.update(always_valid_p=sequential.p_value, always_valid_low=sequential.interval.low,

@@ -8,9 +8,14 @@ period*: within a period the weights were fixed, so the variants saw the same
 population; each period's per-variant mean is then weighted by the period's
 share of all traffic, the same weights for every variant:
 
-    mean_v = sum_k w_k mean_vk,   Var(mean_v) = sum_k w_k^2 s_k^2 / n_vk,   w_k = N_k / N,
+    mean_v = sum_k w_k mean_vk,   Var(mean_v) = sum_k w_k^2 s_vk^2 / n_vk,   w_k = N_k / N,
 
-where s_k^2 is the variance of period k's observations of the compared variants together.
+where s_vk^2 is the variance of variant v's own observations in period k: each arm keeps its own
+variance, as in Welch's test. (A variance pooled over both arms is too small whenever the arm
+with fewer units is the noisier one: a 10 % canary, a 5 % rollout stage, an arm a bandit starves.
+Pooled, an A/A test of a sd-3 arm on 1,000 units against a sd-1 arm on 9,000 shipped about half
+the time.) A cell too thin for its own variance to be trusted alone (under ``OWN_VARIANCE_MIN``
+observations, where it is often 0) takes the larger of its own and the period's pooled variance.
 
 Periods are as fine as the aggregates' windows allow: a window belongs to the
 period in effect at its start. Consecutive allocation versions whose weights
@@ -30,6 +35,7 @@ from bandit_service.stats.frequentist import MeanSummary, StatsInputError
 
 WEIGHT_TOLERANCE = 0.05  # max absolute weight change inside one period
 MIN_CELL = 2  # observations per variant and period
+OWN_VARIANCE_MIN = 30  # observations a cell needs for its own variance to stand alone
 
 
 EMPTY = MeanSummary(0, 0.0, 0.0)  # a variant absent from a period
@@ -92,10 +98,11 @@ def stratified_means(periods: list[dict[str, MeanSummary]], traffic: list[int],
     """The period-weighted mean of each of ``variants``; ``traffic[k]`` is period k's invocations
     over all variants (its weight), ``periods`` already merged so that every cell has n ≥ 2.
 
-    A cell's variance is that of the period's observations over all ``variants`` together (the
-    pooled variance, as in the pooled z-test): a bandit may leave a variant only a handful of
-    users in a period, and their own variance (often 0) would make the interval far too narrow.
-    Pass the two variants of a comparison; pass one to get its own variance.
+    A cell's variance is its own (each arm keeps its variance); a cell with fewer than
+    ``OWN_VARIANCE_MIN`` observations (a bandit may leave a variant only a handful of users in a
+    period, whose own variance is often 0) takes the larger of its own and the variance of the
+    period's observations over all ``variants`` together, so that it is never taken as certain.
+    Pass the two variants of a comparison.
     """
     if len(periods) != len(traffic) or not periods:
         raise StatsInputError("need one traffic count per period, and at least one period")
@@ -110,8 +117,9 @@ def stratified_means(periods: list[dict[str, MeanSummary]], traffic: list[int],
             cell = period.get(name, EMPTY)
             if cell.n == 0:
                 raise StatsInputError(f"variant {name!r} has no observations in a period; merge the periods first")
+            variance = cell.variance if cell.n >= OWN_VARIANCE_MIN else max(cell.variance, together.variance)
             sums[name][0] += share * cell.mean
-            sums[name][1] += share**2 * together.variance / cell.n
+            sums[name][1] += share**2 * variance / cell.n
     return {name: StratifiedMean(mean, variance, len(periods)) for name, (mean, variance) in sums.items()}
 
 

@@ -131,23 +131,35 @@ def paired_rate_difference_interval(both: int, only_a: int, only_b: int, n: int,
 
 def relative_lift_interval(mean_a: float, var_mean_a: float, mean_b: float, var_mean_b: float,
                            level: float = 0.95) -> Interval:
-    """Interval for the relative lift (B − A) / A by the delta method.
+    """Interval for the relative lift (B − A) / |A| by the delta method.
 
-    ``var_mean_*`` is the variance of each group's *mean* (for a rate: p(1 − p)/n;
-    for a mean: s²/n). Var(B/A − 1) ≈ Var(B)/A² + B² Var(A)/A⁴ for independent groups.
+    Divided by |A| (as gbstats does), so that the sign says whether B is above A also when A's
+    mean is negative (signed rewards, custom metrics); B/A − 1 would flip it. ``var_mean_*`` is
+    the variance of each group's *mean* (for a rate: p(1 − p)/n; for a mean: s²/n). For
+    independent groups Var ≈ Var(B)/A² + B² Var(A)/A⁴, whatever A's sign.
     """
     if mean_a == 0:
         raise StatsInputError("the relative lift is undefined when A's mean is 0")
-    lift = mean_b / mean_a - 1.0
+    lift = (mean_b - mean_a) / abs(mean_a)
     se = math.sqrt(var_mean_b / mean_a**2 + mean_b**2 * var_mean_a / mean_a**4)
+    if not se > 0:
+        raise StatsInputError("neither mean varies: the relative lift has no interval")
     z = stats.norm.ppf(0.5 + level / 2)
     return Interval(lift, lift - z * se, lift + z * se, level)
 
 
 def rate_lift_interval(successes_a: int, n_a: int, successes_b: int, n_b: int, level: float = 0.95) -> Interval:
-    """Relative lift of B's rate over A's, with its delta-method interval."""
+    """Relative lift of B's rate over A's, with its delta-method interval.
+
+    Refused while a group has no success or no failure: its rate's delta-method variance is then
+    0, and the interval would claim a certainty the data do not have (B with no success gave
+    [−1, −1])."""
     _check_counts(successes_a, n_a, "A")
     _check_counts(successes_b, n_b, "B")
+    for name, successes, n in (("A", successes_a, n_a), ("B", successes_b, n_b)):
+        if successes in (0, n):
+            raise StatsInputError(f"group {name} has {'no' if successes == 0 else 'only'} successes: the delta "
+                                  "method gives the lift no interval yet")
     pa, pb = successes_a / n_a, successes_b / n_b
     return relative_lift_interval(pa, pa * (1 - pa) / n_a, pb, pb * (1 - pb) / n_b, level)
 

@@ -18,7 +18,7 @@ from bandit_service.api.models import (
     InvocationRequest,
 )
 from bandit_service.assignment import assign
-from producers.contracts import CONVERSION, INVOCATION, InvalidEvent, event_from_dict
+from producers.contracts import CONVERSION, INVOCATION, InvalidEvent, check_clock, event_from_dict
 from storage.registry import get_experiment
 
 router = APIRouter(prefix="/experiments", tags=["serving"], dependencies=SERVING, responses={**ERRORS, **NOT_FOUND})
@@ -45,6 +45,8 @@ def _publish(state: State, experiment_id: str, kind: str, fields: dict) -> Event
     data.setdefault("timestamp", time.time())
     data["experiment_id"] = experiment_id
     event = event_from_dict(kind, data)
+    # The stream's own clock checks: an event it would dead-letter is refused here, with the reason.
+    check_clock(event.timestamp, time.time(), state.settings.max_future_seconds, state.settings.max_lateness_seconds)
     state.publisher.publish(event)
     state.publisher.poll(0)
     return EventAccepted(event_id=event.event_id, accepted=True)

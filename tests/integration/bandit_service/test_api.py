@@ -173,6 +173,26 @@ def test_bad_requests_name_the_field(admin):
     assert not_json.status_code == 422
 
 
+def test_events_the_stream_would_refuse_are_refused_at_the_door(admin):
+    """The API applies the stream's own checks: a number out of the contract's bounds (1e308 once
+    overflowed PostgreSQL's sums and stopped the worker) and a time the worker would dead-letter."""
+    experiment_id = new_id()
+    admin.post("/experiments", json=config(experiment_id))
+    body = {"variant": "Champion", "user_id": "u"}
+    for path, extra, field, reason in [
+        ("conversions", {"reward": 1e308}, "reward", "out_of_range"),
+        ("conversions", {"values": {"revenue": -2e12}}, "values.revenue", "out_of_range"),
+        ("invocations", {"latency_ms": 1e308}, "latency_ms", "out_of_range"),
+        ("invocations", {"propensity": 2.0}, "propensity", "invalid_value"),
+        ("invocations", {"timestamp": "2100-01-01T00:00:00Z"}, "timestamp", "timestamp_in_future"),
+        ("conversions", {"timestamp": 1_000_000_000}, "timestamp", "too_late"),
+    ]:
+        answer = admin.post(f"/experiments/{experiment_id}/{path}", json={**body, **extra})
+        assert answer.status_code == 422, (extra, answer.text)
+        assert (answer.json()["detail"]["field"], answer.json()["detail"]["reason"]) == (field, reason), answer.text
+    assert admin.post(f"/experiments/{experiment_id}/conversions", json={**body, "reward": 1e12}).status_code == 202
+
+
 def test_null_in_the_config_means_the_default(admin):
     """Found by the fuzzer: "epsilon": null was refused as "must be a number, got None"."""
     created = admin.post("/experiments", json=config(new_id(), epsilon=None, layer=None, analysis=None))

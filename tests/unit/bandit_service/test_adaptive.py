@@ -65,9 +65,24 @@ def test_one_period_is_the_pooled_estimate():
     means = stratified_means([period], [150], ["A"])
     assert means["A"].mean == pytest.approx(0.12)
     assert means["A"].variance == pytest.approx(period["A"].variance / 100)
+    # Each arm keeps its own variance in a comparison too (Welch, not the pooled t): a variance
+    # pooled over both arms is too small when the smaller arm is the noisier one.
     two = stratified_means([period], [150], ["A", "B"])
-    together = period["A"] + period["B"]
-    assert two["B"].variance == pytest.approx(together.variance / 50)
+    assert two["A"].variance == pytest.approx(period["A"].variance / 100)
+    assert two["B"].variance == pytest.approx(period["B"].variance / 50)
+
+
+def test_a_cell_too_thin_for_its_own_variance_is_never_taken_as_certain():
+    """A bandit can leave an arm a handful of units in a period, all without a conversion: their
+    own variance is 0. Such a cell takes the period's pooled variance when that is larger."""
+    thin = {"A": rate_cell(40, 400), "B": rate_cell(0, 5)}
+    means = stratified_means([thin], [405], ["A", "B"])
+    together = thin["A"] + thin["B"]
+    assert thin["B"].variance == 0 and means["B"].variance == pytest.approx(together.variance / 5)
+    # A thin cell whose own variance is the larger keeps its own.
+    noisy = {"A": MeanSummary(400, 40.0, 40.0), "B": MeanSummary(5, 10.0, 100.0)}
+    means = stratified_means([noisy], [405], ["A", "B"])
+    assert means["B"].variance == pytest.approx(noisy["B"].variance / 5)
 
 
 def test_periods_are_weighted_by_their_traffic_not_by_the_variants_share():

@@ -20,6 +20,7 @@ from bandit_service.stats.frequentist import (
     paired_rate_difference_interval,
     rate_difference_interval,
     rate_lift_interval,
+    relative_lift_interval,
     two_proportion_z_test,
     welch_t_test,
     wilson_interval,
@@ -201,8 +202,23 @@ def test_edge_cases_are_defined_or_clear_errors():
         two_proportion_z_test(0, 0, 1, 10)
     with pytest.raises(StatsInputError, match="outside"):
         wilson_interval(11, 10)
-    with pytest.raises(StatsInputError, match="undefined"):
+    with pytest.raises(StatsInputError, match="group A has no successes"):
         rate_lift_interval(0, 100, 5, 100)
+    with pytest.raises(StatsInputError, match="group B has no successes"):  # was the zero-width [-1, -1]
+        rate_lift_interval(5, 100, 0, 100)
+    with pytest.raises(StatsInputError, match="undefined"):
+        relative_lift_interval(0.0, 0.1, 1.0, 0.1)
+
+
+def test_relative_lift_keeps_its_sign_when_the_baseline_is_negative():
+    """(B − A) / |A|, as gbstats: from −10 to −5 is an improvement of +50 %, not B/A − 1 = −50 %."""
+    lift = relative_lift_interval(-10.0, 0.25, -5.0, 0.25)
+    assert lift.estimate == pytest.approx(0.5)
+    assert lift.low < 0.5 < lift.high
+    # The delta method's variance, Var(B)/A² + B² Var(A)/A⁴, does not depend on A's sign.
+    se = np.sqrt(0.25 / 100 + 25 * 0.25 / 10_000)
+    assert lift.high - lift.low == pytest.approx(2 * 1.959964 * se, rel=1e-6)
+    assert relative_lift_interval(10.0, 0.25, 15.0, 0.25).estimate == pytest.approx(0.5)
     with pytest.raises(StatsInputError, match="at least 2"):
         welch_t_test(MeanSummary(1, 1.0, 1.0), MeanSummary(5, 5.0, 6.0))
     with pytest.raises(StatsInputError):

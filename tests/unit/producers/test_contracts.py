@@ -214,3 +214,50 @@ def test_fast_path_agrees_with_the_full_rules():
                 assert fast(data) == expected, data
                 checks += 1
     assert checks > 2_000  # enough accepted events to mean something
+
+
+@pytest.mark.parametrize("kind, changes, field", [
+    ("conversion", {"reward": 1e12 + 1}, "reward"),
+    ("conversion", {"reward": -1e308}, "reward"),
+    ("conversion", {"values": {"revenue": 2e12}}, "values.revenue"),
+    ("invocation", {"values": {"score": -1e300}}, "values.score"),
+    ("invocation", {"latency_ms": 86_400_001}, "latency_ms"),
+])
+def test_numbers_beyond_the_bounds_are_out_of_range(kind, changes, field):
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(kind, orjson.dumps({**BASE, **changes}))
+    assert (info.value.reason, info.value.field) == ("out_of_range", field)
+    at_the_bound = {"reward": 1e12, "values": {"revenue": -1e12}, "latency_ms": 86_400_000}
+    assert parse_event("conversion", orjson.dumps({**BASE, "reward": at_the_bound["reward"]})).reward == 1e12
+    assert parse_event("invocation", orjson.dumps({**BASE, "latency_ms": 86_400_000})).latency_ms == 86_400_000
+
+
+@pytest.mark.parametrize("kind, field", [
+    ("conversion", "reward"), ("invocation", "propensity"), ("invocation", "latency_ms"),
+])
+def test_an_explicit_null_number_is_refused_not_read_as_absent(kind, field):
+    """orjson and JavaScript write NaN as null: a null reward must not become a success with reward 1.0."""
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(kind, orjson.dumps({**BASE, field: None}))
+    assert (info.value.reason, info.value.field) == ("wrong_type", field) and "null" in info.value.detail
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(kind, orjson.dumps({**BASE, "values": {"revenue": None}}))
+    assert info.value.field == "values.revenue"
+    # Null identifiers and flags mean absent: they cannot be mistaken for a number.
+    event = parse_event(kind, orjson.dumps({**BASE, "model_version": None, "invocation_id": None, "error": None}))
+    assert getattr(event, "model_version", None) is None and getattr(event, "invocation_id", None) is None
+
+
+@pytest.mark.parametrize("event, field, reason", [
+    (Conversion("e3", "x", "A", "u1", 1.7e9, reward=float("-inf")), "reward", "non_finite"),
+    (Conversion("e3", "x", "A", "u1", 1.7e9, reward=float("nan")), "reward", "non_finite"),
+    (Conversion("e3", "x", "A", "u1", 1.7e9, values={"revenue": float("nan")}), "values.revenue", "non_finite"),
+    (Conversion("e3", "x", "A", "u1", 1.7e9, reward=1e308), "reward", "out_of_range"),
+    (Invocation("e3", "x", "A", "u1", 1.7e9, propensity=float("nan")), "propensity", "non_finite"),
+    (Invocation("e3", "x", "A", "u1", 1.7e9, latency_ms=float("inf")), "latency_ms", "non_finite"),
+    (Invocation("e3", "x", "A", "u1\n", 1.7e9), "user_id", "invalid_value"),
+])
+def test_encode_refuses_what_the_stream_would_refuse_naming_the_field(event, field, reason):
+    with pytest.raises(InvalidEvent) as info:
+        encode(event)
+    assert (info.value.field, info.value.reason) == (field, reason)

@@ -46,7 +46,7 @@ from bandit_service.stats.frequentist import (
     welch_t_test,
     wilson_interval,
 )
-from bandit_service.stats.power import sample_size_means, sample_size_proportions
+from bandit_service.stats.power import sample_size_msprt
 from bandit_service.stats.sequential import msprt
 
 SRM_THRESHOLD = 0.001
@@ -281,7 +281,8 @@ class _Experiment:
                            for (variant, reason), count in sorted(self.data.attribution.items())]}
 
     def min_sample(self, primary: MetricConfig) -> int | None:
-        """Exposed units per variant for the power asked at the MDE (or the configured ``min_sample``)."""
+        """Exposed units per variant at which the test the decision uses (the mixture SPRT, with the
+        comparison's τ) has the power asked at the MDE; or the configured ``min_sample``."""
         analysis = self.config.analysis
         if analysis.min_sample is not None:
             return analysis.min_sample
@@ -289,13 +290,15 @@ class _Experiment:
             champion = pooled(self._cells(primary)).get(self.champion, EMPTY)
             if champion.n < 2 or champion.mean == 0:
                 return None
+            tau = self._tau(primary, analysis.mde)
             if primary.definition.kind == "proportion":
                 target = champion.mean * (1 + analysis.mde) if primary.higher_is_better else champion.mean * (1 - analysis.mde)
                 if not 0 < target < 1 or champion.mean >= 1:
                     return None
-                return sample_size_proportions(champion.mean, target, analysis.alpha, analysis.power)[0]
-            std = math.sqrt(champion.variance)
-            return sample_size_means(analysis.mde * abs(champion.mean), std, analysis.alpha, analysis.power)[0]
+                return sample_size_msprt(target - champion.mean, champion.mean * (1 - champion.mean),
+                                         target * (1 - target), tau, analysis.alpha, analysis.power)[0]
+            return sample_size_msprt(analysis.mde * abs(champion.mean), champion.variance, champion.variance, tau,
+                                     analysis.alpha, analysis.power)[0]
         except StatsInputError:
             return None
 
@@ -303,8 +306,11 @@ class _Experiment:
         """Each variant's share of units that converted as (effective) counts: the raw counts in one
         allocation period; across several, the counts whose mean and variance match the
         period-weighted estimate (so a bandit's moved weights do not tilt the Bayesian view either)."""
-        converted = MetricConfig("converted_units", "secondary")
-        cells = self._cells(converted)
+        # The units' own "converted" indicator (every report reads it), not a metric's variable: the
+        # experiment's metrics may not include converted_units, and its sums would then read as 0
+        # (a completed canary showed 0.00 % beside raw shares of 94 % and 96 %).
+        cells = [{name: MeanSummary(m.n, m.sums.get("converted", 0.0), m.sums.get("converted", 0.0))
+                  for name, m in period.items()} for period in self.unit_periods]
         raw = {name: pooled(cells).get(name, EMPTY) for name in self.names}
         if len(cells) <= 1 or any(cell.n < 2 for cell in raw.values()):
             return raw

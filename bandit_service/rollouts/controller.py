@@ -103,6 +103,12 @@ class RolloutController:
         """One check of a rollout (``conn`` in autocommit mode); returns its state afterwards."""
         now = now or _now()
         experiment_id = config.experiment_id
+        known = store.state_and_stage(conn, experiment_id)
+        if known is not None and self.reconcile(conn, config, *known) is not None:
+            # A controller died between a transition and its weights: the stage has not served yet,
+            # so it is judged from the next check on, not on units its weights never placed.
+            self._defer(experiment_id, config.rollout.check_interval_seconds)
+            return known[0]
         with conn.transaction():
             current, last_check_at = _ensure_started(conn, config, now)
             wait = 0.0 if last_check_at is None else \

@@ -79,3 +79,41 @@ def sample_size_means(difference: float, std: float, alpha: float = 0.05, power:
     n_a = TTestIndPower().solve_power(effect_size=abs(difference) / std, alpha=alpha, power=power, ratio=ratio,
                                       alternative="two-sided" if two_sided else "larger")
     return math.ceil(n_a), math.ceil(ratio * n_a)
+
+
+def msprt_power(difference: float, variance: float, tau: float, alpha: float = 0.05) -> float:
+    """Power of the mixture SPRT (``stats.sequential.msprt``) at a look where the difference estimate
+    has ``variance``, if the true difference is ``difference``: the chance that its confidence
+    sequence excludes 0 there. (It may have rejected at an earlier look too, so this is the least
+    power of a test looked at up to this sample.)"""
+    if variance <= 0 or tau <= 0:
+        raise StatsInputError("variance and tau must be positive")
+    t2 = tau * tau
+    half_width = math.sqrt(variance * (variance + t2) / t2 * (math.log((variance + t2) / variance) - 2 * math.log(alpha)))
+    se = math.sqrt(variance)
+    return float(stats.norm.cdf((abs(difference) - half_width) / se) + stats.norm.cdf((-abs(difference) - half_width) / se))
+
+
+def sample_size_msprt(difference: float, var_a: float, var_b: float, tau: float, alpha: float = 0.05,
+                      power: float = 0.8, ratio: float = 1.0) -> tuple[int, int]:
+    """(n_A, n_B) at which the always-valid test the decision uses (the mixture SPRT with mixing scale
+    ``tau``) detects ``difference`` with ``power``; ``var_*`` are the per-unit variances and
+    ``ratio`` = n_B / n_A. About twice a fixed-horizon test's sample at the usual α, power and τ:
+    the price of looking at every moment."""
+    if difference == 0 or var_a < 0 or var_b < 0 or var_a + var_b <= 0 or tau <= 0 or ratio <= 0:
+        raise StatsInputError("need a non-zero difference, variances >= 0 (not both 0), tau > 0 and ratio > 0")
+    if not 0 < power < 1:
+        raise StatsInputError(f"power must be in (0, 1), got {power}")
+
+    def shortfall(n_a: float) -> float:
+        return msprt_power(difference, var_a / n_a + var_b / (ratio * n_a), tau, alpha) - power
+
+    low, high = 1.0, 10.0
+    if shortfall(low) >= 0:
+        return 1, math.ceil(ratio)
+    while shortfall(high) < 0:
+        low, high = high, high * 10
+        if high > 1e15:
+            raise StatsInputError("no sample reaches that power")
+    n_a = optimize.brentq(shortfall, low, high, xtol=1e-6)
+    return math.ceil(n_a), math.ceil(ratio * n_a)

@@ -20,6 +20,7 @@ from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket
 from bandit_service.report.build import build_report
 from bandit_service.report.load import load_report_input
 from bandit_service.report.render import render_html, render_text
+from bandit_service.stats.power import sample_size_msprt, sample_size_proportions
 from storage.registry import create_experiment
 from tests.conftest import ADMIN
 
@@ -130,13 +131,16 @@ def test_known_effect_ships_the_challenger(engine):
     assert report["sample_ratio"]["checked"] and not report["sample_ratio"]["mismatch"]
     bayes = {b["variant"]: b for b in report["bayesian"]["variants"]}
     assert bayes["Challenger"]["p_beats_champion"] > 0.999
-    assert report["experiment"]["analysis"]["min_sample"] == sm_min_sample(c_a / n_a, 0.2)
+    # The minimum sample is the always-valid test's (the one the decision ships on), with its τ:
+    # about twice the fixed-horizon z-test's.
+    tau = comparison["tau"]
+    assert report["experiment"]["analysis"]["min_sample"] == msprt_min_sample(c_a / n_a, 0.2, tau)
+    assert 1.8 < msprt_min_sample(c_a / n_a, 0.2, tau) / sample_size_proportions(c_a / n_a, c_a / n_a * 1.2)[0] < 2.2
 
 
-def sm_min_sample(rate: float, mde: float) -> int:
-    from bandit_service.stats.power import sample_size_proportions
-
-    return sample_size_proportions(rate, rate * (1 + mde))[0]
+def msprt_min_sample(rate: float, mde: float, tau: float) -> int:
+    target = rate * (1 + mde)
+    return sample_size_msprt(target - rate, rate * (1 - rate), target * (1 - target), tau)[0]
 
 
 def test_no_effect_with_enough_data_is_not_shipped(engine):

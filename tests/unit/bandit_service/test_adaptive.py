@@ -115,6 +115,17 @@ def test_stratified_estimate_under_a_thompson_bandit():
     assert checks["stratified"].coverage >= 0.92
 
 
+def test_a_bandit_without_a_floor_starves_an_arm_and_the_thin_cells_stay_honest():
+    """Thompson sampling with no min_weight leaves the losing arm a handful of units in late periods,
+    often without a conversion. Each cell's own variance alone (0 there) covered 54 % with 46 % false
+    positives in this A/A; a thin cell's variance is never below its period's pooled one."""
+    rates = [0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.11]
+    config = PolicyConfig("ThompsonSampling", warmup=100, min_weight=0.0)
+    stratified = simulate_adaptive_estimates(rates, 0.0, config, 2_500, 300, seed=4)["stratified"]
+    assert stratified.coverage >= 0.93, stratified
+    assert stratified.false_positive_rate <= 0.05 + 0.03, stratified
+
+
 def guard(metric="error_rate", excess=0.0, low=-0.01, high=0.005, margin=0.01) -> GuardrailEvidence:
     return GuardrailEvidence(metric, margin, excess, low, high)
 

@@ -135,6 +135,28 @@ def test_drift_under_moving_weights_is_stratified_away():
     assert report["decision"]["verdict"] != "ship"
 
 
+@pytest.mark.parametrize("periods", [1, 3])
+def test_converted_shares_do_not_depend_on_the_metrics_chosen(periods):
+    """A canary whose metrics leave converted_units out showed a period-weighted converted share of
+    0.00 % for both variants (and a Bayesian view of zero conversions) beside raw shares of 94-96 %."""
+    experiment = config(metrics=[{"name": "reward_per_unit", "role": "primary"},
+                                 {"name": "error_rate", "role": "guardrail"}])
+    rng = np.random.default_rng(5)
+    units, allocations = {}, []
+    for period in range(periods):
+        if period:
+            allocations.append((period, START + timedelta(minutes=10 * period), {"Champion": 0.5, "Challenger": 0.5}))
+        units[period] = {name: one_visit_units(rng, 4_000, rate, metrics=experiment.metrics)[0]
+                         for name, rate in zip(NAMES, (0.945, 0.957))}
+    report = build_report(ReportInput(config=experiment, status="running", periods={}, allocations=allocations,
+                                      units=units))
+    for row in report["variants"]:
+        raw = row["converted_units"] / row["units"]
+        assert 0.93 < raw < 0.97 and row["converted_share_adjusted"] == pytest.approx(raw, abs=0.002), row
+    posterior = {row["variant"]: row for row in report["bayesian"]["variants"]}
+    assert posterior["Challenger"]["mean"] == pytest.approx(0.957, abs=0.01)
+
+
 def test_empty_input_keeps_running_and_renders():
     report = build_report(ReportInput(config=config(), status="running", periods={}, allocations=[]))
     assert report["decision"]["verdict"] == "keep running"

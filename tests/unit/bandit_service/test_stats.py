@@ -223,3 +223,24 @@ def test_relative_lift_keeps_its_sign_when_the_baseline_is_negative():
         welch_t_test(MeanSummary(1, 1.0, 1.0), MeanSummary(5, 5.0, 6.0))
     with pytest.raises(StatsInputError):
         sample_size_proportions(0.1, 0.1)
+
+
+def test_the_always_valid_test_has_the_power_asked_at_the_sample_it_asks_for():
+    """The decision ships on the mixture SPRT, so its minimum sample is that test's, not a
+    fixed-horizon test's: at the fixed-horizon size it has about 41 % power, not 80 %."""
+    from bandit_service.stats.power import msprt_power, sample_size_msprt
+    from bandit_service.stats.sequential import msprt
+
+    rng = np.random.default_rng(8)
+    difference, sd, tau = 0.1, 1.0, 0.1
+    n = sample_size_msprt(difference, sd**2, sd**2, tau)[0]
+    fixed = sample_size_means(difference, sd)[0]
+    assert 1.8 * fixed < n < 2.1 * fixed, (n, fixed)
+    assert msprt_power(difference, 2 * sd**2 / fixed, tau) == pytest.approx(0.41, abs=0.01)
+    for size, target in ((n, 0.8), (fixed, 0.41)):
+        runs, rejected = 2_000, 0
+        for _ in range(runs):
+            a, b = rng.normal(0, sd, size), rng.normal(difference, sd, size)
+            variance = a.var(ddof=1) / size + b.var(ddof=1) / size
+            rejected += msprt(b.mean() - a.mean(), variance, tau).p_value < 0.05
+        assert rejected / runs == pytest.approx(target, abs=0.03), (size, rejected / runs)

@@ -102,6 +102,14 @@ class Publisher:
                                                                                               self.topics.shadows)
         self.produce(topic, encode(event), key=event.user_id)
 
+    def broker_problem(self, timeout: float = 0.5) -> str | None:
+        """None when a broker answers a metadata request within ``timeout`` seconds, else what went wrong."""
+        try:
+            self._producer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            return str(exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else exc)
+        return None
+
     def poll(self, timeout: float = 0) -> int:
         return self._producer.poll(timeout)
 

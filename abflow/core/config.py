@@ -14,7 +14,14 @@ from abflow.core.errors import Invalid
 STRATEGIES = ("WeightedSampling", "EpsilonGreedy", "UCB1", "ThompsonSampling")
 ROLES = ("champion", "challenger")
 UNITS = ("user", "session")
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# \Z, not $: $ also matches before a final newline, and an id ending in one was accepted here but
+# refused by the event contract (its experiment could never receive an event).
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
+MAX_VARIANTS = 50  # a bandit over more arms learns nothing in a useful time; the report and /metrics grow with them
+MAX_WHOLE = 10**9  # warm-up, minimum samples, retries: far beyond use, and within PostgreSQL's integer
+MAX_NUMBER = 1e12  # weights, margins, caps, coefficients, durations: finite sums stay finite
+MAX_TEXT = 10_000  # characters of a description
+MAX_ID_TEXT = 256  # characters of a model version (as in the event contract)
 
 _TOP_LEVEL = {"experiment_id", "strategy", "epsilon", "warmup", "unit", "variants", "description", "min_weight",
               "reward_model", "metrics", "analysis", "rollout", "layer", "traffic", "shadows",
@@ -30,10 +37,10 @@ _VARIANT = {"name", "initial_weight", "model_version", "role"}
 #   quantile: of the request latencies (guardrails only; request-level, from the histograms).
 # A numerator or a denominator is a linear combination of variables, e.g. F1 = 2·tp / (2·tp + fp + fn).
 UNIT_VARIABLES = ("invocations", "conversions", "reward", "errors")
-VALUE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+VALUE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 # A unit variable counted only within a shorter attribution window after exposure ("revenue@3600"):
 # what a metric with its own attribution_window_seconds reads (storage.units keeps these sums).
-WINDOWED_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}@[1-9][0-9]{0,9}$")
+WINDOWED_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}@[1-9][0-9]{0,9}\Z")
 
 
 def windowed(variable: str, seconds: int) -> str:
@@ -233,7 +240,21 @@ def _number(value, where: str) -> float:
         raise ConfigError(f"{where} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ConfigError(f"{where} must be finite, got {value!r}")
+    if abs(value) > MAX_NUMBER:
+        raise ConfigError(f"{where} must be within ±{MAX_NUMBER:g}, got {value!r}")
     return float(value)
+
+
+def _text(value, where: str, limit: int) -> str | None:
+    """Optional free text: printable (newlines and tabs allowed), at most ``limit`` characters."""
+    if value is None:
+        return None
+    value = str(value)
+    if len(value) > limit:
+        raise ConfigError(f"{where} must have at most {limit} characters, got {len(value)}")
+    if not value.replace("\n", "").replace("\t", "").isprintable():
+        raise ConfigError(f"{where} must not contain control characters (NUL, ...) or lone surrogates")
+    return value
 
 
 def _check_object(data, allowed: set[str], where: str, shape: str) -> None:
@@ -243,6 +264,18 @@ def _check_object(data, allowed: set[str], where: str, shape: str) -> None:
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+
+
+def _model_version(value, where: str) -> str | None:
+    """A model version as the events carry it: 1 to 256 printable characters (a number is its text)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    text = str(value)
+    if not 0 < len(text) <= MAX_ID_TEXT or not text.isprintable():
+        raise ConfigError(f"{where} must have 1 to {MAX_ID_TEXT} printable characters")
+    return text
 
 
 def _variant(data, index: int, count: int) -> VariantConfig:
@@ -257,9 +290,7 @@ def _variant(data, index: int, count: int) -> VariantConfig:
     role = data.get("role", "champion" if index == 0 else "challenger")
     if role not in ROLES:
         raise ConfigError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
-    model_version = data.get("model_version")
-    if model_version is not None:
-        model_version = str(model_version)
+    model_version = _model_version(data.get("model_version"), f"{where}.model_version")
     return VariantConfig(name=name, initial_weight=weight, role=role, model_version=model_version)
 
 
@@ -379,8 +410,9 @@ def _analysis(data) -> AnalysisConfig:
     if correction not in CORRECTIONS:
         raise ConfigError(f"analysis.correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
     min_sample = data.get("min_sample")
-    if min_sample is not None and (isinstance(min_sample, bool) or not isinstance(min_sample, int) or min_sample < 1):
-        raise ConfigError(f"analysis.min_sample must be a whole number >= 1, got {min_sample!r}")
+    if min_sample is not None and (isinstance(min_sample, bool) or not isinstance(min_sample, int)
+                                   or not 1 <= min_sample <= MAX_WHOLE):
+        raise ConfigError(f"analysis.min_sample must be a whole number in [1, {MAX_WHOLE}], got {min_sample!r}")
     return AnalysisConfig(alpha, power, mde, correction, min_sample)
 
 
@@ -412,14 +444,16 @@ def parse_config(data) -> ExperimentConfig:
     strategy = data.get("strategy", "WeightedSampling")
     epsilon = _number(data.get("epsilon", 0.1), "epsilon")
     warmup = data.get("warmup", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"warmup must be a whole number >= 0, got {warmup!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= MAX_WHOLE:
+        raise ConfigError(f"warmup must be a whole number in [0, {MAX_WHOLE}], got {warmup!r}")
     unit = data.get("unit", "user")
     if unit not in UNITS:
         raise ConfigError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
     raw_variants = data.get("variants")
     if not isinstance(raw_variants, list) or len(raw_variants) < 2:
         raise ConfigError("variants must be a list of at least two variants")
+    if len(raw_variants) > MAX_VARIANTS:
+        raise ConfigError(f"variants: at most {MAX_VARIANTS} variants, got {len(raw_variants)}")
     variants = tuple(_variant(v, i, len(raw_variants)) for i, v in enumerate(raw_variants))
     names = [v.name for v in variants]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -433,7 +467,7 @@ def parse_config(data) -> ExperimentConfig:
     min_weight = _number(data.get("min_weight", 0.0), "min_weight")
     reward_model = data.get("reward_model", "binary")
     check_policy_parameters(strategy, epsilon, min_weight, reward_model, len(variants))
-    description = data.get("description")
+    description = _text(data.get("description"), "description", MAX_TEXT)
     layer = data.get("layer")
     if layer is not None and (not isinstance(layer, str) or not ID_PATTERN.match(layer)):
         raise ConfigError(f"layer must match {ID_PATTERN.pattern}, got {layer!r}")
@@ -442,8 +476,8 @@ def parse_config(data) -> ExperimentConfig:
         raise ConfigError(f"traffic (the share of the layer's units) must be in (0, 1], got {traffic}")
     attribution = _number(data.get("attribution_window_seconds", DEFAULT_ATTRIBUTION_WINDOW_SECONDS),
                           "attribution_window_seconds")
-    if attribution <= 0:
-        raise ConfigError(f"attribution_window_seconds must be > 0, got {attribution}")
+    if not 0 < attribution <= MAX_METRIC_WINDOW_SECONDS:
+        raise ConfigError(f"attribution_window_seconds must be in (0, {MAX_METRIC_WINDOW_SECONDS}], got {attribution}")
     metrics = _metrics(data.get("metrics"), reward_model)
     for index, metric in enumerate(metrics):
         # An event after the experiment's window is not kept for its unit at all.
@@ -459,7 +493,7 @@ def parse_config(data) -> ExperimentConfig:
         unit=unit,
         min_weight=min_weight,
         reward_model=reward_model,
-        description=None if description is None else str(description),
+        description=description,
         metrics=metrics,
         analysis=_analysis(data.get("analysis")),
         rollout=_rollout(data.get("rollout"), [v.name for v in variants if v.role == "challenger"]),
@@ -484,8 +518,7 @@ def _shadows(data, variant_names: list[str]) -> tuple[ShadowConfig, ...]:
             raise ConfigError(f"{where}.name must match {ID_PATTERN.pattern}, got {name!r}")
         if name in variant_names or name in [s.name for s in shadows]:
             raise ConfigError(f"{where}.name {name!r} is already a variant or a shadow")
-        model_version = item.get("model_version")
-        shadows.append(ShadowConfig(name, None if model_version is None else str(model_version)))
+        shadows.append(ShadowConfig(name, _model_version(item.get("model_version"), f"{where}.model_version")))
     return tuple(shadows)
 
 
@@ -516,8 +549,8 @@ def _rollout(data, challengers: list[str]) -> RolloutPlan | None:
 
     def whole(name: str, least: int) -> int:
         value = data.get(name, getattr(defaults, name))
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"rollout.{name} must be a whole number >= {least}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_WHOLE:
+            raise ConfigError(f"rollout.{name} must be a whole number in [{least}, {MAX_WHOLE}], got {value!r}")
         return value
 
     def url(name: str) -> str | None:

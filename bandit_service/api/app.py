@@ -9,6 +9,7 @@ field and the problem; an unknown experiment is 404 (``errors``).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,12 @@ from bandit_service.api.metrics import ApiMetrics
 from bandit_service.api.routes import experiments, health, rollouts, serving
 from producers.publisher import Publisher
 from storage.db import make_engine
+
+log = logging.getLogger("abflow.api")
+
+
+DATABASE_WAIT_SECONDS = 2.0  # the longest a request waits for a PostgreSQL connection
+CONNECT_TIMEOUT_SECONDS = 2  # libpq's, for a new connection (whole seconds)
 
 
 class BodyLimit:
@@ -84,14 +91,26 @@ class Observe:
         started = time.perf_counter()
         status = 500  # what the client gets when the app raises before it answers
 
+        started = False
+
         async def send_observed(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_observed)
+        except Exception:
+            # Answered here rather than re-raised: the server would close the connection after a
+            # 500 that escaped, and the client's next request on it would be reset.
+            log.exception("%s %s failed", scope["method"], scope.get("path"))
+            if not started:
+                payload = b'{"detail":"internal error; the server log has the details"}'
+                await send_observed({"type": "http.response.start", "status": 500,
+                                     "headers": [(b"content-type", b"application/json"),
+                                                 (b"content-length", str(len(payload)).encode())]})
+                await send_observed({"type": "http.response.body", "body": payload})
         finally:
             route = scope.get("route")
             path = route.path if route is not None else "unmatched"
@@ -105,15 +124,21 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         raise SettingsError("the API needs at least one admin key (ABFLOW_API_KEYS_ADMIN)")
     metrics = ApiMetrics()
 
+    # While PostgreSQL is down a request fails within these (503, see ``errors``), not after the
+    # pools' defaults of 30 s: a client can back off, and the pools reconnect when it is back.
+    connection_options = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS}
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own_publisher = publisher is None
         state = ApiState(
             settings=settings, keys=settings.api_keys, metrics=metrics,
-            pool=ConnectionPool(settings.libpq_url, min_size=2, max_size=16, kwargs={"autocommit": True}, open=True),
-            assign_pool=AsyncConnectionPool(settings.libpq_url, min_size=4, max_size=16, kwargs={"autocommit": True},
-                                            open=False),
-            engine=make_engine(settings.require_database_url()),
+            pool=ConnectionPool(settings.libpq_url, min_size=2, max_size=16, timeout=DATABASE_WAIT_SECONDS,
+                                kwargs=connection_options, open=True),
+            assign_pool=AsyncConnectionPool(settings.libpq_url, min_size=4, max_size=16, timeout=DATABASE_WAIT_SECONDS,
+                                            kwargs=connection_options, open=False),
+            engine=make_engine(settings.require_database_url(), pool_timeout=DATABASE_WAIT_SECONDS,
+                               connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS}),
             publisher=publisher or Publisher(settings.require_kafka_bootstrap(), settings.topics))
         await state.assign_pool.open()
         app.state.abflow = state

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
@@ -26,6 +26,9 @@ class ApiState:
     assign_pool: AsyncConnectionPool  # the same, asynchronous: `assign`, the hottest path
     engine: Engine  # SQLAlchemy: the registry and the reports
     publisher: Publisher
+    # Each experiment's variants when last read: events are accepted while PostgreSQL is down.
+    known_variants: dict[str, frozenset[str]] = field(default_factory=dict)
+    pools_checked_at: float = 0.0  # monotonic time the pools last checked their connections (errors)
 
 
 # The dependencies that do no I/O are coroutines: FastAPI runs a plain function in a worker thread,

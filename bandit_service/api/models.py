@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -105,7 +105,7 @@ class ExperimentConfigIn(_Strict):
                      {"name": "Challenger", "initial_weight": 1, "role": "challenger", "model_version": "v2"}]})
 
     experiment_id: str
-    strategy: str
+    strategy: str | None = Field(None, description="Default: WeightedSampling (as in a config file)")
     variants: list[VariantIn]
     description: str | None = None
     epsilon: float | None = None
@@ -174,7 +174,17 @@ class ExperimentOut(BaseModel):
 class AssignRequest(_Strict):
     model_config = _strict({"unit_id": "user-42"})
 
-    unit_id: str = Field(min_length=1, max_length=256, description="The user id, or the session id for session experiments")
+    unit_id: str = Field(min_length=1, max_length=256, description="The user id, or the session id for session "
+                                                                   "experiments: 1 to 256 printable characters, as "
+                                                                   "the events' user_id")
+
+    @field_validator("unit_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # The events' rule for user_id: a unit assigned here must be able to send its events.
+        if not value.isprintable():
+            raise ValueError("must not contain control characters (NUL, newline, ...) or lone surrogates")
+        return value
 
 
 class AssignResponse(BaseModel):
@@ -412,9 +422,11 @@ class ErrorOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    model_config = _loose({"status": "ok"})
+    model_config = _loose({"status": "ok", "checks": {"postgresql": "ok", "kafka": "ok"}},
+                          {"status": "down", "checks": {"postgresql": "down: connection refused", "kafka": "ok"}})
 
-    status: Literal["ok"]
+    status: Literal["ok", "down"]
+    checks: dict[str, str] = Field(default_factory=dict, description="Each dependency: ok, or down with the reason")
 
 
 ERRORS = {401: {"model": ErrorOut, "description": "No API key, or an unknown one"},

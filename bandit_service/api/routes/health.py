@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import psycopg
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import PoolTimeout
 
 from bandit_service.api.deps import State, metrics_access
 from bandit_service.api.models import HealthOut
@@ -19,12 +21,32 @@ def ping() -> dict[str, str]:
     return {}
 
 
-@router.get("/healthz")
-def healthz(state: State) -> HealthOut:
-    """PostgreSQL answers."""
-    with state.pool.connection() as conn:
-        database_ping(conn)
-    return HealthOut(status="ok")
+HEALTH_WAIT_SECONDS = 0.5  # per dependency: /healthz answers within about a second
+
+
+@router.get("/healthz", responses={503: {"model": HealthOut, "description": "A dependency is down; it says which"}})
+def healthz(state: State, response: Response) -> HealthOut:
+    """Whether PostgreSQL and Kafka answer, each within half a second; 503 naming what is down."""
+    checks = {"postgresql": _postgresql(state), "kafka": _kafka(state)}
+    down = {name: problem for name, problem in checks.items() if problem != "ok"}
+    if down:
+        response.status_code = 503
+        response.headers["Retry-After"] = "2"
+    return HealthOut(status="down" if down else "ok", checks=checks)
+
+
+def _postgresql(state) -> str:
+    try:
+        with state.pool.connection(timeout=HEALTH_WAIT_SECONDS) as conn:
+            database_ping(conn)
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        return f"down: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+    return "ok"
+
+
+def _kafka(state) -> str:
+    problem = state.publisher.broker_problem(HEALTH_WAIT_SECONDS)
+    return "ok" if problem is None else f"down: {problem[:200]}"
 
 
 @router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_access)],

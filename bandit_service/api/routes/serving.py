@@ -8,6 +8,7 @@ import uuid
 from fastapi import APIRouter
 
 from bandit_service.api.deps import SERVING, State
+from bandit_service.api.errors import DATABASE_DOWN
 from bandit_service.api.models import (
     ERRORS,
     NOT_FOUND,
@@ -35,9 +36,21 @@ async def assign_unit(experiment_id: str, body: AssignRequest, state: State) -> 
                           new=result.new, in_experiment=result.in_experiment)
 
 
+def _variants(state: State, experiment_id: str) -> frozenset[str]:
+    """The experiment's variants; while PostgreSQL is down, those it had when last read, so that
+    events go on reaching Kafka (the stream checks them again). Unknown then: 503."""
+    try:
+        variants = frozenset(v.name for v in get_experiment(state.engine, experiment_id).variants)
+    except DATABASE_DOWN:
+        if experiment_id in state.known_variants:
+            return state.known_variants[experiment_id]
+        raise
+    state.known_variants[experiment_id] = variants
+    return variants
+
+
 def _publish(state: State, experiment_id: str, kind: str, fields: dict) -> EventAccepted:
-    experiment = get_experiment(state.engine, experiment_id)
-    if fields["variant"] not in {v.name for v in experiment.variants}:
+    if fields["variant"] not in _variants(state, experiment_id):
         raise InvalidEvent("unknown_variant", f"experiment {experiment_id!r} has no variant {fields['variant']!r}",
                            field="variant")
     data = {k: v for k, v in fields.items() if v is not None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -193,6 +194,31 @@ def test_events_the_stream_would_refuse_are_refused_at_the_door(admin):
     assert admin.post(f"/experiments/{experiment_id}/conversions", json={**body, "reward": 1e12}).status_code == 202
 
 
+def test_inputs_that_were_500s_are_422s_naming_the_field(admin):
+    experiment_id = new_id()
+    assert admin.post("/experiments", json=config(experiment_id)).status_code == 201
+    for raw in (b'{"unit_id": "a\\u0000b"}', b'{"unit_id": "\\ud800"}', b'{"unit_id": "user-1\\n"}'):
+        answer = admin.post(f"/experiments/{experiment_id}/assign", content=raw,
+                            headers={"Content-Type": "application/json"})
+        assert answer.status_code == 422, (raw, answer.text)
+        assert answer.json()["detail"][0]["loc"] == ["body", "unit_id"], answer.text
+    variants = config(new_id())["variants"]
+    for changes, field in [
+        ({"description": "a\u0000b"}, "description"),
+        ({"warmup": 2**31}, "warmup"),
+        ({"variants": [{**variants[0], "model_version": "v" * 257}, variants[1]]}, "variants[0].model_version"),
+        ({"experiment_id": "x" * 127 + "\n"}, "experiment_id"),
+        ({"variants": [{**variants[0], "initial_weight": 1e308}, {**variants[1], "initial_weight": 1e308}]},
+         "variants[0].initial_weight"),
+        ({"variants": [{"name": f"v{i}"} for i in range(51)]}, "variants"),
+    ]:
+        answer = admin.post("/experiments", json={**config(new_id()), **changes})
+        assert answer.status_code == 422 and field in answer.json()["detail"], (changes, answer.text)
+    # strategy is optional in the API as in a config file.
+    created = admin.post("/experiments", json={k: v for k, v in config(new_id()).items() if k != "strategy"})
+    assert created.status_code == 201 and created.json()["strategy"] == "WeightedSampling", created.text
+
+
 def test_null_in_the_config_means_the_default(admin):
     """Found by the fuzzer: "epsilon": null was refused as "must be a number, got None"."""
     created = admin.post("/experiments", json=config(new_id(), epsilon=None, layer=None, analysis=None))
@@ -252,7 +278,7 @@ def test_weights_endpoints_and_metrics(admin):
     assert admin.get(f"/experiments/{experiment_id}/weights/history").json() == []
     assert admin.get(f"/experiments/{experiment_id}/weights/history?limit=0").status_code == 422
     admin.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "m1"}, headers=AUTH)
-    assert admin.get("/healthz").json() == {"status": "ok"}
+    assert admin.get("/healthz").json() == {"status": "ok", "checks": {"postgresql": "ok", "kafka": "ok"}}
     text = admin.get("/metrics").text
     assert f'abflow_assignments_total{{experiment_id="{experiment_id}",new="true"' in text
     assert 'abflow_http_requests_total{method="POST",route="/experiments/{experiment_id}/assign",status="200"}' in text
@@ -266,3 +292,89 @@ def test_openapi_schema_lists_the_endpoints(admin):
                  "/experiments/{experiment_id}/weights", "/experiments/{experiment_id}/weights/history",
                  "/healthz", "/metrics"]:
         assert path in paths, path
+
+
+def test_postgresql_down_is_a_fast_503_and_events_still_reach_kafka(stack, settings, engine, workers):
+    """PostgreSQL stopped under a running API: every request that needs it answers 503 with a JSON
+    body and Retry-After within the pool's wait (2 s), /healthz names the dependency within about a
+    second, events of known experiments are still accepted (Kafka is up), and everything recovers
+    without a restart."""
+    if stack.postgres is None:
+        pytest.skip("needs the embedded PostgreSQL, which the test can stop and start")
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = new_id()
+    with TestClient(create_app(settings)) as client:
+        client.headers.update(AUTH)
+        assert client.post("/experiments", json=config(experiment_id)).status_code == 201
+        event = {"variant": "Champion", "user_id": "u-outage"}
+        assert client.post(f"/experiments/{experiment_id}/invocations", json=event).status_code == 202
+        stack.postgres.stop()
+        try:
+            timings = {}
+            for name, call in [
+                ("assign", lambda: client.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "u1"})),
+                ("experiment", lambda: client.get(f"/experiments/{experiment_id}")),
+                ("weights", lambda: client.get(f"/experiments/{experiment_id}/weights")),
+            ]:
+                started = time.monotonic()
+                answer = call()
+                timings[name] = time.monotonic() - started
+                assert answer.status_code == 503, (name, answer.status_code, answer.text)
+                assert answer.headers["Retry-After"] == "2" and answer.json()["dependency"] == "postgresql", answer.text
+            assert max(timings.values()) < 3.0, timings  # the pool's 2 s wait, and no more
+            started = time.monotonic()
+            health = client.get("/healthz")
+            health_seconds = time.monotonic() - started
+            assert health.status_code == 503 and health_seconds < 1.5, (health_seconds, health.text)
+            assert health.json()["checks"]["postgresql"].startswith("down") and health.json()["checks"]["kafka"] == "ok"
+            accepted = client.post(f"/experiments/{experiment_id}/invocations",
+                                   json={**event, "event_id": "during-outage"})
+            assert accepted.status_code == 202, accepted.text
+            unknown = client.post(f"/experiments/{new_id()}/invocations", json=event)
+            assert unknown.status_code == 503, unknown.text
+        finally:
+            stack.postgres.start()
+        engine.dispose()
+        wait_until(lambda: client.get("/healthz").status_code == 200, 30, message="healthy again")
+        # A client that retries after Retry-After gets through: the pools drop the dead connections.
+        wait_until(lambda: client.post(f"/experiments/{experiment_id}/assign", json={"unit_id": "u1"}).status_code
+                   == 200, 10, interval=1.0, message="assign answers again")
+        assert client.get(f"/experiments/{experiment_id}").status_code == 200
+        worker = workers()  # the event accepted during the outage was published and counts
+        wait_until(lambda: counted_events(engine, [experiment_id]) == 2, 60, message="both events", workers=[worker])
+
+
+def test_a_500_leaves_the_keep_alive_connection_usable(settings):
+    """Behind a real uvicorn: an error no handler expects answers a JSON 500, and the client's next
+    request on the same connection is answered (the server used to close it, and that request was reset)."""
+    import http.client
+    import threading
+
+    import uvicorn
+
+    from abflow.local.stack import free_port
+
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    app = create_app(settings)
+
+    def broken() -> dict:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 30, message="uvicorn started")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/broken")
+        failed = connection.getresponse()
+        assert failed.status == 500 and "internal error" in failed.read().decode()
+        connection.request("GET", "/ping")  # the same connection
+        again = connection.getresponse()
+        assert again.status == 200 and again.read() == b"{}"
+        connection.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -35,9 +35,15 @@ def experiment_create(path: Path, experiment_id: str | None) -> None:
         raise click.ClickException(f"{path}: {exc}") from None
     with database() as engine:
         created = create_experiment(engine, config)
+    # What it will serve first: a rollout starts at its first stage, not at the initial weights.
+    weights, served = config.normalised_weights, ""
+    if config.rollout is not None:
+        from bandit_service.rollouts.machine import RUNNING, stage_weights
+
+        weights = stage_weights(config, RUNNING, 0)
+        served = f" (the rollout's first stage, {config.rollout.stages[0]:g} %)"
     click.echo(f"created experiment {config.experiment_id!r} with variants "
-               + ", ".join(f"{v.name} ({v.role}, weight {w:.3g})"
-                           for v, w in zip(config.variants, config.normalised_weights.values())))
+               + ", ".join(f"{v.name} ({v.role}, weight {weights[v.name]:.3g})" for v in config.variants) + served)
     if config.layer is not None or config.traffic < 1:
         click.echo(f"layer {created.layer!r}: buckets {created.layer_start}-{created.layer_end} "
                    f"({(created.layer_end - created.layer_start) / LAYER_BUCKETS:.1%} of its units)")

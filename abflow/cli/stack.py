@@ -8,6 +8,7 @@ import time
 import click
 
 from abflow.cli.common import load_settings
+from abflow.local.stack import command_name
 
 
 @click.command()
@@ -54,7 +55,8 @@ def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: boo
             run.run_demo(invocations, rate, seed)
         if not exit_when_done:
             click.echo("\nThe stack is running. Ctrl-C stops it. In another shell:")
-            click.echo("  eval \"$(abflow env)\"   # or: abflow totals, abflow experiment list")
+            name = command_name()
+            click.echo(f"  eval \"$({name} env)\"   # or: {name} totals, {name} experiment list")
             while True:
                 run.check_alive()
                 time.sleep(1)

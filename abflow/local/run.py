@@ -2,7 +2,8 @@
 
 ``LocalRun`` starts the embedded broker and PostgreSQL (unless the environment
 names real ones), the stream worker and ``abflow serve``, records them in the
-stack file, runs the demo through the serving SDK on the live weights, and
+stack file, runs the demo through the serving SDK on the live weights, starts a
+service that exits again (with backoff; the broker and PostgreSQL stay up), and
 stops everything in reverse order.
 """
 
@@ -29,6 +30,7 @@ from abflow.local.stack import (
     EmbeddedPostgres,
     StackError,
     choose_port,
+    command_name,
     die_with_parent,
     read_local_file,
     remove_stack_file,
@@ -50,6 +52,30 @@ from storage.registry import create_experiment
 DEMO_CONFIG = "demo-experiment.yaml"
 
 
+@dataclasses.dataclass
+class Restarts:
+    """How a supervised service has been restarted: the delay doubles (1 s up to 30 s) while it keeps
+    exiting within a minute of its start, and falls back to 1 s once it stayed up longer."""
+
+    count: int = 0
+    delay: float = 0.0
+    started_at: float = 0.0
+    due_at: float | None = None
+
+    STABLE_SECONDS = 60.0
+    MAX_DELAY = 30.0
+
+    def started(self, now: float) -> None:
+        if self.due_at is not None:
+            self.count += 1
+        self.started_at, self.due_at = now, None
+
+    def next_delay(self, now: float) -> float:
+        quick = now - self.started_at < self.STABLE_SECONDS
+        self.delay = min(self.MAX_DELAY, self.delay * 2) if quick and self.delay else 1.0
+        return self.delay
+
+
 class LocalRun:
     """What `abflow up` started, in start order, so it stops in reverse."""
 
@@ -64,6 +90,10 @@ class LocalRun:
         self.services: dict[str, subprocess.Popen] = {}  # worker, serve (API + refresher)
         self.api_url: str | None = None
         self.logs = settings.home / "logs"
+        self._commands: dict[str, list[str]] = {}  # each service's arguments, to start it again
+        self._env: dict[str, str] = {}
+        self._restarts: dict[str, Restarts] = {}
+        self._stack_record: dict = {}  # what the stack file holds besides the pids
 
     def start(self) -> None:
         s = self.settings
@@ -100,21 +130,24 @@ class LocalRun:
                **api_keys.as_env()}
         services = (("worker", "the stream worker", []),
                     ("serve", "the API and weight refresher", ["--port", str(api_port)]))
+        self._env = env
         for name, what, args in services:
             click.echo(f"starting {what} (log: {self.logs / f'{name}.log'})…", err=True)
-            with open(self.logs / f"{name}.log", "ab") as log:
-                self.services[name] = subprocess.Popen(
-                    [sys.executable, "-m", "abflow.cli", name, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM),
-                )
+            self._commands[name] = [name, *args]
+            self._restarts[name] = Restarts()
+            self._spawn(name)
             pids[name] = self.services[name].pid
         wait_for_port(api_port, 60, self.services["serve"], "the API")
         self._wait_for_worker()
         self.api_url = f"http://127.0.0.1:{api_port}"
-        write_stack_file(s.home, bootstrap, database_url, pids, api_url=self.api_url, api_keys=api_keys.to_dict())
+        self._stack_record = {"kafka_bootstrap": bootstrap, "database_url": database_url,
+                              "pids": {k: v for k, v in pids.items() if k not in self.services},
+                              "api_url": self.api_url, "api_keys": api_keys.to_dict()}
+        self._write_stack_file()
         click.echo(f"Kafka:      {bootstrap}")
         click.echo(f"PostgreSQL: {database_url}")
-        click.echo(f"API:        {self.api_url}  (OpenAPI: {self.api_url}/docs; a key per role: `abflow env`)")
+        click.echo(f"API:        {self.api_url}  (OpenAPI: {self.api_url}/docs; a key per role: "
+                   f"`{command_name()} env`)")
 
     def _wait_for_worker(self, timeout: float = 60) -> None:
         """Until the worker holds partitions (a consumer group join takes a few seconds)."""
@@ -127,10 +160,38 @@ class LocalRun:
                 raise StackError(f"the worker got no partitions in {timeout:.0f}s; see {self.logs / 'worker.log'}")
             time.sleep(0.1)
 
+    def _spawn(self, name: str) -> None:
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.services[name] = subprocess.Popen(
+                [sys.executable, "-m", "abflow.cli", *self._commands[name]], env=self._env, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGTERM),
+            )
+        self._restarts[name].started(time.monotonic())
+
+    def _write_stack_file(self) -> None:
+        record = dict(self._stack_record)
+        pids = {**record.pop("pids"), **{name: process.pid for name, process in self.services.items()}}
+        write_stack_file(self.settings.home, record.pop("kafka_bootstrap"), record.pop("database_url"), pids, **record)
+
     def check_alive(self) -> None:
+        """Start again, with backoff, a service that exited: the broker and PostgreSQL (and the events
+        they hold) stay up, and a restarted worker goes on from the offsets stored with the aggregates."""
         for name, process in self.services.items():
-            if process.poll() is not None:
-                raise StackError(f"abflow {name} exited with code {process.returncode}; see {self.logs / f'{name}.log'}")
+            if process.poll() is None:
+                continue
+            restarts = self._restarts[name]
+            now = time.monotonic()
+            if restarts.due_at is None:
+                restarts.due_at = now + restarts.next_delay(now)
+                click.echo(f"abflow {name} exited with code {process.returncode} (see {self.logs / f'{name}.log'}); "
+                           f"starting it again in {restarts.due_at - now:.0f} s", err=True)
+            elif now >= restarts.due_at:
+                self._spawn(name)
+                click.echo(f"started abflow {name} again (pid {self.services[name].pid}; restart "
+                           f"{restarts.count})", err=True)
+                if self._stack_record:
+                    self._write_stack_file()
 
     def run_demo(self, invocations: int, rate: float, seed: int) -> None:
         config = load_config_text(resources.files("abflow.examples").joinpath(DEMO_CONFIG).read_text(), DEMO_CONFIG)
@@ -176,7 +237,8 @@ class LocalRun:
         page.write_text(render_html(report))
         click.echo(f"\n{'=' * 30} abflow report {experiment_id} {'=' * 30}\n")
         click.echo(render_text(report))
-        click.echo(f"\nwrote {page} (plots; opens offline). Again any time: abflow report {experiment_id} --html FILE")
+        click.echo(f"\nwrote {page} (plots; opens offline). Again any time: {command_name()} report {experiment_id} "
+                   "--html FILE")
 
     def _wait_for_weights(self, client, experiment_id: str, timeout: float = 30) -> None:
         client.wait_ready(timeout)

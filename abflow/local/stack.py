@@ -14,20 +14,41 @@ import dataclasses
 import importlib
 import json
 import os
+import pwd
+import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from abflow.core.errors import AbflowError
 from abflow.settings import ApiKeys, Settings, SettingsError
 
 STACK_FILE = "stack.json"
 DATABASE_NAME = "abflow"
+SERVICE_ROLE = "abflow"  # the services' role in the embedded PostgreSQL: owns the database, not a superuser
 POSTGRES_OS_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+
+
+def command_name() -> str:
+    """How the user can call this command line: ``abflow`` when that is on PATH, else its path
+    (``.venv/bin/abflow`` after `make up`)."""
+    script = Path(sys.executable).parent / "abflow"
+    found = shutil.which("abflow")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "abflow"
+    try:
+        return os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
+    except ValueError:
+        return str(script)
 
 
 class StackError(AbflowError):
@@ -189,8 +210,26 @@ class EmbeddedPostgres:
         self._os_user: str | None = None
 
     @property
+    def secrets_path(self) -> Path:
+        """The passwords of the superuser and of the services' role, beside the data (mode 0600)."""
+        return self.data_dir.with_name(f"{self.data_dir.name}.secrets.json")
+
+    def _secrets(self) -> dict[str, str]:
+        try:
+            return json.loads(self.secrets_path.read_text())
+        except FileNotFoundError:
+            pass
+        drawn = {"postgres": secrets.token_urlsafe(24), SERVICE_ROLE: secrets.token_urlsafe(24)}
+        self.secrets_path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.secrets_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(drawn, file)
+        return drawn
+
+    @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE_NAME}"
+        """The services' connection: a role that owns the database and nothing else (no superuser)."""
+        return f"postgresql://{SERVICE_ROLE}:{self._secrets()[SERVICE_ROLE]}@127.0.0.1:{self.port}/{DATABASE_NAME}"
 
     def _bin(self, name: str) -> str:
         return str(_embedded_postgres()._commands.POSTGRES_BIN_PATH / name)
@@ -217,15 +256,9 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._prepare_root()
+        passwords = self._secrets()
         if not (self.data_dir / "PG_VERSION").exists():
-            result = subprocess.run(
-                [self._bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "--encoding=utf8", "-U", "postgres"],
-                user=self._os_user,
-                capture_output=True,
-                text=True,
-            )
-            if result.returncode != 0:
-                raise StackError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+            self._initdb(passwords["postgres"])
         stale_pid = self.data_dir / "postmaster.pid"
         if stale_pid.exists() and not _pid_alive(_first_line_int(stale_pid)):
             stale_pid.unlink()
@@ -243,15 +276,77 @@ class EmbeddedPostgres:
                 preexec_fn=die_with_parent(signal.SIGINT),  # PostgreSQL's fast shutdown
             )
         self._wait_ready()
+        self._require_passwords(passwords["postgres"])
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
-            if not exists:
-                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+            self._grant(conn, passwords[SERVICE_ROLE])
         return self
+
+    def _initdb(self, superuser_password: str) -> None:
+        """A new cluster whose every connection needs a password (SCRAM), the superuser's from a file
+        only its owner reads (initdb reads it as the OS user that runs PostgreSQL)."""
+        descriptor, pwfile = tempfile.mkstemp(dir=self.data_dir.parent, prefix=".initdb-")
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(superuser_password + "\n")
+            if self._os_user is not None:
+                entry = pwd.getpwnam(self._os_user)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            result = subprocess.run(
+                [self._bin("initdb"), "-D", str(self.data_dir), "--auth=scram-sha-256", f"--pwfile={pwfile}",
+                 "--encoding=utf8", "-U", "postgres"],
+                user=self._os_user, capture_output=True, text=True,
+            )
+        finally:
+            os.unlink(pwfile)
+        if result.returncode != 0:
+            raise StackError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+
+    def _require_passwords(self, superuser_password: str) -> None:
+        """A cluster made before passwords were required (trust: any local user was its superuser) gets
+        the superuser's password and SCRAM for every connection."""
+        hba = self.data_dir / "pg_hba.conf"
+        text = hba.read_text()
+        if not re.search(r"^\s*host\S*\s.*\btrust\s*$", text, re.MULTILINE):
+            return
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(superuser_password)))
+            hba.write_text(re.sub(r"\btrust(\s*)$", r"scram-sha-256\1", text, flags=re.MULTILINE))
+            conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the reload is asynchronous
+            try:
+                psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", connect_timeout=2).close()
+            except psycopg.OperationalError:
+                return
+            time.sleep(0.1)
+        raise StackError("PostgreSQL still accepts connections without a password after its reload")
+
+    def _grant(self, conn: psycopg.Connection, password: str) -> None:
+        """The services' role (LOGIN, no superuser, no CREATEROLE or CREATEDB) owning the database and
+        its tables, created or, for a database made by the superuser before, handed over."""
+        role, database = sql.Identifier(SERVICE_ROLE), sql.Identifier(DATABASE_NAME)
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (SERVICE_ROLE,)).fetchone():
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER PASSWORD {}").format(role, sql.Literal(password)))
+        else:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(password)))
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone():
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(database, role))
+        else:
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(database, role))
+        with psycopg.connect(self.admin_url.rsplit("/", 1)[0] + f"/{DATABASE_NAME}", autocommit=True) as db:
+            db.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(role))
+            for kind, name in db.execute(
+                    "SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' "
+                    "WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END, c.relname FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_roles r ON r.oid = c.relowner "
+                    "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'S', 'v', 'm') AND r.rolname <> %s "
+                    "AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid "
+                    "AND d.deptype IN ('a', 'i')))", (SERVICE_ROLE,)).fetchall():
+                db.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(sql.SQL(kind), sql.Identifier(name), role))
 
     @property
     def admin_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://postgres:{self._secrets()['postgres']}@127.0.0.1:{self.port}/postgres"
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -14,6 +14,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from abflow.settings import Settings, SettingsError
@@ -154,8 +155,10 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
             if own_publisher:
                 state.publisher.close()
 
-    app = FastAPI(title="abflow", version="0.1.0", lifespan=lifespan,
-                  description="A/B tests and multi-armed bandits between ML model variants.")
+    # /docs and /redoc load Swagger UI and ReDoc from the installed fastapi-offline package, not
+    # from a CDN (and ReDoc without web fonts): they work where there is no internet.
+    app = FastAPIOffline(title="abflow", version="0.1.0", lifespan=lifespan,
+                         description="A/B tests and multi-armed bandits between ML model variants.")
 
     app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)

@@ -88,11 +88,24 @@ def share_best(arms: list[ArmStats], scores: dict[str, float]) -> dict[str, floa
 
 
 def apply_floor(weights: dict[str, float], min_weight: float) -> dict[str, float]:
-    """Every arm gets at least ``min_weight``; the rest is shared in proportion to ``weights``."""
+    """Every arm gets at least ``min_weight``; arms above it keep their proportions in what is left.
+
+    A floor, not a mixture: weights already above it do not move (initial weights of 40/30/30 stay
+    40/30/30 under a floor of 0.05; a mixture gave 39/30.5/30.5)."""
     if min_weight <= 0:
-        return weights
-    spare = 1.0 - min_weight * len(weights)
-    return {name: min_weight + spare * w for name, w in weights.items()}
+        return dict(weights)
+    floored: set[str] = set()
+    while True:
+        spare = 1.0 - min_weight * len(floored)
+        free = {name: w for name, w in weights.items() if name not in floored}
+        if not free:  # min_weight × arms = 1: every arm at the floor
+            return {name: 1.0 / len(weights) for name in weights}
+        total = sum(free.values())
+        scaled = {name: spare * w / total if total > 0 else spare / len(free) for name, w in free.items()}
+        below = {name for name, w in scaled.items() if w < min_weight}
+        if not below:
+            return {name: min_weight if name in floored else scaled[name] for name in weights}
+        floored |= below
 
 
 def stats_seed(arms: list[ArmStats], seed: int) -> int:

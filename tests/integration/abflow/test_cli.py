@@ -253,6 +253,55 @@ def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
     assert not (home / "stack.json").exists()
 
 
+def test_up_starts_a_killed_worker_again_and_nothing_published_meanwhile_is_lost(tmp_path):
+    """kill -9 of the worker used to stop the whole stack, the in-memory broker with it, so that every
+    event published and not yet counted was lost. The broker and PostgreSQL now stay up, the worker
+    is started again, and it counts what was published while it was down."""
+    from producers.publisher import Publisher
+    from storage.db import make_engine
+    from tests.helpers import counted_events, invocation, make_experiment, now, publish
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABFLOW_")}
+    env["ABFLOW_HOME"] = str(tmp_path / "home")
+    stack_file = tmp_path / "home" / "stack.json"
+    up = subprocess.Popen([sys.executable, "-m", "abflow.cli", "up", "--no-demo"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True),
+               threading.Thread(target=lambda: errors.extend(up.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        wait_until(lambda: any("The stack is running" in line for line in lines) or up.poll() is not None, 120,
+                   message="the stack")
+        assert up.poll() is None, "".join(lines + errors)
+        stack = json.loads(stack_file.read_text())
+        engine = make_engine(stack["database_url"])
+        experiment_id = make_experiment(engine)
+        os.kill(stack["pids"]["worker"], signal.SIGKILL)
+        with Publisher(stack["kafka_bootstrap"]) as publisher:
+            for i in range(500):
+                publish(publisher, "invocation", invocation(experiment_id, "Champion", now(), f"user-{i}"))
+        wait_until(lambda: any("started abflow worker again" in line for line in errors), 60,
+                   message="the worker started again")
+        assert any("abflow worker exited with code -9" in line for line in errors), "".join(errors)
+        restarted = json.loads(stack_file.read_text())
+        assert restarted["pids"]["worker"] != stack["pids"]["worker"]
+        assert restarted["pids"]["broker"] == stack["pids"]["broker"]  # the broker, and its events, stayed up
+        wait_until(lambda: counted_events(engine, [experiment_id]) == 500, 90, message="the 500 events")
+        engine.dispose()
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, "".join(errors)[-3000:]
+    finally:
+        if up.poll() is None:
+            up.kill()
+    for pid in restarted["pids"].values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_db_prune_deletes_only_what_is_older_than_the_retention(settings, engine):
     """Old windows, allocation versions and dead-letter counters go; recent ones stay, and so does
     every experiment's latest allocation however old. ``--dry-run`` deletes nothing."""

@@ -104,6 +104,14 @@ def test_min_weight_keeps_every_arm_alive(strategy):
     assert min(result.weights.values()) >= 0.05 - 1e-12
     assert sum(result.weights.values()) == pytest.approx(1.0)
     assert apply_floor({"A": 1.0, "B": 0.0}, 0.1) == pytest.approx({"A": 0.9, "B": 0.1})
+    # A floor, not a mixture: weights above it keep their values (the warm-up serves the initial ones).
+    assert apply_floor({"A": 0.4, "B": 0.3, "C": 0.3}, 0.05) == pytest.approx({"A": 0.4, "B": 0.3, "C": 0.3})
+    floored = apply_floor({"A": 0.9, "B": 0.08, "C": 0.02}, 0.05)  # C at the floor, A and B share the rest
+    assert floored == pytest.approx({"A": 0.95 * 0.9 / 0.98, "B": 0.95 * 0.08 / 0.98, "C": 0.05})
+    warmup = arms(("A", 0.4, 5, 0, 0), ("B", 0.3, 5, 0, 0), ("C", 0.3, 5, 0, 0))
+    served = allocate(warmup, PolicyConfig(strategy, warmup=100, min_weight=0.05))
+    if strategy != "WeightedSampling" or served.phase == "warmup":
+        assert served.weights == pytest.approx({"A": 0.4, "B": 0.3, "C": 0.3})
 
 
 @pytest.mark.parametrize("data, config, message", [

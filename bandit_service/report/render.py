@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import io
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from abflow.core.text import format_table
 
@@ -184,6 +184,38 @@ def _svg(figure) -> str:
     return text[text.index("<svg"):]
 
 
+MIN_TIME_SPAN = timedelta(minutes=2)  # the narrowest time axis a plot gets
+
+
+def cumulative_reward_lines(series: list[dict], names: list[str]) -> tuple[dict, tuple[datetime, datetime]]:
+    """Each variant's cumulative reward as a step line of at least two points, drawn to the end of the
+    last bucket (a variant with one bucket of data is a flat line, not nothing), and the time span
+    they cover (at least ``MIN_TIME_SPAN``, so that one bucket of data does not give a degenerate axis)."""
+    times = sorted({datetime.fromisoformat(s["time"]) for s in series})
+    steps = [b - a for a, b in zip(times, times[1:])]
+    end = times[-1] + (min(steps) if steps else timedelta(minutes=1))
+    end = max(end, times[0] + MIN_TIME_SPAN)
+    lines = {}
+    for name in names:
+        points = sorted((datetime.fromisoformat(s["time"]), s["reward_sum"]) for s in series if s["variant"] == name)
+        if points:
+            xs = [t for t, _ in points] + [end]
+            total, ys = 0.0, []
+            for _, reward in points:
+                total += reward
+                ys.append(total)
+            lines[name] = (xs, ys + [total])
+    return lines, (times[0], end)
+
+
+def _time_axis(ax) -> None:
+    from matplotlib import dates
+
+    locator = dates.AutoDateLocator(minticks=3, maxticks=7)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(dates.ConciseDateFormatter(locator))
+
+
 def _plots(report: dict) -> dict[str, str]:
     import matplotlib
 
@@ -212,14 +244,14 @@ def _plots(report: dict) -> dict[str, str]:
     series = report["series"]
     if series:
         fig, ax = plt.subplots(figsize=(6, 2.6))
+        lines, span = cumulative_reward_lines(series, names)
         for i, name in enumerate(names):
-            points = [(datetime.fromisoformat(s["time"]), s["reward_sum"]) for s in series if s["variant"] == name]
-            if points:
-                times, rewards = zip(*points)
-                ax.step(times, np.cumsum(rewards), where="post", label=name, color=f"C{i}")
+            if name in lines:
+                ax.step(*lines[name], where="post", label=name, color=f"C{i}")
+        ax.set_xlim(*span)
+        _time_axis(ax)
         ax.set_ylabel("cumulative reward")
         ax.legend(frameon=False)
-        fig.autofmt_xdate()
         plots["Cumulative reward"] = _svg(fig)
         plt.close(fig)
 
@@ -251,12 +283,16 @@ def _plots(report: dict) -> dict[str, str]:
             if last > times[-1]:
                 times.append(last)
                 weights.append(weights[-1])
+        if times[-1] - times[0] < MIN_TIME_SPAN:  # a step needs a span to be seen
+            times.append(times[0] + MIN_TIME_SPAN)
+            weights.append(weights[-1])
         for i, name in enumerate(names):
             ax.step(times, [w.get(name, 0.0) for w in weights], where="post", label=name, color=f"C{i}")
+        ax.set_xlim(times[0], times[-1])
+        _time_axis(ax)
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("allocation weight")
         ax.legend(frameon=False)
-        fig.autofmt_xdate()
         plots["Weights over time"] = _svg(fig)
         plt.close(fig)
     return plots
@@ -267,15 +303,23 @@ def _html_table(rows: list[dict]) -> str:
         return "<p>(none)</p>"
     columns = _columns(rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns) + "</tr>"
-                   for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def cell(value) -> str:
+        text = str(value if value is not None else "")
+        # Long prose (a test's name, an error, a detail) wraps; figures stay on one line.
+        return f"<td class='text'>{html.escape(text)}</td>" if len(text) > 24 else f"<td>{html.escape(text)}</td>"
+
+    body = "".join("<tr>" + "".join(cell(row.get(c, "")) for c in columns) + "</tr>" for row in rows)
+    # In a box of its own: a table wider than the page scrolls inside it instead of running off the page.
+    return f"<div class='table'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; padding: 0 1em; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 90em; color: #222; padding: 0 1em; }
+.table { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 13px; }
-th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th, td { padding: 0.25em 0.5em; border-bottom: 1px solid #ddd; text-align: right; }
+th { vertical-align: bottom; } td { white-space: nowrap; } td.text { white-space: normal; min-width: 12em; }
 th:first-child, td:first-child { text-align: left; }
 .verdict { font-size: 1.4em; font-weight: 600; padding: 0.4em 0.8em; border-radius: 6px; display: inline-block; }
 .ship { background: #d8f3dc; } .do-not-ship { background: #f1f1f1; } .keep-running { background: #fff3bf; }

@@ -10,6 +10,11 @@ the ratio worker / baseline; then the floor of keeping a row per unit in
 PostgreSQL (a COPY and a bare upsert of each batch's units, nothing else) on
 the same units, as a ratio to the same baseline.
 
+With ``--refused N`` the run also carries N invocations, spread evenly through it, that
+PostgreSQL refuses (a CHECK constraint on their units' rows): each batch holding one is applied in
+halves until the record stands alone and goes to the dead letters. It prints the worker's rate
+with that path taken N times; compare with a run without it, in the same hour.
+
 With ``--history N`` the database first holds what earlier experiments left: N units with their
 assignments and N/5 outcomes still waiting for an exposure, of another experiment (a deployment
 that has run for a while). The worker's cost should follow its batches, not those tables.
@@ -147,6 +152,15 @@ def new_experiment(engine, tag: str) -> str:
     return experiment_id
 
 
+def refuse(engine, experiment_id: str) -> None:
+    """PostgreSQL refuses the unit rows of this experiment's units named refused-*."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text(f"ALTER TABLE unit_state ADD CONSTRAINT \"refuse_{experiment_id}\" CHECK "
+                          f"(experiment_id <> '{experiment_id}' OR unit_id NOT LIKE 'refused-%') NOT VALID"))
+
+
 def add_history(engine, database_url: str, units: int) -> None:
     """Rows an earlier, finished experiment left: ``units`` exposed units and their assignments, and
     ``units // 5`` outcomes held for units never exposed."""
@@ -177,6 +191,12 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
     log(f"(a) generating and publishing {args.events:,} events…")
     payloads = make_payloads(experiment_id, args.events, 1, time.time() - 3600, 3000, args.users)
     distinct_units = len({key for _, key, _ in payloads})
+    if args.refused:
+        refuse(engine, experiment_id)
+        for k in range(args.refused):
+            unit = f"refused-{k}"
+            event = Invocation(f"refused-{k}", experiment_id, "Champion", unit, time.time() - 1800)
+            payloads.insert((k + 1) * len(payloads) // (args.refused + 1), ("invocation", unit.encode(), encode(event)))
     started = time.perf_counter()
     with Publisher(bootstrap, topics) as publisher:
         publish(publisher, payloads)
@@ -206,8 +226,16 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
         units, unit_events = conn.execute(
             "SELECT count(*), coalesce(sum(invocations + conversions), 0) FROM unit_state WHERE experiment_id = %s",
             (experiment_id,)).fetchone()
+        dead = conn.execute("SELECT coalesce(sum(count), 0) FROM dead_letter_counts WHERE topic = %s "
+                            "AND reason = 'refused_by_database'", (topics.invocations,)).fetchone()[0]
+        deadline = time.monotonic() + 60
+        while dead < args.refused and time.monotonic() < deadline:  # the last batch's dead letters
+            time.sleep(0.1)
+            dead = conn.execute("SELECT coalesce(sum(count), 0) FROM dead_letter_counts WHERE topic = %s "
+                                "AND reason = 'refused_by_database'", (topics.invocations,)).fetchone()[0]
     stop_worker(worker)
     assert n == args.events, (n, args.events)
+    assert dead == args.refused, (dead, args.refused)
     log(f"    {units:,} exposed units of {distinct_units:,} distinct, {int(unit_events):,} events attributed")
     log("(a) the floor of a row per unit: COPY + a bare upsert of each batch's units, nothing else…")
     floor_s = unit_row_floor(database_url, unit_batches)
@@ -218,6 +246,7 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
         "partitions": args.partitions,
         "sink_connections": Settings.from_env().sink_connections,
         "history_units": args.history,
+        "refused_records": args.refused,
         "distinct_units": distinct_units,
         "exposed_units": units,
         "attributed_events": int(unit_events),
@@ -329,6 +358,9 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=0,
                         help="units (with assignments, and a fifth as many held outcomes) an earlier experiment "
                              "left in the database before the throughput run")
+    parser.add_argument("--refused", type=int, default=0,
+                        help="invocations PostgreSQL refuses, spread through the throughput run (the path that "
+                             "splits a batch to find them)")
     parser.add_argument("--only", choices=["throughput", "freshness"])
     args = parser.parse_args()
 

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint bench clean
+.PHONY: up test lint bench clean kafka
 
 $(BIN)/abflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(BIN)/abflow
 	$(BIN)/python bench/report.py
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/dedup.py
+
+# Apache Kafka's broker from Maven Central (Java 17+ and Maven), once: `make up ARGS="--broker kafka"`
+# and `make test ARGS="--broker kafka"` run on it.
+kafka: $(BIN)/abflow
+	$(BIN)/python -m abflow.local.kafka
 
 clean:
 	rm -rf $(VENV) .abflow

@@ -274,8 +274,13 @@ class PostgresSink:
     def _apply_once(self, lane: Lane, records: list[Record], results: list, now: float, sweep: bool) -> BatchResult:
         try:
             return self._apply(lane, records, results, now, sweep)
-        except BaseException:
-            lane.checkpoints.forget()
+        except BaseException as exc:
+            if not isinstance(exc, REFUSED_FOR_DATA):
+                # Whether it committed is unknown (a connection lost during the commit): read the
+                # partitions' offsets and ids again. A refusal rolled back for sure, and the cache only
+                # learns at a commit, so it stays true (reloading the ids made each try of a batch
+                # applied in parts cost a second).
+                lane.checkpoints.forget()
             if lane.conn is not None and not lane.conn.closed:
                 try:
                     lane.conn.rollback()
@@ -322,10 +327,8 @@ class PostgresSink:
         attributed = unit_store.apply_batch(conn, self._unit_events(batch.counted), now,
                                             self.settings.exposure_wait_seconds, sweep, self._metric_windows, stages)
         counts: dict[tuple[str, str], int] = {}
-        if batch.rejected:
-            self.dead_letters.publish(batch.rejected)
-            for record, error in batch.rejected:
-                counts[(record.topic, error.reason)] = counts.get((record.topic, error.reason), 0) + 1
+        for record, error in batch.rejected:
+            counts[(record.topic, error.reason)] = counts.get((record.topic, error.reason), 0) + 1
         checkpoints.write(conn, batch.next_offsets, topic_ids, batch.new_ids, now)
 
         window_seconds = self.settings.window_seconds
@@ -342,6 +345,10 @@ class PostgresSink:
         unit_store.add_attributed(conn, attributed)
         store.add_dead_letter_counts(conn, counts)
         store.add_stream_counters(conn, {t: (n[0], n[1], n[2]) for t, n in batch.per_topic.items()})
+        # After every statement, so that a batch PostgreSQL refuses (and applies again in parts) does not
+        # publish its dead letters again each time; before the commit, so that none is lost.
+        if batch.rejected:
+            self.dead_letters.publish(batch.rejected)
         conn.commit()
         checkpoints.committed(batch.next_offsets, batch.new_ids, now)
         return BatchResult(counted=len(batch.counted) + len(batch.shadows), duplicates=batch.duplicates,

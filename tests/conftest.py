@@ -2,9 +2,11 @@
 
 In order of preference: the Kafka and PostgreSQL named by
 ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL; containers (testcontainers) when
-a Docker daemon answers; otherwise the embedded broker and PostgreSQL that
-`abflow up` uses. Each test gets its own topics, consumer group and
-experiment ids, so tests share one stack without seeing each other's data.
+a Docker daemon answers; otherwise the embedded PostgreSQL that `abflow up` uses,
+with the embedded broker or, with ``--broker kafka`` (or ABFLOW_TEST_BROKER=kafka),
+Apache Kafka fetched from Maven Central and run as one KRaft node. Each test gets
+its own topics, consumer group and experiment ids, so tests share one stack
+without seeing each other's data.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ ADMIN = {"Authorization": f"Bearer {API_KEYS['admin']}"}
 class Stack:
     kafka_bootstrap: str
     database_url: str
-    kind: str  # "external", "containers" or "embedded"
+    kind: str  # "external", "containers", "embedded" or "kafka" (Apache Kafka beside the embedded PostgreSQL)
     postgres: EmbeddedPostgres | None = None  # only when embedded: tests may stop and start it
-    broker: EmbeddedBroker | None = None
+    broker: object = None  # EmbeddedBroker or ApacheKafka
     _closers: list = field(default_factory=list)
 
 
@@ -47,8 +49,14 @@ def _docker_answers() -> bool:
         return False
 
 
+def pytest_addoption(parser):
+    parser.addoption("--broker", choices=("embedded", "kafka"), default=os.environ.get("ABFLOW_TEST_BROKER", "embedded"),
+                     help="the local broker the tests run on when no external one is named: the embedded one "
+                          "(default) or Apache Kafka (needs Java and Maven the first time)")
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
+def stack(tmp_path_factory, request) -> Stack:
     bootstrap = os.environ.get("ABFLOW_KAFKA_BOOTSTRAP")
     database_url = os.environ.get("ABFLOW_DATABASE_URL")
     if bootstrap and database_url:
@@ -69,9 +77,15 @@ def stack(tmp_path_factory) -> Stack:
         stack._closers += [kafka.stop, postgres.stop]
     else:
         home = tmp_path_factory.mktemp("stack")
-        broker = EmbeddedBroker(home / "broker.log").start()
+        if request.config.getoption("--broker") == "kafka":
+            from abflow.local.kafka import ApacheKafka
+
+            broker = ApacheKafka(home / "kafka-data", home / "broker.log").start()
+        else:
+            broker = EmbeddedBroker(home / "broker.log").start()
         postgres = EmbeddedPostgres(home / "pgdata", home / "postgres.log", durable=False).start()
-        stack = Stack(broker.bootstrap, postgres.url, "embedded", postgres=postgres, broker=broker)
+        stack = Stack(broker.bootstrap, postgres.url, request.config.getoption("--broker"), postgres=postgres,
+                      broker=broker)
         stack._closers += [broker.stop, postgres.stop]
     from storage.db import upgrade
 

@@ -21,8 +21,12 @@ from abflow.local.stack import command_name
 @click.option("--postgres-port", type=int, help="The embedded PostgreSQL's port (default: the last run's, while free).")
 @click.option("--api-port", type=int, help="The API's port (default: the last run's, while free).")
 @click.option("--new-keys", is_flag=True, help="New API keys (default: the last run's, or the ABFLOW_API_KEYS_* ones).")
+@click.option("--broker", type=click.Choice(["embedded", "kafka"]), default="embedded", show_default=True,
+              help="The local broker when ABFLOW_KAFKA_BOOTSTRAP is unset: the embedded one (in memory, starts in "
+                   "a second) or Apache Kafka (fetched once from Maven Central; needs Java 17+ and Maven; keeps its "
+                   "log on disk in $ABFLOW_HOME/kafka-data).")
 def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: bool, kafka_port: int | None,
-       postgres_port: int | None, api_port: int | None, new_keys: bool) -> None:
+       postgres_port: int | None, api_port: int | None, new_keys: bool, broker: str) -> None:
     """Start the stack (worker, API, weight refresher) and run the demo; Ctrl-C stops everything.
 
     Without ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL it starts an embedded
@@ -43,7 +47,7 @@ def up(demo: bool, invocations: int, rate: float, seed: int, exit_when_done: boo
     leftovers = stop_recorded_stack(settings.home)  # of an `abflow up` that was killed
     if leftovers:
         click.echo(f"stopped leftovers of an earlier run: {', '.join(leftovers)}", err=True)
-    run = LocalRun(settings, {"kafka": kafka_port, "postgres": postgres_port, "api": api_port}, new_keys)
+    run = LocalRun(settings, {"kafka": kafka_port, "postgres": postgres_port, "api": api_port}, new_keys, broker)
 
     def on_signal(signum, frame):  # noqa: ARG001 - SIGTERM (`abflow down`) stops like Ctrl-C
         raise KeyboardInterrupt

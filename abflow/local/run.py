@@ -79,8 +79,10 @@ class Restarts:
 class LocalRun:
     """What `abflow up` started, in start order, so it stops in reverse."""
 
-    def __init__(self, settings: Settings, ports: dict[str, int | None] | None = None, new_keys: bool = False):
+    def __init__(self, settings: Settings, ports: dict[str, int | None] | None = None, new_keys: bool = False,
+                 broker: str = "embedded"):
         self.settings = settings
+        self.broker_kind = broker  # "embedded" (Tansu, in memory) or "kafka" (Apache Kafka, log on disk)
         # Fixed ports asked for ("kafka", "postgres", "api"); otherwise those of the last run while free,
         # so that shells with its exports keep working.
         self.ports = ports or {}
@@ -102,9 +104,16 @@ class LocalRun:
         remembered = {}
         bootstrap, database_url = s.kafka_bootstrap, s.database_url
         if not bootstrap:
-            click.echo("starting the embedded Kafka-protocol broker…", err=True)
             port = choose_port(self.ports.get("kafka"), last.get("kafka_port"), "the broker")
-            self.broker = EmbeddedBroker(self.logs / "broker.log", port).start()
+            if self.broker_kind == "kafka":
+                from abflow.local.kafka import ApacheKafka, fetch
+
+                click.echo(f"starting Apache Kafka (log in {s.home / 'kafka-data'}; fetched once from Maven "
+                           "Central)…", err=True)
+                self.broker = ApacheKafka(s.home / "kafka-data", self.logs / "broker.log", port, fetch()).start()
+            else:
+                click.echo("starting the embedded Kafka-protocol broker…", err=True)
+                self.broker = EmbeddedBroker(self.logs / "broker.log", port).start()
             bootstrap = self.broker.bootstrap
             pids["broker"] = self.broker.process.pid
             remembered["kafka_port"] = port

@@ -92,12 +92,12 @@ class Observe:
         started = time.perf_counter()
         status = 500  # what the client gets when the app raises before it answers
 
-        started = False
+        responded = False
 
         async def send_observed(message):
-            nonlocal status, started
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status, started = message["status"], True
+                status, responded = message["status"], True
             await send(message)
 
         try:
@@ -106,7 +106,7 @@ class Observe:
             # Answered here rather than re-raised: the server would close the connection after a
             # 500 that escaped, and the client's next request on it would be reset.
             log.exception("%s %s failed", scope["method"], scope.get("path"))
-            if not started:
+            if not responded:
                 payload = b'{"detail":"internal error; the server log has the details"}'
                 await send_observed({"type": "http.response.start", "status": 500,
                                      "headers": [(b"content-type", b"application/json"),

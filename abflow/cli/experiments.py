@@ -120,9 +120,11 @@ def _status_command(action: str, summary: str) -> None:
     @click.argument("experiment_id", metavar="EXPERIMENT")
     def command(experiment_id: str) -> None:
         from bandit_service.lifecycle import change_status
-        from producers.publisher import Publisher
+        from producers.publisher import Publisher, ensure_topics
 
         settings = load_settings()
+        # The allocations topic may not exist yet on a broker that does not create topics by itself.
+        ensure_topics(settings.require_kafka_bootstrap(), settings.topics, settings.partitions)
         with database(settings) as engine, Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
             changed = change_status(engine, publisher, settings.topics.allocations, experiment_id, action)
         click.echo(f"experiment {experiment_id!r} is {changed.status}")
@@ -157,13 +159,14 @@ def experiment_promote(experiment_id: str, variant: str, challengers: tuple[str,
     lineage's history.
     """
     from bandit_service.lifecycle import promote
-    from producers.publisher import Publisher
+    from producers.publisher import Publisher, ensure_topics
 
     new = {}
     for item in challengers:
         name, _, model_version = item.partition("=")
         new[name] = model_version or None
     settings = load_settings()
+    ensure_topics(settings.require_kafka_bootstrap(), settings.topics, settings.partitions)
     with database(settings) as engine, Publisher(settings.require_kafka_bootstrap(), settings.topics) as publisher:
         result = promote(engine, publisher, settings.topics.allocations, experiment_id, variant, new,
                          "operator", reason, force, keep_rollout=not no_rollout)

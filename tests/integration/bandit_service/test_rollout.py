@@ -366,6 +366,7 @@ def test_the_refresher_runs_a_deferred_check_without_another_notification(settin
     """With the refresher's safety-net poll an hour away, only the deferral can run the second check."""
     config = new_rollout(engine, check_interval_seconds=1)
     stop = threading.Event()
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)  # as `abflow refresher` does
     with Publisher(settings.kafka_bootstrap, settings.topics) as publisher, \
             psycopg.connect(settings.libpq_url, autocommit=True) as conn:
         refresher = WeightRefresher(settings, publisher, poll_seconds=3600)

@@ -19,22 +19,36 @@ from abflow.local.stack import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
 from abflow.settings import Settings  # noqa: E402
 from storage.db import make_engine, upgrade  # noqa: E402
 
+BROKERS = ("embedded", "kafka")
+
+
+def add_broker_option(parser) -> None:
+    parser.add_argument("--broker", choices=BROKERS, default="embedded",
+                        help="the local broker when ABFLOW_KAFKA_BOOTSTRAP is unset: the embedded one, or Apache "
+                             "Kafka (abflow.local.kafka; `make kafka` fetches it)")
+
 
 class Stack:
-    """ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL when set, else an embedded broker and PostgreSQL, in a
-    temporary directory (the processes' logs too) that ``close`` removes unless ``keep``: a soak's
-    database and broker log reach gigabytes."""
+    """ABFLOW_KAFKA_BOOTSTRAP / ABFLOW_DATABASE_URL when set, else a local broker (embedded or Apache Kafka)
+    and the embedded PostgreSQL, in a temporary directory (the processes' logs too) that ``close``
+    removes unless ``keep``: a soak's database and broker log reach gigabytes."""
 
-    def __init__(self, prefix: str = "abflow-bench-", keep: bool = False):
+    def __init__(self, prefix: str = "abflow-bench-", keep: bool = False, broker: str = "embedded"):
         settings = Settings.from_env()
         self.home = Path(tempfile.mkdtemp(prefix=prefix))
         self.keep = keep
         self.parts = []
+        self.broker_kind = broker if not settings.kafka_bootstrap else "external"
         self.bootstrap, self.database_url = settings.kafka_bootstrap, settings.database_url
         if not self.bootstrap:
-            broker = EmbeddedBroker(self.home / "broker.log").start()
-            self.parts.append(broker)
-            self.bootstrap = broker.bootstrap
+            if broker == "kafka":
+                from abflow.local.kafka import ApacheKafka
+
+                started = ApacheKafka(self.home / "kafka-data", self.home / "broker.log").start()
+            else:
+                started = EmbeddedBroker(self.home / "broker.log").start()
+            self.parts.append(started)
+            self.bootstrap = started.bootstrap
         if not self.database_url:
             postgres = EmbeddedPostgres(self.home / "pgdata", self.home / "postgres.log").start()
             self.parts.append(postgres)
@@ -44,7 +58,8 @@ class Stack:
 
     @property
     def kind(self) -> str:
-        return "embedded" if self.parts else "external"
+        """The broker the figures came from: embedded, kafka (Apache Kafka, local) or external."""
+        return self.broker_kind
 
     def close(self) -> None:
         self.engine.dispose()

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Stack, save_results  # noqa: E402
+from common import Stack, add_broker_option, save_results  # noqa: E402
 
 from abflow.core.config import parse_config  # noqa: E402
 from abflow.settings import Settings, Topics, libpq_url  # noqa: E402
@@ -362,9 +362,10 @@ def main() -> None:
                         help="invocations PostgreSQL refuses, spread through the throughput run (the path that "
                              "splits a batch to find them)")
     parser.add_argument("--only", choices=["throughput", "freshness"])
+    add_broker_option(parser)
     args = parser.parse_args()
 
-    stack = Stack()
+    stack = Stack(broker=args.broker)
     results = {"machine": f"{os.cpu_count()} cores", "stack": stack.kind}
     try:
         if args.only in (None, "throughput"):

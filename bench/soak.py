@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Stack, cpu_seconds, metric_sum, save_results, scrape  # noqa: E402
+from common import Stack, add_broker_option, cpu_seconds, metric_sum, save_results, scrape  # noqa: E402
 from pipeline import run_env, stop_worker  # noqa: E402
 
 from abflow.core.config import parse_config  # noqa: E402
-from abflow.local.stack import EmbeddedBroker, EmbeddedPostgres, free_port, wait_for_port  # noqa: E402
+from abflow.local.stack import EmbeddedPostgres, free_port, wait_for_port  # noqa: E402
 from abflow.settings import libpq_url  # noqa: E402
 from producers.publisher import Publisher, ensure_topics  # noqa: E402
 from producers.sdk import ServingClient  # noqa: E402
@@ -143,9 +143,10 @@ def main() -> None:
                              "batch it holds on each fetch, so their number is what slows it)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the stack's directory (the processes' logs, the database) and print where it is")
+    add_broker_option(parser)
     args = parser.parse_args()
 
-    stack = Stack("abflow-soak-", keep=args.keep)
+    stack = Stack("abflow-soak-", keep=args.keep, broker=args.broker)
     tag = uuid.uuid4().hex[:6]
     env, topics = run_env(os.environ, stack.bootstrap, stack.database_url, stack.home, tag, 4)
     worker_port, api_port, admin_key = free_port(), free_port(), f"soak-{tag}"
@@ -160,7 +161,7 @@ def main() -> None:
         "rollout": {"stages": [5, 10, 25, 50, 100], "min_duration_seconds": args.minutes * 60 / 6, "min_sample": 300,
                     "primary_margin": 0.5,
                     "max_duration_seconds": args.minutes * 60}}))
-    broker_pid = next((part.process.pid for part in stack.parts if isinstance(part, EmbeddedBroker)), None)
+    broker_pid = next((part.process.pid for part in stack.parts if not isinstance(part, EmbeddedPostgres)), None)
     postgres_pid = next((part.process.pid for part in stack.parts if isinstance(part, EmbeddedPostgres)), None)
     logs = stack.home
     worker = subprocess.Popen([sys.executable, "-m", "abflow.cli", "worker"], env=env, cwd=ROOT,
@@ -259,6 +260,7 @@ def main() -> None:
 
     latencies = sorted(traffic.latencies_ms)
     results = {
+        "broker": stack.kind,
         "minutes": args.minutes, "rate": args.rate, "api_rate": args.api_rate, "users": args.users,
         "events_per_s": round(published / elapsed), "api_requests": len(latencies), "api_failures": traffic.failures,
         "api_assign_p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,

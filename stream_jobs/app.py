@@ -51,6 +51,8 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 LAG_EVERY_S = 5.0  # how often librdkafka reports the consumer lag
 FETCH_BYTES_PER_PARTITION = 128 * 1024
 FETCH_WAIT_MS = 50  # how long the broker may hold a fetch that finds nothing new
+UNASSIGNED_SESSIONS = 5  # session timeouts a worker may go without partitions before it warns
+UNASSIGNED_MIN_S = 15.0
 
 
 def heartbeat_path(settings: Settings):
@@ -65,12 +67,35 @@ def assigned_partitions(settings: Settings) -> list[str]:
         return []
 
 
-def healthy(settings: Settings, max_age_s: float = 30.0) -> bool:
-    """Whether a worker using this home read from Kafka within ``max_age_s``."""
+def health(settings: Settings, max_age_s: float = 30.0) -> str | None:
+    """None when a worker using this home read from Kafka within ``max_age_s`` and holds partitions
+    (or has not yet waited long for them); else what is wrong."""
+    path = heartbeat_path(settings)
     try:
-        return time.time() - heartbeat_path(settings).stat().st_mtime <= max_age_s
+        age = time.time() - path.stat().st_mtime
+        beat = json.loads(path.read_text())
     except FileNotFoundError:
-        return False
+        return "no heartbeat: no worker ran with this ABFLOW_HOME"
+    except ValueError:
+        beat = {}
+    if age > max_age_s:
+        return f"no heartbeat in the last {max_age_s:.0f} s"
+    waiting = beat.get("unassigned_s") or 0.0
+    if waiting > unassigned_limit_s(settings):
+        return (f"it has held no partition for {waiting:.0f} s: its consumer group may be stuck, or there are more "
+                "workers than partitions")
+    return None
+
+
+def healthy(settings: Settings, max_age_s: float = 30.0) -> bool:
+    """Whether a worker using this home read from Kafka within ``max_age_s`` and holds partitions."""
+    return health(settings, max_age_s) is None
+
+
+def unassigned_limit_s(settings: Settings) -> float:
+    """How long a worker may hold no partition before it says so: a join takes about one session
+    timeout, a rebalance two."""
+    return max(UNASSIGNED_MIN_S, UNASSIGNED_SESSIONS * settings.kafka_session_timeout_seconds)
 
 
 def event_topics(settings: Settings) -> dict[str, str]:
@@ -93,6 +118,8 @@ class BatchSource(threading.Thread):
         self._slots = threading.Semaphore(IN_FLIGHT_BATCHES)
         self._last_beat = 0.0
         self._assigned: list[str] = []
+        self._unassigned_since: float | None = time.monotonic()  # None while it holds partitions
+        self._warned_at = 0.0
         self._done: collections.deque[dict[tuple[str, int], int]] = collections.deque()
         self.positions = ReadPositions()
         session_ms = int(settings.kafka_session_timeout_seconds * 1000)
@@ -142,14 +169,31 @@ class BatchSource(threading.Thread):
                 pass
 
     def _beat(self, force: bool = False) -> None:
-        """Write the heartbeat file that `abflow worker --healthcheck` (and `abflow up`) read."""
+        """Write the heartbeat file that `abflow worker --healthcheck` (and `abflow up`) read, and say
+        so loudly when the worker has held no partition for long."""
         now = time.monotonic()
         if force or now - self._last_beat >= HEARTBEAT_EVERY_S:
             self._last_beat = now
+            waiting = 0.0 if self._unassigned_since is None else now - self._unassigned_since
+            if self.metrics is not None:
+                self.metrics.unassigned_seconds.set(waiting)
+            if waiting > unassigned_limit_s(self.settings) and now - self._warned_at >= 60:
+                self._warned_at = now
+                log.warning("this worker has held no partition for %.0f s (group %s): its consumer group may be "
+                            "stuck, or there are more workers than partitions", waiting, self.settings.consumer_group)
             path = heartbeat_path(self.settings)
             tmp = path.with_name(f"{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"pid": os.getpid(), "assigned": self._assigned}))
+            tmp.write_text(json.dumps({"pid": os.getpid(), "assigned": self._assigned,
+                                       "unassigned_s": round(waiting, 1)}))
             tmp.replace(path)
+
+    def _holding(self, any_partition: bool) -> None:
+        if any_partition:
+            self._unassigned_since = None
+        elif self._unassigned_since is None:
+            self._unassigned_since = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.assigned.set(len(self._assigned))
 
     def _on_statistics(self, raw: str) -> None:
         """librdkafka's statistics (every LAG_EVERY_S, from the consumer's own calls): how far each
@@ -221,12 +265,14 @@ class BatchSource(threading.Thread):
     def _on_assign(self, consumer, partitions) -> None:
         self.positions.forget([(p.topic, p.partition) for p in partitions])
         self._assigned = sorted(f"{p.topic}[{p.partition}]" for p in partitions)
+        self._holding(bool(partitions))
         self._beat(force=True)
         log.info("assigned partitions: %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "none")
 
     def _on_revoke(self, consumer, partitions) -> None:
         self.positions.forget([(p.topic, p.partition) for p in partitions])
         self._assigned = []
+        self._holding(False)
         log.info("revoked partitions: %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "none")
 
 

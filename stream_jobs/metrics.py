@@ -19,6 +19,10 @@ class WorkerMetrics:
                                    "that lost or withheld records), by topic", ["topic"], registry=self.registry)
         self.offset_rereads = Counter("abflow_worker_offset_rereads", "Partitions read again from an offset the "
                                       "broker's answer jumped ahead of, by topic", ["topic"], registry=self.registry)
+        self.assigned = Gauge("abflow_worker_assigned_partitions", "Partitions this worker holds (0 for long: its "
+                              "group may be stuck, or it has more workers than partitions)", registry=self.registry)
+        self.unassigned_seconds = Gauge("abflow_worker_unassigned_seconds", "Seconds this worker has held no "
+                                        "partition (0 while it holds some)", registry=self.registry)
         self.lag = Gauge("abflow_worker_consumer_lag", "Records not applied yet: from the last offset the worker "
                          "applied to the end of each partition it holds", ["topic", "partition"], registry=self.registry)
 

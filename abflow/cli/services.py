@@ -14,18 +14,19 @@ from abflow.settings import Settings
 @click.command()
 @click.option("--loglevel", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--healthcheck", is_flag=True,
-              help="Exit 0 if a worker with this ABFLOW_HOME polled Kafka in the last 30 s, else 1.")
+              help="Exit 0 if a worker with this ABFLOW_HOME polled Kafka in the last 30 s and holds partitions "
+                   "(or has waited for them less than five session timeouts), else 1 and the reason.")
 def worker(loglevel: str, healthcheck: bool) -> None:
     """Run the stream worker (Faust): events from Kafka into window aggregates in PostgreSQL.
 
     Start several to share the partitions; each batch is applied exactly once.
     """
     if healthcheck:
-        from stream_jobs.app import healthy
+        from stream_jobs.app import health
 
-        ok = healthy(Settings.from_env())
-        click.echo("healthy" if ok else "unhealthy: no heartbeat in the last 30 s")
-        raise SystemExit(0 if ok else 1)
+        problem = health(Settings.from_env())
+        click.echo("healthy" if problem is None else f"unhealthy: {problem}")
+        raise SystemExit(0 if problem is None else 1)
     from stream_jobs.app import run_worker
 
     run_worker(load_settings(), loglevel)

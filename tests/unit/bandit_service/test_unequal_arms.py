@@ -7,8 +7,8 @@ guardrail finding harm, a rollout rolling back or advancing a challenger worse b
 With the variance pooled over both arms (before each arm kept its own), every test here failed:
 false calls in 9 to 17 % of the runs (the canary's decision: 16.8 % normal, 9.3 % lognormal; the
 starved arm 13.5 %; a guardrail passing a challenger worse by its margin 13.3 %; a rollout
-advancing one 11 %). With each arm's own variance: 0 to 7 %, the worst being a guardrail's harm
-call on the 5 % arm's skewed rewards.
+advancing one 11 %). With each arm's own variance (and guardrails judged from 100 units): 0 to
+4.3 %, the most a guardrail's harm call on the 5 % arm's skewed rewards.
 """
 
 from __future__ import annotations

@@ -152,6 +152,11 @@ def new_experiment(engine, tag: str) -> str:
     return experiment_id
 
 
+def refused_dead_letters(conn, topic: str) -> int:
+    return int(conn.execute("SELECT coalesce(sum(count), 0) FROM dead_letter_counts WHERE topic = %s "
+                            "AND reason = 'refused_by_database'", (topic,)).fetchone()[0])
+
+
 def refuse(engine, experiment_id: str) -> None:
     """PostgreSQL refuses the unit rows of this experiment's units named refused-*."""
     from sqlalchemy import text
@@ -226,13 +231,10 @@ def throughput(args, bootstrap, database_url, home, engine) -> dict:
         units, unit_events = conn.execute(
             "SELECT count(*), coalesce(sum(invocations + conversions), 0) FROM unit_state WHERE experiment_id = %s",
             (experiment_id,)).fetchone()
-        dead = conn.execute("SELECT coalesce(sum(count), 0) FROM dead_letter_counts WHERE topic = %s "
-                            "AND reason = 'refused_by_database'", (topics.invocations,)).fetchone()[0]
         deadline = time.monotonic() + 60
-        while dead < args.refused and time.monotonic() < deadline:  # the last batch's dead letters
+        while (dead := refused_dead_letters(conn, topics.invocations)) < args.refused \
+                and time.monotonic() < deadline:  # the refused records after the last counted event
             time.sleep(0.1)
-            dead = conn.execute("SELECT coalesce(sum(count), 0) FROM dead_letter_counts WHERE topic = %s "
-                                "AND reason = 'refused_by_database'", (topics.invocations,)).fetchone()[0]
     stop_worker(worker)
     assert n == args.events, (n, args.events)
     assert dead == args.refused, (dead, args.refused)

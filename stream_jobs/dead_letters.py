@@ -17,15 +17,16 @@ class DeadLetters(Protocol):
         """Deliver every rejected record before returning (the sink commits its offsets afterwards)."""
 
 
-def truncated(data: bytes | None, max_bytes: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+def truncated(data: bytes | None, max_bytes: int, prefix: str = "abflow.original"
+              ) -> tuple[bytes | None, list[tuple[str, bytes]]]:
     """``data`` cut to ``max_bytes``, with the headers that say so: its original size and SHA-256.
 
     A dead letter must never fail for its size (a record over the producer's limit would be
     retried forever and stop the worker), so it keeps the first ``max_bytes`` only."""
     if data is None or len(data) <= max_bytes:
         return data, []
-    return data[:max_bytes], [("abflow.original.bytes", str(len(data)).encode()),
-                              ("abflow.original.sha256", hashlib.sha256(data).hexdigest().encode())]
+    return data[:max_bytes], [(f"{prefix}.bytes", str(len(data)).encode()),
+                              (f"{prefix}.sha256", hashlib.sha256(data).hexdigest().encode())]
 
 
 class KafkaDeadLetters:
@@ -45,7 +46,7 @@ class KafkaDeadLetters:
     def publish(self, rejected: list[tuple[Record, InvalidEvent]]) -> None:
         for record, error in rejected:
             value, value_headers = truncated(record.value, self.max_value_bytes)
-            key, key_headers = truncated(record.key, self.max_key_bytes)
+            key, key_headers = truncated(record.key, self.max_key_bytes, "abflow.original.key")
             headers = [
                 ("abflow.reason", error.reason.encode()),
                 ("abflow.detail", error.detail[:DETAIL_MAX_CHARS].encode("utf-8", "replace")),
@@ -53,7 +54,7 @@ class KafkaDeadLetters:
                 ("abflow.source.partition", str(record.partition).encode()),
                 ("abflow.source.offset", str(record.offset).encode()),
                 *value_headers,
-                *[(name.replace("abflow.original.", "abflow.original.key."), v) for name, v in key_headers],
+                *key_headers,
             ]
             self.publisher.produce(self.topic, value=value, key=key, headers=headers)
         # Delivered before the offsets move past them: a crash replays them (at least once).

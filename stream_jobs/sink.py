@@ -278,8 +278,8 @@ class PostgresSink:
             if not isinstance(exc, REFUSED_FOR_DATA):
                 # Whether it committed is unknown (a connection lost during the commit): read the
                 # partitions' offsets and ids again. A refusal rolled back for sure, and the cache only
-                # learns at a commit, so it stays true (reloading the ids made each try of a batch
-                # applied in parts cost a second).
+                # learns at a commit, so it stays true (and a batch applied in parts does not reload
+                # the partitions' dedup ids at each try).
                 lane.checkpoints.forget()
             if lane.conn is not None and not lane.conn.closed:
                 try:

@@ -106,11 +106,11 @@ class LocalRun:
         if not bootstrap:
             port = choose_port(self.ports.get("kafka"), last.get("kafka_port"), "the broker")
             if self.broker_kind == "kafka":
-                from abflow.local.kafka import ApacheKafka, fetch
+                from abflow.local.kafka import ApacheKafka
 
                 click.echo(f"starting Apache Kafka (log in {s.home / 'kafka-data'}; fetched once from Maven "
                            "Central)…", err=True)
-                self.broker = ApacheKafka(s.home / "kafka-data", self.logs / "broker.log", port, fetch()).start()
+                self.broker = ApacheKafka(s.home / "kafka-data", self.logs / "broker.log", port).start()
             else:
                 click.echo("starting the embedded Kafka-protocol broker…", err=True)
                 self.broker = EmbeddedBroker(self.logs / "broker.log", port).start()

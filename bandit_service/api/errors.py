@@ -65,6 +65,12 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": _encodable(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message in one short line (its type's name when it has none), UTF-8-safe."""
+    text = str(exc).strip()
+    return _encodable(text.splitlines()[0][:200] if text else type(exc).__name__)
+
+
 def unavailable(dependency: str, problem: str) -> JSONResponse:
     return JSONResponse({"detail": f"{dependency} is unavailable: {problem}; try again shortly",
                          "dependency": dependency},
@@ -84,12 +90,11 @@ async def _database_down(request: Request, exc: Exception) -> JSONResponse:
             for task in pending:
                 task.add_done_callback(lambda done: done.exception())  # failures are the outage itself
     cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
-    return unavailable("postgresql", _encodable(str(cause).strip().splitlines()[0][:200] if str(cause).strip()
-                                                else type(cause).__name__))
+    return unavailable("postgresql", first_line(cause))
 
 
 async def _broker_down(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
-    return unavailable("kafka", _encodable(str(exc)[:200]))
+    return unavailable("kafka", first_line(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:

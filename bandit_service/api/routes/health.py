@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import PoolTimeout
 
 from bandit_service.api.deps import State, metrics_access
+from bandit_service.api.errors import first_line
 from bandit_service.api.models import HealthOut
 from storage.queries import ping as database_ping
 from storage.queries import refresh_lags
@@ -40,7 +41,7 @@ def _postgresql(state) -> str:
         with state.pool.connection(timeout=HEALTH_WAIT_SECONDS) as conn:
             database_ping(conn)
     except (psycopg.OperationalError, PoolTimeout) as exc:
-        return f"down: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+        return f"down: {first_line(exc)}"
     return "ok"
 
 

@@ -52,6 +52,13 @@ def experiment(weights: tuple[float, float], **extra):
         "metrics": [{"name": "reward_per_unit", "role": "primary"}], **extra})
 
 
+def five_percent_arms(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A champion's 9,500 units (sd 1) and two 5 % challengers of 500 (sd 3, lognormal): one equal to it
+    (A/A), one worse by 10 % of its mean."""
+    champion = rewards(rng, 9_500, 1.0, "lognormal")
+    return champion, rewards(rng, 500, 3.0, "lognormal"), rewards(rng, 500, 3.0, "lognormal", mean=0.9)
+
+
 def ships(config, unit_periods: list[dict[str, UnitMoments]]) -> bool:
     """Whether the decision ships the challenger on these units, its minimum sample taken as met (so
     the rate counted bounds the real one: waiting for a sample only delays a call)."""
@@ -112,8 +119,7 @@ def test_a_guardrail_on_a_5_percent_arm_finds_harm_at_most_alpha_of_a_a_tests():
     rng = np.random.default_rng(13)
     runs, harmed, passed = 400, 0, 0
     for _ in range(runs):
-        champion = rewards(rng, 9_500, 1.0, "lognormal")
-        same, worse = rewards(rng, 500, 3.0, "lognormal"), rewards(rng, 500, 3.0, "lognormal", mean=0.9)
+        champion, same, worse = five_percent_arms(rng)
         harm = passes = False
         for k in range(1, LOOKS + 1):
             a = moments(champion[:950 * k], config.metrics)
@@ -138,8 +144,7 @@ def test_a_rollout_stage_of_5_percent_rolls_back_or_advances_wrongly_at_most_alp
     rng = np.random.default_rng(14)
     runs, rolled_back, advanced = 400, 0, 0
     for _ in range(runs):
-        champion = rewards(rng, 9_500, 1.0, "lognormal")
-        same, worse = rewards(rng, 500, 3.0, "lognormal"), rewards(rng, 500, 3.0, "lognormal", mean=0.9)
+        champion, same, worse = five_percent_arms(rng)
         back = ahead = False
         for k in range(1, LOOKS + 1):
             now = T0 + timedelta(seconds=60 * k)

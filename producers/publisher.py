@@ -7,8 +7,8 @@ import re
 import threading
 import time
 
-from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from abflow.core.errors import AbflowError
 from abflow.settings import Topics
@@ -174,3 +174,12 @@ def topic_ids(bootstrap: str, names: list[str], timeout: float = 10.0) -> dict[s
     admin = AdminClient({"bootstrap.servers": bootstrap, "log.connection.close": False})
     futures = admin.describe_topics(TopicCollection(names), request_timeout=timeout)
     return {name: str(future.result().topic_id) for name, future in futures.items()}
+
+
+def log_start_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout: float = 10.0
+                      ) -> dict[tuple[str, int], int]:
+    """Each partition's log start offset: the first offset the broker still keeps (retention moves it)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log.connection.close": False})
+    futures = admin.list_offsets({TopicPartition(topic, partition): OffsetSpec.earliest()
+                                  for topic, partition in partitions}, request_timeout=timeout)
+    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}

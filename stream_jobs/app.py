@@ -117,7 +117,7 @@ class BatchSource(threading.Thread):
         self.failure: BaseException | None = None
         self._slots = threading.Semaphore(IN_FLIGHT_BATCHES)
         self._last_beat = 0.0
-        self._assigned: list[str] = []
+        self._assigned: set[str] = set()
         self._unassigned_since: float | None = time.monotonic()  # None while it holds partitions
         self._warned_at = 0.0
         self._done: collections.deque[dict[tuple[str, int], int]] = collections.deque()
@@ -126,6 +126,10 @@ class BatchSource(threading.Thread):
         self.consumer = Consumer({
             "bootstrap.servers": settings.require_kafka_bootstrap(),
             "group.id": settings.consumer_group,
+            # A rebalance moves only the partitions that change owner; the others keep being counted
+            # (the default, eager assignment, stops every worker of the group at each rebalance).
+            # Every worker of a group must use the same: stop them all to upgrade from an eager one.
+            "partition.assignment.strategy": "cooperative-sticky",
             "auto.offset.reset": "earliest",
             # Offsets are stored only for batches the sink committed, then committed periodically.
             "enable.auto.commit": True,
@@ -183,7 +187,7 @@ class BatchSource(threading.Thread):
                             "stuck, or there are more workers than partitions", waiting, self.settings.consumer_group)
             path = heartbeat_path(self.settings)
             tmp = path.with_name(f"{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"pid": os.getpid(), "assigned": self._assigned,
+            tmp.write_text(json.dumps({"pid": os.getpid(), "assigned": sorted(self._assigned),
                                        "unassigned_s": round(waiting, 1)}))
             tmp.replace(path)
 
@@ -224,7 +228,10 @@ class BatchSource(threading.Thread):
         """The records to deliver; a partition whose offsets jump ahead is read again from the hole
         (``stream_jobs.positions``). A seek that fails stops the worker: going on would skip the
         records held back."""
-        checked = self.positions.check(records)
+        checked = self.positions.check(records, self._log_start)
+        for (topic, partition), (start, end) in checked.deleted.items():
+            log.warning("%s[%d]: the broker's answer jumps from offset %d to %d, and its log now starts at %d: "
+                        "retention deleted the records in between", topic, partition, start, end, end)
         for (topic, partition), (start, end) in checked.reread.items():
             log.warning("%s[%d]: the broker's answer jumps from offset %d to %d; reading again from %d",
                         topic, partition, start, end, start)
@@ -238,6 +245,15 @@ class BatchSource(threading.Thread):
             log.warning("%s[%d]: offsets %d to %d are still missing after reading them again %d times: passed",
                         topic, partition, start, end - 1, self.positions.max_rereads)
         return checked.deliver
+
+    def _log_start(self, tp: tuple[str, int]) -> int:
+        """A partition's log start offset (a broker round trip, for a hole only); 0 when the broker
+        does not say, so the hole is read again."""
+        try:
+            return self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=5, cached=False)[0]
+        except KafkaException as exc:
+            log.warning("%s[%d]: the broker did not give its log start offset (%s)", *tp, exc)
+            return 0
 
     def done(self, records: list[Record]) -> None:
         """The batch is committed in PostgreSQL: the consumer may commit past it and read another.
@@ -262,17 +278,19 @@ class BatchSource(threading.Thread):
                 # commit, and the sink's stored offsets skip what was applied.
                 log.info("offsets not stored (%s)", exc.args[0].str() if exc.args else exc)
 
+    # Cooperative assignment: each callback names only the partitions that move (the client assigns
+    # and unassigns them itself, since the callbacks do not).
     def _on_assign(self, consumer, partitions) -> None:
         self.positions.forget([(p.topic, p.partition) for p in partitions])
-        self._assigned = sorted(f"{p.topic}[{p.partition}]" for p in partitions)
-        self._holding(bool(partitions))
+        self._assigned |= {f"{p.topic}[{p.partition}]" for p in partitions}
+        self._holding(bool(self._assigned))
         self._beat(force=True)
         log.info("assigned partitions: %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "none")
 
     def _on_revoke(self, consumer, partitions) -> None:
         self.positions.forget([(p.topic, p.partition) for p in partitions])
-        self._assigned = []
-        self._holding(False)
+        self._assigned -= {f"{p.topic}[{p.partition}]" for p in partitions}
+        self._holding(bool(self._assigned))
         log.info("revoked partitions: %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "none")
 
 
@@ -304,6 +322,7 @@ def create_app(settings: Settings) -> faust.App:
     for topic in event_topics(settings):  # at 0 from the start: an alert compares them with before
         metrics.offset_gaps.labels(topic)
         metrics.offset_rereads.labels(topic)
+        metrics.lost_to_retention.labels(topic)
     if settings.worker_metrics_port:
         metrics.serve(settings.worker_metrics_port)
 
@@ -339,6 +358,8 @@ def create_app(settings: Settings) -> faust.App:
             metrics.dead_letters.labels(topic, reason).inc(n)
         for topic, n in result.gaps.items():
             metrics.offset_gaps.labels(topic).inc(n)
+        for topic, n in result.lost_to_retention.items():
+            metrics.lost_to_retention.labels(topic).inc(n)
         state["source"].done(batch.records)
         if result.replayed:
             log.info("skipped %d records already applied (a replay after a restart or a rebalance)", result.replayed)

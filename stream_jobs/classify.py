@@ -26,9 +26,10 @@ class Classified:
     new_ids: dict[TopicPartition, list[str]] = field(default_factory=dict)  # ids counted now, per partition
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)  # after this batch
     per_topic: dict[str, list[int]] = field(default_factory=dict)  # [counted, duplicates, dead letters]
-    # Offsets passed without a record read: a partition's offsets are dense unless the broker lost or
-    # withheld records (or transactions or compaction left holes), so these are worth an alarm.
-    gaps: dict[TopicPartition, int] = field(default_factory=dict)
+    # Offsets passed without a record read, [start, end): a partition's offsets are dense unless
+    # retention deleted records before they were counted, or the broker withheld or lost them
+    # (``split_holes`` tells which); either is worth an alarm.
+    holes: dict[TopicPartition, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 def classify(records: list[Record], outcomes: list[Event | InvalidEvent], next_offsets: Mapping[TopicPartition, int],
@@ -43,7 +44,7 @@ def classify(records: list[Record], outcomes: list[Event | InvalidEvent], next_o
             result.replayed += 1
             continue
         if record.offset > result.next_offsets[tp]:
-            result.gaps[tp] = result.gaps.get(tp, 0) + record.offset - result.next_offsets[tp]
+            result.holes.setdefault(tp, []).append((result.next_offsets[tp], record.offset))
         result.next_offsets[tp] = max(result.next_offsets[tp], record.offset + 1)
         per_topic = result.per_topic.setdefault(record.topic, [0, 0, 0])
         if isinstance(outcome, InvalidEvent):
@@ -60,3 +61,21 @@ def classify(records: list[Record], outcomes: list[Event | InvalidEvent], next_o
         (result.shadows if outcome.kind == SHADOW else result.counted).append(outcome)
         per_topic[0] += 1
     return result
+
+
+def split_holes(holes: Mapping[TopicPartition, list[tuple[int, int]]], log_starts: Mapping[TopicPartition, int]
+                ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Each partition's holes, split at its log start offset: the offsets below it were deleted
+    (retention: events lost before a worker counted them), those above it are records the broker
+    did not give (withheld or lost: a broker fault). Two maps of counts: deleted, missing."""
+    deleted: dict[TopicPartition, int] = {}
+    missing: dict[TopicPartition, int] = {}
+    for tp, spans in holes.items():
+        log_start = log_starts.get(tp, 0)
+        for start, end in spans:
+            gone = max(0, min(end, log_start) - start)
+            if gone:
+                deleted[tp] = deleted.get(tp, 0) + gone
+            if end - start - gone:
+                missing[tp] = missing.get(tp, 0) + end - start - gone
+    return deleted, missing

@@ -15,8 +15,11 @@ class WorkerMetrics:
                               "(counted, duplicate, dead_letter)", ["topic", "result"], registry=self.registry)
         self.dead_letters = Counter("abflow_worker_dead_letters", "Records sent to the dead-letter topic, by reason",
                                     ["topic", "reason"], registry=self.registry)
-        self.offset_gaps = Counter("abflow_worker_offset_gaps", "Offsets passed without a record read (a broker "
-                                   "that lost or withheld records), by topic", ["topic"], registry=self.registry)
+        self.offset_gaps = Counter("abflow_worker_offset_gaps", "Offsets passed without a record read although "
+                                   "the broker keeps them (a broker that lost or withheld records), by topic",
+                                   ["topic"], registry=self.registry)
+        self.lost_to_retention = Counter("abflow_worker_lost_to_retention", "Records the topic's retention deleted "
+                                         "before a worker counted them, by topic", ["topic"], registry=self.registry)
         self.offset_rereads = Counter("abflow_worker_offset_rereads", "Partitions read again from an offset the "
                                       "broker's answer jumped ahead of, by topic", ["topic"], registry=self.registry)
         self.assigned = Gauge("abflow_worker_assigned_partitions", "Partitions this worker holds (0 for long: its "

@@ -21,8 +21,11 @@ on its own connection that:
    the lanes (and workers) run side by side.
 
 Kafka's committed offsets only say where to resume reading; the stored offsets
-decide what counts. A topic that was deleted and created again (a broker that
-lost its logs) has a new topic id; the offsets stored for the old id are reset.
+decide what counts. A topic that was deleted and created again (a broker that lost its logs)
+has a new topic id; the offsets stored for the old id are reset. Offsets a batch passes without
+a record are split at the partition's log start offset: below it, retention deleted the records
+before a worker counted them (counted as lost to retention); above it, the broker did not give
+records it still keeps (a broker fault).
 
 The parts: ``classify`` sorts a batch (pure), ``checkpoint`` keeps offsets and
 dedup ids, ``storage.sink`` holds the SQL, ``dead_letters`` publishes what
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,12 +46,13 @@ from abflow.core.attribution import INVOCATION_KIND, OUTCOME_KIND, UnitEvent
 from abflow.core.config import DEFAULT_ATTRIBUTION_WINDOW_SECONDS
 from abflow.settings import Settings
 from producers.contracts import INVOCATION, InvalidEvent
+from producers.publisher import log_start_offsets
 from storage import sink as store
 from storage import units as unit_store
 from storage.db import connect
 from stream_jobs.aggregate import Limits, Record, aggregate, aggregate_shadows, validate
 from stream_jobs.checkpoint import Checkpoints, TopicIds
-from stream_jobs.classify import classify
+from stream_jobs.classify import TopicPartition, classify, split_holes
 from stream_jobs.dead_letters import DeadLetters
 
 log = logging.getLogger(__name__)
@@ -75,7 +80,8 @@ class BatchResult:
     dead_letters: int = 0
     per_topic: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # counted, duplicates, dead letters
     dead_letter_reasons: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, reason) -> count
-    gaps: dict[str, int] = field(default_factory=dict)  # topic -> offsets passed without a record read
+    gaps: dict[str, int] = field(default_factory=dict)  # topic -> offsets the broker kept but did not give
+    lost_to_retention: dict[str, int] = field(default_factory=dict)  # topic -> offsets deleted before counted
 
     def add(self, other: "BatchResult") -> None:
         self.counted += other.counted
@@ -88,6 +94,8 @@ class BatchResult:
             self.dead_letter_reasons[key] = self.dead_letter_reasons.get(key, 0) + n
         for topic, n in other.gaps.items():
             self.gaps[topic] = self.gaps.get(topic, 0) + n
+        for topic, n in other.lost_to_retention.items():
+            self.lost_to_retention[topic] = self.lost_to_retention.get(topic, 0) + n
 
 
 @dataclass
@@ -118,8 +126,11 @@ class PostgresSink:
     partitions are independent (each has its own stored offset and its own units), so a lane that
     fails leaves the others committed; applying the batch again skips what they applied."""
 
-    def __init__(self, settings: Settings, dead_letters: DeadLetters, topic_ids: TopicIds):
+    def __init__(self, settings: Settings, dead_letters: DeadLetters, topic_ids: TopicIds,
+                 log_starts: Callable[[list[TopicPartition]], dict[TopicPartition, int]] | None = None):
         self.settings = settings
+        # Each partition's log start offset, asked only for a batch with a hole.
+        self.log_starts = log_starts or (lambda tps: log_start_offsets(settings.require_kafka_bootstrap(), tps))
         self.dead_letters = dead_letters
         self.limits = Limits(
             max_event_bytes=settings.max_event_bytes,
@@ -314,11 +325,19 @@ class PostgresSink:
                 event_ids.setdefault((record.topic, record.partition), []).append(result.event_id)
         batch = classify(records, results, next_offsets, checkpoints.seen_among(event_ids))
         gaps: dict[str, int] = {}
-        for (topic, partition), skipped in batch.gaps.items():
-            gaps[topic] = gaps.get(topic, 0) + skipped
-            log.warning("%d offsets of %s[%d] were passed without a record read (in a batch that ends at %d): the "
-                        "broker lost or withheld records, or a transaction or compaction left a hole", skipped, topic,
-                        partition, batch.next_offsets[(topic, partition)])
+        lost: dict[str, int] = {}
+        if batch.holes:
+            deleted, missing = split_holes(batch.holes, self.log_starts(sorted(batch.holes)))
+            for (topic, partition), n in deleted.items():
+                lost[topic] = lost.get(topic, 0) + n
+                log.error("%d records of %s[%d] (before offset %d) were deleted by the topic's retention before a "
+                          "worker counted them: the counts lack those events (workers stopped or behind for longer "
+                          "than the retention)", n, topic, partition, batch.next_offsets[(topic, partition)])
+            for (topic, partition), n in missing.items():
+                gaps[topic] = gaps.get(topic, 0) + n
+                log.warning("%d offsets of %s[%d] were passed without a record read (in a batch that ends at %d): the "
+                            "broker lost or withheld records it still keeps", n, topic, partition,
+                            batch.next_offsets[(topic, partition)])
 
         # First the rows of this lane's partitions and units, then (just before the commit) the rows
         # every partition shares: another lane or worker waits for those from its update to our commit.
@@ -355,4 +374,4 @@ class PostgresSink:
                            replayed=batch.replayed, dead_letters=len(batch.rejected),
                            per_topic={t: (n[0], n[1], n[2]) for t, n in batch.per_topic.items()},
                            dead_letter_reasons=counts,
-                           gaps=gaps)
+                           gaps=gaps, lost_to_retention=lost)

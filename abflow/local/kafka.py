@@ -26,7 +26,7 @@ from abflow.local.stack import StackError, _stop_process, die_with_parent, free_
 POM = "kafka-pom.xml"
 LOG_CONFIG = "kafka-log4j2.yaml"
 HEAP = ("-Xms128m", "-Xmx512m")  # a single-node broker for tests and a laptop
-RETENTION_HOURS = 24
+RETENTION_HOURS = 168  # Kafka's default: a week of events to replay
 RETENTION_BYTES_PER_PARTITION = 1 << 30
 
 
@@ -81,10 +81,34 @@ def fetch(directory: Path | None = None, quiet: bool = True) -> Path:
     return lib
 
 
+# What abflow relies on from its broker, wherever it runs: docker-compose.yml sets the same (a test
+# compares them).
+BROKER_SETTINGS: dict[str, str | int] = {
+    "process.roles": "broker,controller",  # KRaft, one node
+    "offsets.topic.replication.factor": 1,
+    "transaction.state.log.replication.factor": 1,
+    "transaction.state.log.min.isr": 1,
+    "share.coordinator.state.topic.replication.factor": 1,
+    # A group forms as soon as its members joined (the default waits 3 s for more): a worker that
+    # starts or restarts counts at once.
+    "group.initial.rebalance.delay.ms": 0,
+    # abflow creates its topics with their partitions and settings; a misspelt name is an error.
+    "auto.create.topics.enable": "false",
+    "log.retention.hours": RETENTION_HOURS,
+}
+
+# On this machine only: a laptop's disk, a quick start and the tests' short sessions.
+LOCAL_SETTINGS: dict[str, str | int] = {
+    "log.retention.bytes": RETENTION_BYTES_PER_PARTITION,
+    "log.segment.bytes": 64 << 20,  # retention deletes whole segments: smaller steps
+    "offsets.topic.num.partitions": 4,  # the default 50 are 50 more logs to open at start
+    "group.min.session.timeout.ms": 1000,  # the default minimum is 6 s; the tests use 3 s
+}
+
+
 def server_properties(data_dir: Path, port: int, controller_port: int) -> str:
-    """One node, broker and controller; what a test or a laptop needs from a real broker."""
+    """One node, broker and controller, on 127.0.0.1."""
     settings = {
-        "process.roles": "broker,controller",
         "node.id": 1,
         "controller.quorum.bootstrap.servers": f"127.0.0.1:{controller_port}",
         "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
@@ -93,20 +117,8 @@ def server_properties(data_dir: Path, port: int, controller_port: int) -> str:
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(data_dir),
-        "num.partitions": 4,
-        "offsets.topic.replication.factor": 1,
-        "offsets.topic.num.partitions": 4,
-        "transaction.state.log.replication.factor": 1,
-        "transaction.state.log.min.isr": 1,
-        "share.coordinator.state.topic.replication.factor": 1,
-        # A group forms as soon as its members joined (the default waits 3 s for more), and the
-        # short session timeouts the tests use are allowed (the default minimum is 6 s).
-        "group.initial.rebalance.delay.ms": 0,
-        "group.min.session.timeout.ms": 1000,
-        "log.retention.hours": RETENTION_HOURS,
-        "log.retention.bytes": RETENTION_BYTES_PER_PARTITION,
-        "log.segment.bytes": 64 << 20,
-        "auto.create.topics.enable": "false",
+        **BROKER_SETTINGS,
+        **LOCAL_SETTINGS,
     }
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 

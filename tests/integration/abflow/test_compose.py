@@ -141,3 +141,23 @@ def test_compose_config_validates_when_a_client_is_installed():
     unset = subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True,
                            env={k: v for k, v in os.environ.items() if not k.startswith("ABFLOW_API_KEYS")})
     assert unset.returncode != 0 and "set ABFLOW_API_KEYS_ADMIN" in unset.stderr  # no API without credentials
+
+
+def test_the_broker_runs_with_the_settings_abflow_up_and_the_tests_use():
+    """Compose's Apache Kafka is the version `abflow up --broker kafka` fetches, with the same broker
+    settings; it sets nothing else but its addresses."""
+    from abflow.local.kafka import BROKER_SETTINGS, LOCAL_SETTINGS, kafka_version, server_properties
+
+    kafka = SERVICES["kafka"]
+    assert kafka["image"] == f"apache/kafka:{kafka_version()}"
+    # The image turns KAFKA_SOME_NAME into some.name.
+    compose = {name.removeprefix("KAFKA_").lower().replace("_", "."): str(value)
+               for name, value in kafka["environment"].items() if name.startswith("KAFKA_")}
+    shared = {key: str(value) for key, value in BROKER_SETTINGS.items()}
+    assert {key: compose.get(key) for key in shared} == shared
+    addresses = {"node.id", "listeners", "advertised.listeners", "controller.listener.names",
+                 "listener.security.protocol.map", "controller.quorum.voters"}
+    assert set(compose) - set(shared) <= addresses, set(compose) - set(shared) - addresses
+    local = dict(line.split("=", 1) for line in server_properties(Path("/data"), 9092, 9093).splitlines())
+    assert {key: local[key] for key in shared} == shared
+    assert not set(LOCAL_SETTINGS) & set(shared)

@@ -6,7 +6,7 @@ import time
 
 from producers.contracts import CONVERSION, INVOCATION, SHADOW, Conversion, InvalidEvent, Invocation, Shadow, encode
 from stream_jobs.aggregate import Limits, Record, validate
-from stream_jobs.classify import classify
+from stream_jobs.classify import classify, split_holes
 
 KNOWN = {"exp": frozenset({"A", "B"})}
 SHADOWS = {"exp": frozenset({"S"})}
@@ -54,7 +54,7 @@ def test_each_record_lands_in_exactly_one_class():
     assert batch.next_offsets == {("abflow.events", 0): 18}
     assert batch.per_topic == {"abflow.events": [3, 2, 2]}
     assert batch.replayed + batch.duplicates + len(batch.counted) + len(batch.shadows) + len(batch.rejected) == 8
-    assert batch.gaps == {}
+    assert batch.holes == {}
 
 
 def test_offsets_passed_without_a_record_read_are_reported():
@@ -63,8 +63,18 @@ def test_offsets_passed_without_a_record_read_are_reported():
     records = [record(12, invocation("a")), record(13, invocation("b")), record(17, invocation("c")),
                record(5, invocation("d"), partition=1)]
     batch = classify(records, outcomes(records), {("abflow.events", 0): 10, ("abflow.events", 1): 5}, {})
-    assert batch.gaps == {("abflow.events", 0): 2 + 3}
+    assert batch.holes == {("abflow.events", 0): [(10, 12), (14, 17)]}
     assert batch.next_offsets == {("abflow.events", 0): 18, ("abflow.events", 1): 6}
+
+
+def test_holes_below_the_log_start_were_deleted_and_the_others_are_missing():
+    """Retention moved partition 0's log start to 13 while the worker was away: offsets 10-12 are
+    gone (events lost before they were counted); 14-16 are above it, so the broker had them and
+    did not give them. Partition 1's log start is past its whole hole."""
+    holes = {("t", 0): [(10, 12), (12, 13), (14, 17)], ("t", 1): [(0, 40)], ("t", 2): [(5, 6)]}
+    deleted, missing = split_holes(holes, {("t", 0): 13, ("t", 1): 100})
+    assert deleted == {("t", 0): 3, ("t", 1): 40}
+    assert missing == {("t", 0): 3, ("t", 2): 1}  # partition 2: no log start known, nothing deleted
 
 
 def test_a_fully_replayed_batch_changes_nothing():

@@ -1,4 +1,5 @@
-"""Holes in what the consumer reads: read again, passed only when they stay (no broker needed)."""
+"""Holes in what the consumer reads: read again when withheld, passed when deleted or when they stay
+(no broker needed)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,33 @@ def test_forgotten_partitions_start_again_wherever_they_are_read():
     checked = positions.check(read(40) + read(5, partition=1))
     assert offsets(checked.deliver) == [(0, 40)]
     assert checked.reread == {(TOPIC, 1): (1, 5)}
+
+
+def test_a_hole_below_the_log_start_was_deleted_and_is_not_read_again():
+    """Retention moved the log start past the position (the consumer was reset to the new start):
+    the records are gone, reading again cannot find them."""
+    positions = ReadPositions()
+    positions.check(read(0, 1, 2))
+    asked: list = []
+
+    def log_start(tp):
+        asked.append(tp)
+        return 50
+
+    checked = positions.check(read(50, 51), log_start=log_start)
+    assert checked.deleted == {(TOPIC, 0): (3, 50)}
+    assert offsets(checked.deliver) == [(0, 50), (0, 51)]
+    assert not checked.reread and not checked.passed
+    assert asked == [(TOPIC, 0)]
+    positions.check(read(52, 53), log_start=log_start)
+    assert asked == [(TOPIC, 0)]  # asked for holes only
+
+
+def test_a_hole_partly_below_the_log_start_is_read_again_from_the_log_start():
+    positions = ReadPositions()
+    positions.check(read(0, 1, 2))
+    checked = positions.check(read(60, 61), log_start=lambda _: 50)
+    assert checked.reread == {(TOPIC, 0): (50, 60)}  # 50-59 are kept by the broker: withheld
+    again = positions.check(read(50, 51), log_start=lambda _: 50)
+    assert offsets(again.deliver) == [(0, 50), (0, 51)]
+    assert again.deleted == {(TOPIC, 0): (3, 50)} and not again.reread

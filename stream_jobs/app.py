@@ -126,10 +126,12 @@ class BatchSource(threading.Thread):
         self.consumer = Consumer({
             "bootstrap.servers": settings.require_kafka_bootstrap(),
             "group.id": settings.consumer_group,
-            # A rebalance moves only the partitions that change owner; the others keep being counted
-            # (the default, eager assignment, stops every worker of the group at each rebalance).
-            # Every worker of a group must use the same: stop them all to upgrade from an eager one.
-            "partition.assignment.strategy": "cooperative-sticky",
+            # A unit's invocations and outcomes share a partition number (same key, same partition
+            # count): the range assignor gives that number of every topic to one worker, so a unit's
+            # rows have one writer. Cooperative-sticky (and round-robin) spread a group's partitions
+            # without regard to topics: tried, two workers then wrote one unit's rows and deadlocked.
+            # The price is an eager rebalance: every worker gives up its partitions for a moment.
+            "partition.assignment.strategy": "range",
             "auto.offset.reset": "earliest",
             # Offsets are stored only for batches the sink committed, then committed periodically.
             "enable.auto.commit": True,
@@ -278,8 +280,6 @@ class BatchSource(threading.Thread):
                 # commit, and the sink's stored offsets skip what was applied.
                 log.info("offsets not stored (%s)", exc.args[0].str() if exc.args else exc)
 
-    # Cooperative assignment: each callback names only the partitions that move (the client assigns
-    # and unassigns them itself, since the callbacks do not).
     def _on_assign(self, consumer, partitions) -> None:
         self.positions.forget([(p.topic, p.partition) for p in partitions])
         self._assigned |= {f"{p.topic}[{p.partition}]" for p in partitions}

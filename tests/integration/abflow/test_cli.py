@@ -163,17 +163,19 @@ def published_and_totals(out: str) -> tuple[dict, dict]:
     return published, totals
 
 
-def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path):
-    """The README's main command, end to end, on its own embedded broker and PostgreSQL.
+def test_up_runs_the_demo_twice_and_ctrl_c_stops_everything(tmp_path, request):
+    """The README's main command, end to end, on its own broker (the one the tests run on: the
+    embedded one or Apache Kafka, `abflow up --broker kafka`) and embedded PostgreSQL.
 
-    The second run restarts the in-memory broker (its topics come back empty, with
-    new ids) against the PostgreSQL that kept the first run's offsets and dedup ids:
-    its events must all count, on top of the first run's.
+    The second run restarts the broker against the PostgreSQL that kept the first run's offsets
+    and dedup ids (the embedded broker's topics come back empty, with new ids; Apache Kafka's log
+    is on disk and keeps them): its events must all count, on top of the first run's.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABFLOW_")}
     home = tmp_path / "home"
     env["ABFLOW_HOME"] = str(home)
-    command = [sys.executable, "-m", "abflow.cli", "up", "--events", "3000", "--rate", "0"]
+    broker = request.config.getoption("--broker")
+    command = [sys.executable, "-m", "abflow.cli", "up", "--events", "3000", "--rate", "0", "--broker", broker]
     first = subprocess.run([*command, "--exit-when-done"], env=env, capture_output=True, text=True, timeout=300,
                            stdin=subprocess.DEVNULL)
     assert first.returncode == 0, first.stdout + first.stderr

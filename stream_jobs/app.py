@@ -140,9 +140,9 @@ class BatchSource(threading.Thread):
             "session.timeout.ms": session_ms,
             "heartbeat.interval.ms": max(100, session_ms // 10),
             "fetch.wait.max.ms": FETCH_WAIT_MS,
-            # A partition's share of a fetch (librdkafka's default is 1 MB, about 4,000 events): smaller
-            # shares mix the partitions within a batch, so the sink's lanes get work at the same time.
-            # Measured (1,000,000 events, 3 runs each): 38,803 events/s against 35,921 with the default.
+            # A partition's share of a fetch (librdkafka's default is 1 MB, thousands of events): smaller
+            # shares mix the partitions within a batch, so the sink's lanes get work at the same time
+            # (README, Benchmarks: the lanes).
             "max.partition.fetch.bytes": FETCH_BYTES_PER_PARTITION,
             "log.connection.close": False,
             # The consumer lag per partition, from librdkafka's own statistics: no extra broker call.
@@ -446,9 +446,9 @@ def keep_large_blocks_out_of_the_heap() -> None:
 
     glibc raises the threshold each time it frees a large mmapped block. After that, the dedup's
     sorted arrays (megabytes each, made anew whenever ids join them) came from the heap and left
-    holes there. Measured in the 30-minute soak: once the dedup horizon was full, the memory in use
-    stayed at 110 MB while the heap's free space grew from 25 to 48 MB, and the RSS grew with it.
-    A fixed threshold turns off the raising. Other C libraries have no ``mallopt``: nothing to do."""
+    holes there: in the soak, once the dedup horizon was full, the memory in use stayed flat while
+    the heap's free space, and the RSS with it, grew (README, Soak). A fixed threshold turns off
+    the raising. Other C libraries have no ``mallopt``: nothing to do."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -461,7 +461,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     keep_large_blocks_out_of_the_heap()
     # A batch allocates ~10^4 short-lived objects: with the default gen-0 threshold (700)
-    # the collector runs a dozen times per batch. Measured: +25 % sink throughput.
+    # the collector would run a dozen times per batch.
     gc.set_threshold(100_000, 50, 100)
     ensure_topics(settings.require_kafka_bootstrap(), settings.topics, settings.partitions)
     app = create_app(settings)

@@ -67,16 +67,15 @@ class PartitionDedup:
     """The event ids one partition counted within the dedup horizon.
 
     Kept as 16-byte digests (blake2b) in one sorted array, each with the number of the minute it
-    was counted in: 20 bytes an id where a string in a set took about 127 (measured on a million
-    ids), and a batch's ids are looked up with one search of the whole horizon (one search per
-    minute cost about 10 µs an id with 15 minutes held: ``bench/dedup.py``). Two different ids
-    share a digest with a chance of n / 2^128 (n: the ids held; at 5,000 events/s for 15 minutes,
-    1e-32 for each new id). A
-    minute's ids are forgotten together once its newest batch is past the horizon (an id is
+    was counted in (a few bytes more an id; a string in a set costs several times that), and a
+    batch's ids are looked up with one search of the whole horizon rather than one per minute
+    (``bench/dedup.py``; README, Dedup in steady state). Two different ids share a digest with a
+    chance of n / 2^128 (n: the ids held; at 5,000 events/s for 15 minutes, 1e-32 for each new
+    id). A minute's ids are forgotten together once its newest batch is past the horizon (an id is
     remembered up to a minute longer than the horizon: a duplicate is still one). The newest ids
-    wait in a set, which costs about 93 bytes a digest, until RECENT_MAX_IDS of them or the end of
-    their minute move them into the array: a worker catching up at 30,000 events/s counts a
-    million ids a minute."""
+    wait in a set, which costs several times the array's bytes a digest, until RECENT_MAX_IDS of
+    them or the end of their minute move them into the array: a worker catching up counts far
+    more than a minute's worth of ids a minute."""
 
     def __init__(self) -> None:
         self._held = Digests(np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64))

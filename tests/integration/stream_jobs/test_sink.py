@@ -6,15 +6,17 @@ import time
 
 import orjson
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy import text
 
 from producers.contracts import CONVERSION, INVOCATION
-from producers.publisher import Publisher, ensure_topics
+from producers.publisher import Publisher, ensure_topics, topic_ids
 from stream_jobs.aggregate import Record
 from stream_jobs.checkpoint import RECENT_MAX_IDS, Digests, PartitionDedup, TopicIds
 from stream_jobs.dead_letters import KafkaDeadLetters
 from stream_jobs.sink import PostgresSink
+from tests.conftest import wait_until
 from tests.helpers import conversion, counted_events, invocation, make_experiment, now
 
 
@@ -34,12 +36,13 @@ def new_sink(settings):
         sink.close()
 
 
-def records(topic: str, experiment_id: str, offsets, partition: int = 0, event_ids=None) -> list[Record]:
+def records(topic: str, experiment_id: str, offsets, partition: int = 0, event_ids=None, first_user: int = 0
+            ) -> list[Record]:
     ts = now() - 120
     out = []
     for offset in offsets:
         event_id = event_ids(offset) if event_ids else f"{topic}-{partition}-{offset}"
-        event = invocation(experiment_id, "Champion", ts, f"user-{offset}", event_id=event_id)
+        event = invocation(experiment_id, "Champion", ts, f"user-{first_user + offset}", event_id=event_id)
         out.append(Record(topic, partition, offset, INVOCATION, event["user_id"].encode(), orjson.dumps(event)))
     return out
 
@@ -87,6 +90,14 @@ def test_dedup_ids_survive_a_new_sink(settings, engine, new_sink):
     assert counted_events(engine, [experiment_id]) == 20
 
 
+def describable(bootstrap: str, topic: str) -> bool:
+    try:
+        topic_ids(bootstrap, [topic])
+        return True
+    except KafkaException:
+        return False
+
+
 def test_recreated_topic_starts_again_at_offset_zero(settings, engine, new_sink):
     """A broker that lost its logs (the embedded one keeps them in memory) hands out offsets from 0 again."""
     experiment_id = make_experiment(engine)
@@ -106,6 +117,9 @@ def test_recreated_topic_starts_again_at_offset_zero(settings, engine, new_sink)
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+    # As a worker would: records of the new topic come once the broker serves its metadata (Apache
+    # Kafka's broker learns a created topic from its controller a moment after the answer).
+    wait_until(lambda: describable(settings.kafka_bootstrap, topic), 20, message=f"the broker to describe {topic}")
     new_events = records(topic, experiment_id, range(0, 30), event_ids=lambda offset: f"after-recreate-{offset}")
     result = sink.process(new_events)
     assert (result.replayed, result.counted) == (0, 30)
@@ -138,8 +152,8 @@ def test_a_failed_lane_leaves_the_other_committed_and_the_retry_counts_each_even
     sink = PostgresSink(settings, dead_letters, TopicIds(settings.kafka_bootstrap))
     try:
         lane_0 = records(topic, experiment_id, range(0, 100), partition=0)
-        lane_1 = records(topic, experiment_id, range(100, 200), partition=1)
-        lane_1.append(Record(topic, 1, 200, INVOCATION, b"bad", b"not json"))
+        lane_1 = records(topic, experiment_id, range(0, 100), partition=1, first_user=100)
+        lane_1.append(Record(topic, 1, 100, INVOCATION, b"bad", b"not json"))
         batch = lane_0 + lane_1
         with pytest.raises(OSError, match="unreachable"):
             sink.process(batch)
@@ -209,3 +223,44 @@ def test_partition_dedup_finds_every_id_it_holds_and_no_other():
         dedup.add(1000.0 + 60 * minute, counted[minute * 5_000:(minute + 1) * 5_000])
     never = [f"other-{i}" for i in range(50_000)]
     assert dedup.seen_among(counted + never) == set(counted)
+
+
+def waiting(engine, experiment_id: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM held_outcomes WHERE experiment_id = :e"),
+                            {"e": experiment_id}).scalar_one()
+
+
+def test_a_lane_keeps_the_exposures_it_met_only_once_they_are_committed(settings, engine):
+    """A unit's held conversion, then its first invocation in a batch that rolls back (the dead-letter
+    topic is down): the exposure it made is not kept, so the batch applied again exposes the unit
+    and lets the conversion go. Once committed, the lane knows the exposure: a later batch of the
+    unit does not look it up."""
+    ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+    experiment_id = make_experiment(engine)
+    dead_letters = DeadLettersDownOnce()
+    sink = PostgresSink(settings, dead_letters, TopicIds(settings.kafka_bootstrap))
+    unit = (experiment_id, "returning-user")
+    lane = sink._lanes[0]
+    try:
+        held = conversion(experiment_id, "Champion", now() - 60, unit[1], event_id="c-1")
+        assert sink.process([Record(settings.topics.conversions, 0, 0, CONVERSION, b"k", orjson.dumps(held))]).counted == 1
+        assert waiting(engine, experiment_id) == 1
+        first = invocation(experiment_id, "Champion", now() - 90, unit[1], event_id="i-1")
+        batch = [Record(settings.topics.invocations, 0, 0, INVOCATION, b"k", orjson.dumps(first)),
+                 Record(settings.topics.invocations, 0, 1, INVOCATION, b"k", b"not json")]
+        with pytest.raises(OSError, match="unreachable"):
+            sink.process(batch)
+        assert lane.known.find([unit]) == {}  # rolled back: not kept
+        assert sink.process(batch).counted == 1
+        assert waiting(engine, experiment_id) == 0
+        exposure = lane.known.find([unit])[unit]
+        assert exposure.variant == "Champion" and exposure.exposed_at == pytest.approx(first["timestamp"])
+        later = invocation(experiment_id, "Challenger", now() - 30, unit[1], event_id="i-2")
+        assert sink.process([Record(settings.topics.invocations, 0, 2, INVOCATION, b"k", orjson.dumps(later))]).counted == 1
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT variant, invocations, conversions, multiple FROM unit_state "
+                                    "WHERE experiment_id = :e AND unit_id = :u"), {"e": unit[0], "u": unit[1]}).one()
+        assert tuple(row) == ("Champion", 2, 1, True)  # the known exposure, and the later claim flagged
+    finally:
+        sink.close()

@@ -22,7 +22,7 @@ offsets and the dedup ids, on the events the batch counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import orjson
 import psycopg
@@ -165,8 +165,7 @@ def _json(values: dict | None) -> str | None:
 
 
 def apply_batch(conn: psycopg.Connection, events: list[UnitEvent], now: float, hold_seconds: float, sweep: bool,
-                metric_windows: dict[str, tuple[int, ...]] | None = None, stages: dict[str, float] | None = None,
-                known: Mapping[UnitKey, Exposure] | None = None, learned: dict[UnitKey, Exposure] | None = None
+                metric_windows: dict[str, tuple[int, ...]] | None = None, stages: dict[str, float] | None = None
                 ) -> Attributed:
     """Expose, attribute and hold the batch's counted invocations and outcomes (in the order they
     were read), in the caller's transaction. A ``sweep`` also attributes every held outcome whose
@@ -174,9 +173,7 @@ def apply_batch(conn: psycopg.Connection, events: list[UnitEvent], now: float, h
     experiment's ``metric_windows`` (seconds), every unit also sums its variables over the events
     within that window of its exposure (``config.windowed`` names). For each experiment in
     ``stages`` (a running rollout: the start of its current stage, epoch seconds), the units' events
-    in the stage are also summed in ``stage_units``. Units in ``known`` (exposures the caller met
-    before: an exposure never changes) are not looked up; ``learned`` receives the exposures this
-    batch read or made, for the caller to keep once the transaction commits.
+    in the stage are also summed in ``stage_units``.
 
     PostgreSQL looks the units' exposures up and adds what ``attribute`` found to their rows: a
     batch costs a few round trips and one write per unit, whatever its size. Writes only the rows
@@ -184,10 +181,8 @@ def apply_batch(conn: psycopg.Connection, events: list[UnitEvent], now: float, h
     comes back, for ``add_attributed`` to write just before the commit: two transactions that both
     update a shared row wait for each other from that update to the commit, so the later it comes,
     the more of their work runs at the same time."""
-    known = known or {}
     with conn.cursor() as cur:
-        stored = {**known, **_lookup(cur, _STORED, [key for key in dict.fromkeys(
-            (e.experiment_id, e.unit_id) for e in events) if key not in known])}
+        stored = _lookup(cur, _STORED, dict.fromkeys((e.experiment_id, e.unit_id) for e in events))
         exposing = [key for key in dict.fromkeys((e.experiment_id, e.unit_id) for e in events
                                                  if e.kind == INVOCATION_KIND) if key not in stored]
         released: list[UnitEvent] = []
@@ -200,8 +195,6 @@ def apply_batch(conn: psycopg.Connection, events: list[UnitEvent], now: float, h
         # Released outcomes come first: they arrived before the batch's events.
         batch = released + events
         exposures = {**stored, **exposures_made(events, stored, _lookup(cur, _ASSIGNED, exposing))}
-        if learned is not None:
-            learned.update((key, exposure) for key, exposure in exposures.items() if key not in known)
         result = attribute(batch, exposures, metric_windows)
         if result.units:
             cur.execute(_UNITS)

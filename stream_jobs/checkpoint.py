@@ -51,22 +51,16 @@ class Digests:
     def contains(self, probe: "Digests") -> np.ndarray:
         """For each digest of ``probe`` (sorted, so that each search starts where the last ended),
         whether it is here."""
-        return self.index_of(probe.first, probe.second) >= 0
-
-    def index_of(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """For each digest given by its halves, where it is here; -1 where it is not."""
         if not len(self.first):
-            return np.full(len(first), -1, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self.first, first), len(self.first) - 1)
-        first_equal = self.first[at] == first
-        found = first_equal & (self.second[at] == second)
+            return np.zeros(len(probe), dtype=bool)
+        at = np.minimum(np.searchsorted(self.first, probe.first), len(self.first) - 1)
+        first_equal = self.first[at] == probe.first
+        found = first_equal & (self.second[at] == probe.second)
         # A digest whose first half is shared may sit after the first one with that half.
         for i in np.flatnonzero(first_equal & ~found):
-            start = int(at[i])
-            match = np.flatnonzero(self.second[start:np.searchsorted(self.first, first[i], "right")] == second[i])
-            if len(match):
-                at[i], found[i] = start + match[0], True
-        return np.where(found, at, -1)
+            run = slice(at[i], np.searchsorted(self.first, probe.first[i], "right"))
+            found[i] = bool((self.second[run] == probe.second[i]).any())
+        return found
 
 
 class PartitionDedup:

@@ -12,9 +12,8 @@ on its own connection that:
    dedup horizon (ids are kept in ``dedup_batches``; each worker caches them and
    reloads a partition's ids whenever the stored offset is not the one it wrote
    last, i.e. someone else wrote in between);
-4. exposes units and attributes their outcomes (``storage.units``; the exposures each lane met
-   before are not looked up again: ``exposures``), stores the dedup ids and each partition's
-   next offset;
+4. exposes units and attributes their outcomes (``storage.units``), stores the dedup ids
+   and each partition's next offset;
 5. last, the rows every partition shares: adds the partial sums into ``variant_windows`` (and
    shadow events into ``shadow_windows``; ``ON CONFLICT … DO UPDATE SET n = variant_windows.n +
    excluded.n``), the attributed totals and the counters, in key order. Another transaction that
@@ -55,7 +54,6 @@ from stream_jobs.aggregate import Limits, Record, aggregate, aggregate_shadows, 
 from stream_jobs.checkpoint import Checkpoints, TopicIds
 from stream_jobs.classify import TopicPartition, classify, split_holes
 from stream_jobs.dead_letters import DeadLetters
-from stream_jobs.exposures import KnownExposures
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +106,6 @@ class Lane:
 
     checkpoints: Checkpoints
     conn: psycopg.Connection | None = None
-    known: KnownExposures = field(default_factory=KnownExposures)  # its units' exposures met so far
-    registry_generation: int = 0  # the sink's, when ``known`` was last checked against it
 
 
 @dataclass
@@ -146,7 +142,6 @@ class PostgresSink:
         self._pool = ThreadPoolExecutor(len(self._lanes), "abflow-sink") if len(self._lanes) > 1 else None
         self._registry_conn: psycopg.Connection | None = None  # validate's own
         self._known: dict[str, frozenset[str]] = {}
-        self._registry_generation = 0  # one more whenever an experiment is gone from the registry
         self._shadows: dict[str, frozenset[str]] = {}
         self._attribution: dict[str, float] = {}
         self._metric_windows: dict[str, tuple[int, ...]] = {}
@@ -175,14 +170,11 @@ class PostgresSink:
             self._registry_conn = connect(self.settings.libpq_url, autocommit=False, connect_timeout=5)
         try:
             # One snapshot; each dict is replaced whole: a batch being applied meanwhile reads one version or the other.
-            known, self._shadows, windows = store.registry(self._registry_conn)
+            self._known, self._shadows, windows = store.registry(self._registry_conn)
             self._registry_conn.rollback()
         except psycopg.Error:
             self._registry_conn.close()  # a fresh one next time, not one stuck in a failed transaction
             raise
-        if self._known.keys() - known.keys():
-            self._registry_generation += 1  # the lanes forget the exposures they met
-        self._known = known
         self._attribution = {experiment_id: window or DEFAULT_ATTRIBUTION_WINDOW_SECONDS
                              for experiment_id, (window, _) in windows.items()}
         self._metric_windows = {experiment_id: metric_windows for experiment_id, (_, metric_windows) in windows.items()
@@ -351,14 +343,8 @@ class PostgresSink:
         # every partition shares: another lane or worker waits for those from its update to our commit.
         # Read in the batch's transaction: a stage that began before it is the one its events join.
         stages = store.rollout_stages(conn)
-        if lane.registry_generation != self._registry_generation:
-            lane.known.clear()  # an experiment was deleted: its units' rows went with it
-            lane.registry_generation = self._registry_generation
-        unit_events = self._unit_events(batch.counted)
-        learned: dict = {}
-        attributed = unit_store.apply_batch(
-            conn, unit_events, now, self.settings.exposure_wait_seconds, sweep, self._metric_windows, stages,
-            known=lane.known.find({(e.experiment_id, e.unit_id) for e in unit_events}), learned=learned)
+        attributed = unit_store.apply_batch(conn, self._unit_events(batch.counted), now,
+                                            self.settings.exposure_wait_seconds, sweep, self._metric_windows, stages)
         counts: dict[tuple[str, str], int] = {}
         for record, error in batch.rejected:
             counts[(record.topic, error.reason)] = counts.get((record.topic, error.reason), 0) + 1
@@ -384,7 +370,6 @@ class PostgresSink:
             self.dead_letters.publish(batch.rejected)
         conn.commit()
         checkpoints.committed(batch.next_offsets, batch.new_ids, now)
-        lane.known.add(learned)
         return BatchResult(counted=len(batch.counted) + len(batch.shadows), duplicates=batch.duplicates,
                            replayed=batch.replayed, dead_letters=len(batch.rejected),
                            per_topic={t: (n[0], n[1], n[2]) for t, n in batch.per_topic.items()},

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import cpu_seconds, save_results  # noqa: E402
 
 from abflow.local.stack import EmbeddedBroker  # noqa: E402
-from stream_jobs.app import FETCH_BYTES_PER_PARTITION, FETCH_WAIT_MS  # noqa: E402
+from stream_jobs.source import FETCH_BYTES_PER_PARTITION, FETCH_WAIT_MS  # noqa: E402
 
 TOPIC = "bench-broker"
 PARTITIONS = 4
@@ -103,7 +103,7 @@ def measure(stored: int, args) -> dict:
             stats["fetches"] = sum(b.get("req", {}).get("Fetch", 0) for b in brokers)
             stats["rtt_ms"] = max((b.get("rtt", {}).get("avg", 0) / 1000 for b in brokers), default=0.0)
 
-        # Read as the worker reads (stream_jobs.app.BatchSource), from the end: only new records.
+        # Read as the worker reads (stream_jobs.source.BatchSource), from the end: only new records.
         consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "bench-broker",
                              "fetch.wait.max.ms": FETCH_WAIT_MS, "max.partition.fetch.bytes": FETCH_BYTES_PER_PARTITION,
                              "statistics.interval.ms": 1000, "stats_cb": on_statistics})

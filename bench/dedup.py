@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import save_results  # noqa: E402
 
-from stream_jobs.checkpoint import PartitionDedup, _digest  # noqa: E402
+from stream_jobs.dedup import PartitionDedup, _digest  # noqa: E402
 
 MEASURED_BATCHES = 200
 

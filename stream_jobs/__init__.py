@@ -1,5 +1,7 @@
-"""The stream worker: a Faust app (``app``) that reads batches of events from Kafka and applies each
-exactly once to PostgreSQL (``sink``), after validating and windowing them (``aggregate``), sorting
-them out (``classify``: replayed, invalid, duplicate, counted), checking offsets and dedup ids
-(``checkpoint``) and sending what cannot be counted to the dead letters (``dead_letters``).
-It never imports ``bandit_service``: the two meet only in PostgreSQL."""
+"""The stream worker. A record goes through these modules in order: the consumer thread reads
+batches (``source``, reading holes again: ``positions``) of ``records``; each record is checked
+(``validate``), the batch sorted out (``classify``: replayed, invalid, duplicate, counted) against
+the partitions' dedup ids (``dedup``) and stored offsets (``checkpoint``), summed per window
+(``windows``), and applied exactly once to PostgreSQL (``sink``); what cannot be counted goes to the
+dead letters (``dead_letters``). ``app`` is the Faust wiring. It never imports ``bandit_service``:
+the two meet only in PostgreSQL."""

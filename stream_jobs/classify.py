@@ -9,7 +9,7 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from producers.contracts import SHADOW, Event, InvalidEvent
-from stream_jobs.aggregate import Record
+from stream_jobs.records import Record
 
 TopicPartition = tuple[str, int]
 

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from producers.contracts import InvalidEvent
 from producers.publisher import Publisher
-from stream_jobs.aggregate import Record
+from stream_jobs.records import Record
 
 DETAIL_MAX_CHARS = 1000  # a database error can be long; the reason code says what kind it is
 

@@ -1,5 +1,5 @@
 """Holes in what the consumer reads, and reading them again. Pure: the consumer thread
-(``stream_jobs.app.BatchSource``) feeds it each batch it read and seeks where it says.
+(``stream_jobs.source.BatchSource``) feeds it each batch it read and seeks where it says.
 
 A partition's offsets are dense: the record after offset n is at n + 1. A fetch answer that
 jumps ahead has one of two causes, told apart by the partition's log start offset (the first
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stream_jobs.aggregate import Record
+from stream_jobs.records import Record
 
 TopicPartition = tuple[str, int]
 MAX_REREADS = 3

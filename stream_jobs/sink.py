@@ -50,10 +50,12 @@ from producers.publisher import log_start_offsets
 from storage import sink as store
 from storage import units as unit_store
 from storage.db import connect
-from stream_jobs.aggregate import Limits, Record, aggregate, aggregate_shadows, validate
 from stream_jobs.checkpoint import Checkpoints, TopicIds
 from stream_jobs.classify import TopicPartition, classify, split_holes
 from stream_jobs.dead_letters import DeadLetters
+from stream_jobs.records import Record
+from stream_jobs.validate import Limits, validate
+from stream_jobs.windows import aggregate, aggregate_shadows
 
 log = logging.getLogger(__name__)
 

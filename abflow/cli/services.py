@@ -22,7 +22,7 @@ def worker(loglevel: str, healthcheck: bool) -> None:
     Start several to share the partitions; each batch is applied exactly once.
     """
     if healthcheck:
-        from stream_jobs.app import health
+        from stream_jobs.source import health
 
         problem = health(Settings.from_env())
         click.echo("healthy" if problem is None else f"unhealthy: {problem}")

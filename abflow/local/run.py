@@ -160,7 +160,7 @@ class LocalRun:
 
     def _wait_for_worker(self, timeout: float = 60) -> None:
         """Until the worker holds partitions (a consumer group join takes a few seconds)."""
-        from stream_jobs.app import assigned_partitions
+        from stream_jobs.source import assigned_partitions
 
         deadline = time.monotonic() + timeout
         while not assigned_partitions(self.settings):

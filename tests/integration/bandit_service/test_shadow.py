@@ -22,7 +22,7 @@ from producers.publisher import Publisher, ensure_topics
 from producers.sdk import ServingClient, loggable
 from producers.simulator import Scenario, VariantProfile, generate, parse_shadow, virtual_clock
 from storage.registry import create_experiment
-from stream_jobs.aggregate import aggregate_shadows
+from stream_jobs.windows import aggregate_shadows
 from tests.conftest import wait_until
 from tests.helpers import stream_counters
 

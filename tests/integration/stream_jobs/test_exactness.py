@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from producers.publisher import Publisher, ensure_topics
-from stream_jobs.app import event_topics
+from stream_jobs.source import event_topics
 from tests.conftest import wait_until
 from tests.helpers import (
     Expected,
@@ -250,7 +250,7 @@ def test_a_worker_whose_batch_fails_unexpectedly_exits_and_its_successor_counts_
 SKIPPING_CONSUMER = """
 import runpy
 import confluent_kafka
-import stream_jobs.app as app
+import stream_jobs.source as source
 
 withheld = set()
 
@@ -268,7 +268,7 @@ class WithholdingConsumer(confluent_kafka.Consumer):
         return kept
 
 
-app.Consumer = WithholdingConsumer
+source.Consumer = WithholdingConsumer
 runpy.run_module("abflow.cli", run_name="__main__")
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from producers.publisher import Publisher, ensure_topics
-from stream_jobs.app import health
+from stream_jobs.source import health
 from tests.conftest import ServiceProcess, wait_until
 from tests.helpers import counted_events, invocation, make_experiment, now, publish
 

@@ -16,7 +16,7 @@ import orjson
 from sqlalchemy import text
 
 from producers.publisher import Publisher, ensure_topics
-from stream_jobs.app import healthy
+from stream_jobs.source import healthy
 from tests.conftest import wait_until
 from tests.helpers import (
     Expected,

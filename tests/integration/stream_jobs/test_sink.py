@@ -12,9 +12,10 @@ from sqlalchemy import text
 
 from producers.contracts import CONVERSION, INVOCATION
 from producers.publisher import Publisher, ensure_topics, topic_ids
-from stream_jobs.aggregate import Record
-from stream_jobs.checkpoint import RECENT_MAX_IDS, Digests, PartitionDedup, TopicIds
+from stream_jobs.checkpoint import TopicIds
 from stream_jobs.dead_letters import KafkaDeadLetters
+from stream_jobs.dedup import RECENT_MAX_IDS, Digests, PartitionDedup
+from stream_jobs.records import Record
 from stream_jobs.sink import PostgresSink
 from tests.conftest import wait_until
 from tests.helpers import conversion, counted_events, invocation, make_experiment, now

@@ -10,7 +10,9 @@ import pytest
 from abflow.core.config import ConfigError, load_config_text, parse_config
 from abflow.core.windowing import LATENCY_BUCKET_EDGES_MS, LATENCY_BUCKETS, histogram_quantile, latency_bucket, window_start
 from producers.contracts import REASONS, Conversion, InvalidEvent, Invocation, encode, parse_event, parse_timestamp
-from stream_jobs.aggregate import Limits, Record, aggregate, validate
+from stream_jobs.records import Record
+from stream_jobs.validate import Limits, validate
+from stream_jobs.windows import aggregate
 
 BASE = {"event_id": "e1", "experiment_id": "exp", "variant": "A", "user_id": "u1", "timestamp": 1_700_000_000.5}
 

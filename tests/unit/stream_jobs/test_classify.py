@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from producers.contracts import CONVERSION, INVOCATION, SHADOW, Conversion, InvalidEvent, Invocation, Shadow, encode
-from stream_jobs.aggregate import Limits, Record, validate
 from stream_jobs.classify import classify, split_holes
+from stream_jobs.records import Record
+from stream_jobs.validate import Limits, validate
 
 KNOWN = {"exp": frozenset({"A", "B"})}
 SHADOWS = {"exp": frozenset({"S"})}

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from producers.contracts import INVOCATION
-from stream_jobs.aggregate import Record
 from stream_jobs.positions import ReadPositions
+from stream_jobs.records import Record
 
 TOPIC = "abflow.invocations"
 

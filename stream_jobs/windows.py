@@ -1,55 +1,12 @@
-"""Validation against the registry and the clock, and per-window aggregation of a batch. Pure."""
+"""A batch's counted events summed per (experiment, variant, time window), and its shadow events
+per (experiment, shadow, served variant, window). Pure."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from abflow.core.windowing import LATENCY_BUCKETS, latency_bucket, window_start
-from producers.contracts import INVOCATION, SHADOW, Event, InvalidEvent, Shadow, check_clock, parse_event
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_event_bytes: int
-    max_lateness_seconds: float
-    max_future_seconds: float
-
-
-@dataclass(slots=True)
-class Record:
-    """One Kafka record as the sink sees it."""
-
-    topic: str
-    partition: int
-    offset: int
-    kind: str  # INVOCATION, CONVERSION or SHADOW
-    key: bytes | None
-    value: bytes | None
-
-
-def validate(record: Record, known: dict[str, frozenset[str]], now: float, limits: Limits,
-             shadows: dict[str, frozenset[str]] | None = None) -> Event:
-    """The record's event, or ``InvalidEvent`` with the reason it must go to the dead letters.
-
-    ``known`` holds each experiment's variants, ``shadows`` its shadow variants."""
-    if record.value is None:
-        raise InvalidEvent("malformed_json", "the record has no value")
-    event = parse_event(record.kind, record.value, limits.max_event_bytes)
-    variants = known.get(event.experiment_id)
-    if variants is None:
-        raise InvalidEvent("unknown_experiment", f"no experiment {event.experiment_id!r}")
-    if event.kind == SHADOW:
-        if event.variant not in (shadows or {}).get(event.experiment_id, ()):
-            raise InvalidEvent("unknown_variant",
-                               f"experiment {event.experiment_id!r} has no shadow {event.variant!r}")
-        if event.served_variant not in variants:
-            raise InvalidEvent("unknown_variant",
-                               f"experiment {event.experiment_id!r} has no variant {event.served_variant!r}")
-    elif event.variant not in variants:
-        raise InvalidEvent("unknown_variant", f"experiment {event.experiment_id!r} has no variant {event.variant!r}")
-    check_clock(event.timestamp, now, limits.max_future_seconds, limits.max_lateness_seconds)
-    return event
-
+from producers.contracts import INVOCATION, Event, Shadow
 
 
 @dataclass(slots=True)

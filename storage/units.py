@@ -1,5 +1,5 @@
-"""Units, exposures and attributed outcomes, kept by the sink in its batch transaction; and the
-units' moments the report reads.
+"""Units, exposures and attributed outcomes in PostgreSQL (the statements only: ``stream_jobs.units``
+runs them for a batch, in the sink's transaction); and the units' moments the report reads.
 
 The unit is what was randomized: the user (or the session), the events' ``user_id``. What an
 exposure is and how events count for it is ``abflow.core.attribution``'s (pure); this module keeps
@@ -22,24 +22,14 @@ offsets and the dedup ids, on the events the batch counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 
-from abflow.core.attribution import (
-    INVOCATION_KIND,
-    NO_EXPOSURE,
-    OUTCOME_KIND,
-    Attributed,
-    Exposure,
-    UnitEvent,
-    UnitKey,
-    attribute,
-    exposures_made,
-)
+from abflow.core.attribution import OUTCOME_KIND, Attributed, Exposure, UnitEvent, UnitKey, UnitSums
 from abflow.core.config import UNIT_VARIABLES, VALUE_NAME, WINDOWED_NAME
 
 # A per-unit variable the report reads: a linear combination of the unit's sums ((name, coefficient)
@@ -150,11 +140,11 @@ def _lines(keys: list[UnitKey]) -> tuple[str, str]:
     return "\n".join(e for e, _ in keys), "\n".join(u for _, u in keys)
 
 
-def _lookup(cur: psycopg.Cursor, sql: str, keys: Iterable[UnitKey]) -> dict[UnitKey, Exposure]:
+def _lookup(conn: psycopg.Connection, sql: str, keys: Iterable[UnitKey]) -> dict[UnitKey, Exposure]:
     keys = list(keys)
     if not keys:
         return {}
-    rows = cur.execute(sql, _lines(keys)).fetchall()
+    rows = conn.execute(sql, _lines(keys)).fetchall()
     return {(e, u): Exposure(variant, at, propensity) for e, u, variant, at, propensity in rows}
 
 
@@ -164,67 +154,64 @@ def _json(values: dict | None) -> str | None:
     return orjson.dumps(values).decode() if values else "{}"
 
 
-def apply_batch(conn: psycopg.Connection, events: list[UnitEvent], now: float, hold_seconds: float, sweep: bool,
-                metric_windows: dict[str, tuple[int, ...]] | None = None, stages: dict[str, float] | None = None
-                ) -> Attributed:
-    """Expose, attribute and hold the batch's counted invocations and outcomes (in the order they
-    were read), in the caller's transaction. A ``sweep`` also attributes every held outcome whose
-    unit is exposed now and gives up those held for longer than ``hold_seconds``. For each of an
-    experiment's ``metric_windows`` (seconds), every unit also sums its variables over the events
-    within that window of its exposure (``config.windowed`` names). For each experiment in
-    ``stages`` (a running rollout: the start of its current stage, epoch seconds), the units' events
-    in the stage are also summed in ``stage_units``.
+def stored_exposures(conn: psycopg.Connection, keys: Iterable[UnitKey]) -> dict[UnitKey, Exposure]:
+    """The exposures stored for those of ``keys`` exposed before."""
+    return _lookup(conn, _STORED, keys)
 
-    PostgreSQL looks the units' exposures up and adds what ``attribute`` found to their rows: a
-    batch costs a few round trips and one write per unit, whatever its size. Writes only the rows
-    of the batch's units (and held outcomes). What it adds to the rows shared with other partitions
-    comes back, for ``add_attributed`` to write just before the commit: two transactions that both
-    update a shared row wait for each other from that update to the commit, so the later it comes,
-    the more of their work runs at the same time."""
+
+def assigned_exposures(conn: psycopg.Connection, keys: Iterable[UnitKey]) -> dict[UnitKey, Exposure]:
+    """The assignments the API stored for those of ``keys`` it assigned (an exposure when it came first)."""
+    return _lookup(conn, _ASSIGNED, keys)
+
+
+def release_held(conn: psycopg.Connection, exposing: list[UnitKey], sweep: bool) -> list[UnitEvent]:
+    """Delete and return the held outcomes of the units in ``exposing``; with ``sweep``, also those of
+    every unit exposed by now."""
+    experiments, units = _lines(exposing)
+    return [UnitEvent(OUTCOME_KIND, e, u, variant, ts, None, reward, False, seconds, values)
+            for e, u, variant, ts, reward, seconds, values in conn.execute(
+                _RELEASE, {"experiments": experiments, "units": units, "sweep": sweep}).fetchall()]
+
+
+def add_units(conn: psycopg.Connection, units: Mapping[UnitKey, UnitSums]) -> None:
+    """Write new exposures' rows whole and add to stored ones' sums."""
     with conn.cursor() as cur:
-        stored = _lookup(cur, _STORED, dict.fromkeys((e.experiment_id, e.unit_id) for e in events))
-        exposing = [key for key in dict.fromkeys((e.experiment_id, e.unit_id) for e in events
-                                                 if e.kind == INVOCATION_KIND) if key not in stored]
-        released: list[UnitEvent] = []
-        if exposing or sweep:
-            experiments, units = _lines(exposing)
-            released = [UnitEvent(OUTCOME_KIND, e, u, variant, ts, None, reward, False, seconds, values)
-                        for e, u, variant, ts, reward, seconds, values in cur.execute(
-                            _RELEASE, {"experiments": experiments, "units": units, "sweep": sweep}).fetchall()]
-            stored.update(_lookup(cur, _STORED, {(e.experiment_id, e.unit_id) for e in released} - stored.keys()))
-        # Released outcomes come first: they arrived before the batch's events.
-        batch = released + events
-        exposures = {**stored, **exposures_made(events, stored, _lookup(cur, _ASSIGNED, exposing))}
-        result = attribute(batch, exposures, metric_windows)
-        if result.units:
-            cur.execute(_UNITS)
-            with cur.copy("COPY unit_sums (experiment_id, unit_id, variant, exposed_at, propensity, multiple, "
-                          "invocations, conversions, reward, errors, value_sums) FROM STDIN") as copy:
-                for (experiment_id, unit_id), unit in result.units.items():
-                    exposure = unit.exposure
-                    copy.write_row((experiment_id, unit_id, exposure.variant, exposure.exposed_at, exposure.propensity,
-                                    unit.multiple, unit.invocations, unit.conversions, unit.reward, unit.errors,
-                                    _json(unit.values)))
-            cur.execute(_ADD_UNITS)
-        if result.held:
-            with cur.copy("COPY held_outcomes (experiment_id, unit_id, variant, ts, reward, attribution_seconds, held_at, "
-                          "vals) FROM STDIN") as copy:
-                for e in result.held:
-                    copy.write_row((e.experiment_id, e.unit_id, e.variant, e.ts, e.reward, e.attribution_seconds, now,
-                                    _json(e.values)))
-        staged = [e for e in events if e.experiment_id in stages] if stages else []
-        if staged:
-            cur.execute(_BATCH)
-            with cur.copy("COPY unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, "
-                          "attribution_seconds, vals) FROM STDIN") as copy:
-                for seq, e in enumerate(staged):
-                    copy.write_row((seq, e.kind, e.experiment_id, e.unit_id, e.variant, e.ts, e.propensity, e.reward,
-                                    e.error, e.attribution_seconds, _json(e.values)))
-            cur.execute(_STAGE, {"stages": Jsonb(stages)})
-        if sweep:
-            for experiment_id, variant, count in cur.execute(_GIVE_UP, {"before": now - hold_seconds}).fetchall():
-                result.attributed.count(experiment_id, variant, NO_EXPOSURE, count)
-    return result.attributed
+        cur.execute(_UNITS)
+        with cur.copy("COPY unit_sums (experiment_id, unit_id, variant, exposed_at, propensity, multiple, "
+                      "invocations, conversions, reward, errors, value_sums) FROM STDIN") as copy:
+            for (experiment_id, unit_id), unit in units.items():
+                exposure = unit.exposure
+                copy.write_row((experiment_id, unit_id, exposure.variant, exposure.exposed_at, exposure.propensity,
+                                unit.multiple, unit.invocations, unit.conversions, unit.reward, unit.errors,
+                                _json(unit.values)))
+        cur.execute(_ADD_UNITS)
+
+
+def hold_outcomes(conn: psycopg.Connection, held: list[UnitEvent], now: float) -> None:
+    """Keep outcomes whose unit is not exposed yet, until it is or they have waited too long."""
+    with conn.cursor() as cur, cur.copy("COPY held_outcomes (experiment_id, unit_id, variant, ts, reward, "
+                                        "attribution_seconds, held_at, vals) FROM STDIN") as copy:
+        for e in held:
+            copy.write_row((e.experiment_id, e.unit_id, e.variant, e.ts, e.reward, e.attribution_seconds, now,
+                            _json(e.values)))
+
+
+def add_stage_units(conn: psycopg.Connection, events: list[UnitEvent], stages: dict[str, float]) -> None:
+    """Add the events of running rollouts' current stages to their units' stage sums (``stages``: per
+    experiment, the start of its current stage, epoch seconds)."""
+    with conn.cursor() as cur:
+        cur.execute(_BATCH)
+        with cur.copy("COPY unit_batch (seq, kind, experiment_id, unit_id, variant, ts, propensity, reward, error, "
+                      "attribution_seconds, vals) FROM STDIN") as copy:
+            for seq, e in enumerate(events):
+                copy.write_row((seq, e.kind, e.experiment_id, e.unit_id, e.variant, e.ts, e.propensity, e.reward,
+                                e.error, e.attribution_seconds, _json(e.values)))
+        cur.execute(_STAGE, {"stages": Jsonb(stages)})
+
+
+def give_up_held(conn: psycopg.Connection, before: float) -> list[tuple[str, str, int]]:
+    """Delete the outcomes held since before ``before`` (epoch seconds); how many, per (experiment, variant)."""
+    return [(e, v, int(n)) for e, v, n in conn.execute(_GIVE_UP, {"before": before}).fetchall()]
 
 
 def add_attributed(conn: psycopg.Connection, attributed: Attributed) -> None:

@@ -12,7 +12,7 @@ on its own connection that:
    dedup horizon (ids are kept in ``dedup_batches``; each worker caches them and
    reloads a partition's ids whenever the stored offset is not the one it wrote
    last, i.e. someone else wrote in between);
-4. exposes units and attributes their outcomes (``storage.units``), stores the dedup ids
+4. exposes units and attributes their outcomes (``units``), stores the dedup ids
    and each partition's next offset;
 5. last, the rows every partition shares: adds the partial sums into ``variant_windows`` (and
    shadow events into ``shadow_windows``; ``ON CONFLICT … DO UPDATE SET n = variant_windows.n +
@@ -54,6 +54,7 @@ from stream_jobs.checkpoint import Checkpoints, TopicIds
 from stream_jobs.classify import TopicPartition, classify, split_holes
 from stream_jobs.dead_letters import DeadLetters
 from stream_jobs.records import Record
+from stream_jobs.units import apply_batch as apply_units
 from stream_jobs.validate import Limits, validate
 from stream_jobs.windows import aggregate, aggregate_shadows
 
@@ -302,7 +303,7 @@ class PostgresSink:
             raise
 
     def _unit_events(self, events: list) -> list[UnitEvent]:
-        """The counted invocations and conversions, as ``storage.units`` attributes them."""
+        """The counted invocations and conversions, as ``units`` attributes them."""
         unit_events = []
         for e in events:
             window = self._attribution.get(e.experiment_id, DEFAULT_ATTRIBUTION_WINDOW_SECONDS)
@@ -320,11 +321,13 @@ class PostgresSink:
         for record in records:
             tp = (record.topic, record.partition)
             lowest[tp] = min(lowest.get(tp, record.offset), record.offset)
+        # (1) Lock the partitions' stored offsets.
         next_offsets, topic_ids = checkpoints.begin(conn, lowest, now)
         event_ids: dict[tuple[str, int], list[str]] = {}
         for record, result in zip(records, results):
             if not isinstance(result, InvalidEvent):
                 event_ids.setdefault((record.topic, record.partition), []).append(result.event_id)
+        # (2) and (3): records below the stored offsets are replayed, ids counted within the horizon duplicates.
         batch = classify(records, results, next_offsets, checkpoints.seen_among(event_ids))
         gaps: dict[str, int] = {}
         lost: dict[str, int] = {}
@@ -341,17 +344,18 @@ class PostgresSink:
                             "broker lost or withheld records it still keeps", n, topic, partition,
                             batch.next_offsets[(topic, partition)])
 
-        # First the rows of this lane's partitions and units, then (just before the commit) the rows
+        # (4) First the rows of this lane's partitions and units, then (5, just before the commit) the rows
         # every partition shares: another lane or worker waits for those from its update to our commit.
         # Read in the batch's transaction: a stage that began before it is the one its events join.
         stages = store.rollout_stages(conn)
-        attributed = unit_store.apply_batch(conn, self._unit_events(batch.counted), now,
-                                            self.settings.exposure_wait_seconds, sweep, self._metric_windows, stages)
+        attributed = apply_units(conn, self._unit_events(batch.counted), now, self.settings.exposure_wait_seconds,
+                                 sweep, self._metric_windows, stages)
         counts: dict[tuple[str, str], int] = {}
         for record, error in batch.rejected:
             counts[(record.topic, error.reason)] = counts.get((record.topic, error.reason), 0) + 1
         checkpoints.write(conn, batch.next_offsets, topic_ids, batch.new_ids, now)
 
+        # (5) The rows every partition shares, in key order.
         window_seconds = self.settings.window_seconds
         store.add_shadow_windows(conn, [
             (experiment_id, variant, served, start, window_seconds, t.requests, t.compared, t.agreements,

@@ -1,4 +1,4 @@
-"""Exposures, attribution and held outcomes (storage.units) on the real PostgreSQL, one batch
+"""Exposures, attribution and held outcomes (stream_jobs.units, storage.units) on the real PostgreSQL, one batch
 transaction at a time, as the sink runs them."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from abflow.core.attribution import (
 )
 from producers.contracts import Conversion, Invocation
 from storage.db import connect
-from storage.units import add_attributed, apply_batch, attribution_counts, held_count
+from storage.units import add_attributed, attribution_counts, held_count
+from stream_jobs.units import apply_batch
 from tests.helpers import make_experiment
 
 WINDOW = 60

@@ -75,6 +75,26 @@ def test_two_sinks_on_one_partition_never_double_count(settings, engine, new_sin
     assert counted_events(engine, [experiment_id]) == 250
 
 
+def test_a_batch_that_starts_where_its_sink_stopped_is_still_checked_against_another_writer(
+        settings, engine, new_sink):
+    """A rebalance race: the old owner's next batch starts exactly where it stopped, but the new owner
+    has applied further meanwhile. The stored offsets, not what the old owner remembers, decide: it
+    counts nothing twice, and goes on from where the partition stands."""
+    experiment_id = make_experiment(engine)
+    topic = settings.topics.invocations
+    old_owner, new_owner = new_sink(), new_sink()
+    assert old_owner.process(records(topic, experiment_id, range(0, 100))).counted == 100
+    assert new_owner.process(records(topic, experiment_id, range(0, 200))).counted == 100
+    result = old_owner.process(records(topic, experiment_id, range(100, 150)))  # starts where it stopped
+    assert (result.replayed, result.counted) == (50, 0)
+    assert counted_events(engine, [experiment_id]) == 200
+    assert old_owner.process(records(topic, experiment_id, range(200, 230))).counted == 30
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT next_offset FROM sink_offsets WHERE topic = :t AND partition = 0"),
+                            {"t": topic}).scalar_one() == 230
+    assert counted_events(engine, [experiment_id]) == 230
+
+
 def test_dedup_ids_survive_a_new_sink(settings, engine, new_sink):
     experiment_id = make_experiment(engine)
     topic = settings.topics.conversions

@@ -27,9 +27,10 @@ a record are split at the partition's log start offset: below it, retention dele
 before a worker counted them (counted as lost to retention); above it, the broker did not give
 records it still keeps (a broker fault).
 
-The parts: ``classify`` sorts a batch (pure), ``checkpoint`` keeps offsets and
-dedup ids, ``storage.sink`` holds the SQL, ``dead_letters`` publishes what
-cannot be counted. This module runs them in order, in one transaction per lane.
+The parts: ``validate`` checks each record, ``classify`` sorts a batch (pure), ``checkpoint``
+keeps offsets and dedup ids (``dedup``), ``units`` exposes units and attributes their events,
+``windows`` sums per window, ``storage.sink`` and ``storage.units`` hold the SQL, ``dead_letters``
+publishes what cannot be counted. This module runs them in order, in one transaction per lane.
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ class PartitionDedup:
         self._recent: set[bytes] = set()  # the newest ids, of the current minute
         self._minute = -1  # the current minute's number; -1 before the first batch
         self._minute_started = 0.0  # time of the current minute's first batch
+        self._digested: dict[str, bytes] = {}  # the last batch looked up, for ``add`` not to digest it again
 
     def add(self, at: float, event_ids: list[str]) -> None:
         if not event_ids:
@@ -77,7 +78,9 @@ class PartitionDedup:
             self._hold_recent()
             self._minute += 1
             self._minute_started = at
-        self._recent.update(map(_digest, event_ids))
+        digested = self._digested
+        self._digested = {}
+        self._recent.update([digested.get(event_id) or _digest(event_id) for event_id in event_ids])
         self._newest[self._minute] = max(self._newest.get(self._minute, at), at)
         if len(self._recent) >= RECENT_MAX_IDS:
             self._hold_recent()
@@ -108,6 +111,7 @@ class PartitionDedup:
     def seen_among(self, event_ids: list[str]) -> set[str]:
         """Those of ``event_ids`` this partition counted within the horizon."""
         digests = [_digest(event_id) for event_id in event_ids]
+        self._digested = dict(zip(event_ids, digests))
         seen = {event_id for event_id, digest in zip(event_ids, digests) if digest in self._recent}
         if len(self._held) and digests:
             probe = Digests.of(digests)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,7 +51,7 @@ from storage import sink as store
 from storage import units as unit_store
 from storage.db import connect
 from stream_jobs.checkpoint import Checkpoints, TopicIds
-from stream_jobs.classify import TopicPartition, classify, split_holes
+from stream_jobs.classify import classify, split_holes
 from stream_jobs.dead_letters import DeadLetters
 from stream_jobs.records import Record
 from stream_jobs.units import apply_batch as apply_units
@@ -130,11 +129,8 @@ class PostgresSink:
     partitions are independent (each has its own stored offset and its own units), so a lane that
     fails leaves the others committed; applying the batch again skips what they applied."""
 
-    def __init__(self, settings: Settings, dead_letters: DeadLetters, topic_ids: TopicIds,
-                 log_starts: Callable[[list[TopicPartition]], dict[TopicPartition, int]] | None = None):
+    def __init__(self, settings: Settings, dead_letters: DeadLetters, topic_ids: TopicIds):
         self.settings = settings
-        # Each partition's log start offset, asked only for a batch with a hole.
-        self.log_starts = log_starts or (lambda tps: log_start_offsets(settings.require_kafka_bootstrap(), tps))
         self.dead_letters = dead_letters
         self.limits = Limits(
             max_event_bytes=settings.max_event_bytes,
@@ -333,7 +329,9 @@ class PostgresSink:
         gaps: dict[str, int] = {}
         lost: dict[str, int] = {}
         if batch.holes:
-            deleted, missing = split_holes(batch.holes, self.log_starts(sorted(batch.holes)))
+            # Each partition's log start offset, asked of the broker only for a batch with a hole.
+            log_starts = log_start_offsets(self.settings.require_kafka_bootstrap(), sorted(batch.holes))
+            deleted, missing = split_holes(batch.holes, log_starts)
             for (topic, partition), n in deleted.items():
                 lost[topic] = lost.get(topic, 0) + n
                 log.error("%d records of %s[%d] (before offset %d) were deleted by the topic's retention before a "
